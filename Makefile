@@ -1,0 +1,46 @@
+# Two commands: `make run` serves the API, `make test` proves it.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/%2F
+
+.PHONY: help install run migrate test test-unit lint format bench bench-smoke clean
+
+help:
+	@echo "make run      create .venv, install, migrate, serve on 127.0.0.1:5000"
+	@echo "make test     unit, contract and integration tests (real PostgreSQL + RabbitMQ)"
+	@echo "make lint     ruff, mypy --strict, import-linter"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/workflows serve
+
+migrate: $(STAMP)
+	$(BIN)/workflows migrate
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

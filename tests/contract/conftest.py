@@ -1,0 +1,72 @@
+"""Every implementation of a port, fake and real, behind one fixture per port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import attrs
+import pytest
+
+from workflows.adapters.memory import InMemoryQueue, InMemoryWorkflowRepository
+from workflows.application.ports import WorkflowQueue, WorkflowRepository
+from workflows.application.relay import OutboxRelay
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow
+
+
+@attrs.define
+class QueueSetup:
+    repository: WorkflowRepository
+    queue: WorkflowQueue
+
+    async def submit(self, data: str = '{"a": 1}') -> Workflow:
+        workflow = Workflow.new(uuid7(), JsonDocument(data), ("step",), datetime.now(UTC))
+        await self.repository.add(workflow)
+        await self.queue.enqueued(workflow)
+        return workflow
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
+    if request.param == "memory":
+        return InMemoryWorkflowRepository()
+    from workflows.adapters.postgres import PostgresWorkflowRepository
+
+    database = request.getfixturevalue("pg")
+    return PostgresWorkflowRepository(database.pool, outbox=False)
+
+
+@pytest.fixture(params=["memory", "postgres", "rabbitmq"])
+async def queue_setup(request: pytest.FixtureRequest) -> AsyncIterator[QueueSetup]:
+    if request.param == "memory":
+        memory = InMemoryWorkflowRepository()
+        yield QueueSetup(memory, InMemoryQueue(memory))
+        return
+    from workflows.adapters.postgres import (
+        PostgresOutbox,
+        PostgresQueue,
+        PostgresWorkflowRepository,
+    )
+
+    database = request.getfixturevalue("pg")
+    if request.param == "postgres":
+        repository = PostgresWorkflowRepository(database.pool, outbox=False)
+        yield QueueSetup(repository, PostgresQueue(database.pool))
+        return
+
+    from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
+
+    url = request.getfixturevalue("rabbitmq_url")
+    broker = RabbitMqBroker(url, queue=request.getfixturevalue("queue_name"))
+    await broker.start()
+    repository = PostgresWorkflowRepository(database.pool, outbox=True)
+    relay = OutboxRelay(PostgresOutbox(database.pool), broker)
+    relay_task = asyncio.create_task(relay.run())
+    try:
+        yield QueueSetup(repository, RabbitMqQueue(repository, broker, relay))
+    finally:
+        relay_task.cancel()
+        await broker.delete_queue()
+        await broker.stop()

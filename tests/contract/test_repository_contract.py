@@ -1,0 +1,151 @@
+"""What every WorkflowRepository must do; run against the fake and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from workflows.application.ports import WorkflowRepository
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def make(data: str = '{"a":1}', steps: tuple[str, ...] = ("s",)) -> Workflow:
+    return Workflow.new(uuid7(), JsonDocument(data), steps, T0)
+
+
+async def test_added_workflow_reads_back_identically(repository: WorkflowRepository) -> None:
+    workflow = make('{"z":1,"a":{"y":[1,2.50,null]},"big":123456789012345678901234567890}')
+    await repository.add(workflow)
+    assert await repository.get(workflow.uuid) == workflow
+
+
+async def test_data_keeps_key_order_exact_numbers_and_unicode(
+    repository: WorkflowRepository,
+) -> None:
+    text = '{"b":1e400,"a":0.10000000000000000000001,"é":"\\"☃\\" \\n","n":-0,"t":true}'
+    workflow = make(text)
+    await repository.add(workflow)
+    stored = await repository.get(workflow.uuid)
+    assert stored is not None
+    assert stored.data.text == text
+
+
+async def test_get_unknown_uuid_returns_none(repository: WorkflowRepository) -> None:
+    assert await repository.get(uuid7()) is None
+
+
+async def test_list_is_oldest_first_with_status_filter_cursor_and_limit(
+    repository: WorkflowRepository,
+) -> None:
+    workflows = [make() for _ in range(5)]
+    for workflow in reversed(workflows):
+        await repository.add(workflow)
+    await repository.set_status(workflows[1].uuid, WorkflowStatus.CONSUMED, T0)
+
+    everything = await repository.list(status=None, after=None, limit=100)
+    assert [w.uuid for w in everything] == [w.uuid for w in workflows]
+
+    page = await repository.list(status=None, after=workflows[1].uuid, limit=2)
+    assert [w.uuid for w in page] == [workflows[2].uuid, workflows[3].uuid]
+
+    inserted = await repository.list(status=WorkflowStatus.INSERTED, after=None, limit=100)
+    assert [w.uuid for w in inserted] == [w.uuid for i, w in enumerate(workflows) if i != 1]
+    consumed = await repository.list(status=WorkflowStatus.CONSUMED, after=None, limit=100)
+    assert [w.uuid for w in consumed] == [workflows[1].uuid]
+
+
+async def test_set_status_of_unknown_uuid_returns_none(repository: WorkflowRepository) -> None:
+    assert await repository.set_status(uuid7(), WorkflowStatus.CONSUMED, T0) is None
+
+
+async def test_set_status_changes_status_and_updated_at(repository: WorkflowRepository) -> None:
+    workflow = make()
+    await repository.add(workflow)
+    later = T0 + timedelta(seconds=5)
+    change = await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, later)
+    assert change is not None
+    assert change.changed
+    assert change.workflow == workflow.with_status(WorkflowStatus.CONSUMED, later)
+    assert await repository.get(workflow.uuid) == change.workflow
+
+
+async def test_set_status_to_current_status_changes_nothing(
+    repository: WorkflowRepository,
+) -> None:
+    workflow = make()
+    await repository.add(workflow)
+    change = await repository.set_status(
+        workflow.uuid, WorkflowStatus.INSERTED, T0 + timedelta(seconds=5)
+    )
+    assert change is not None
+    assert not change.changed
+    assert change.workflow == workflow
+    assert await repository.get(workflow.uuid) == workflow
+
+
+async def test_claim_runs_handler_once_then_marks_consumed(repository: WorkflowRepository) -> None:
+    workflow = make()
+    await repository.add(workflow)
+    seen: list[Workflow] = []
+
+    async def handle(w: Workflow) -> None:
+        seen.append(w)
+
+    later = T0 + timedelta(seconds=1)
+    claimed = await repository.claim(workflow.uuid, handle, later)
+    assert seen == [workflow]
+    assert claimed == workflow.with_status(WorkflowStatus.CONSUMED, later)
+    assert await repository.get(workflow.uuid) == claimed
+    assert await repository.claim(workflow.uuid, handle, later) is None
+    assert len(seen) == 1
+
+
+async def test_claim_of_unknown_uuid_returns_none_without_calling_handler(
+    repository: WorkflowRepository,
+) -> None:
+    async def handle(w: Workflow) -> None:
+        raise AssertionError("must not be called")
+
+    assert await repository.claim(uuid7(), handle, T0) is None
+
+
+async def test_claim_keeps_workflow_inserted_when_handler_fails(
+    repository: WorkflowRepository,
+) -> None:
+    workflow = make()
+    await repository.add(workflow)
+
+    async def handle(w: Workflow) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        await repository.claim(workflow.uuid, handle, T0)
+    assert await repository.get(workflow.uuid) == workflow
+
+
+async def test_concurrent_claims_of_one_workflow_succeed_exactly_once(
+    repository: WorkflowRepository,
+) -> None:
+    workflow = make()
+    await repository.add(workflow)
+    calls = 0
+
+    async def handle(w: Workflow) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+
+    results = await asyncio.gather(
+        *(repository.claim(workflow.uuid, handle, T0) for _ in range(8))
+    )
+    assert calls == 1
+    assert sum(result is not None for result in results) == 1
+
+
+async def test_ping_succeeds_when_store_is_up(repository: WorkflowRepository) -> None:
+    await repository.ping()

@@ -1,0 +1,102 @@
+"""In-memory adapters: for unit tests and throwaway demos. Everything is lost on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import deque
+from datetime import datetime
+from uuid import UUID
+
+from workflows.application.ports import (
+    ClaimHandler,
+    StatusChange,
+    WorkflowQueue,
+    WorkflowRepository,
+)
+from workflows.domain.model import Workflow, WorkflowStatus
+
+
+class InMemoryWorkflowRepository(WorkflowRepository):
+    def __init__(self) -> None:
+        self._rows: dict[UUID, Workflow] = {}
+        self._order: list[UUID] = []
+        self._locks: dict[UUID, asyncio.Lock] = {}
+
+    async def add(self, workflow: Workflow) -> None:
+        if workflow.uuid in self._rows:
+            raise ValueError(f"duplicate uuid {workflow.uuid}")
+        self._rows[workflow.uuid] = workflow
+        bisect.insort(self._order, workflow.uuid)
+
+    async def get(self, uuid: UUID) -> Workflow | None:
+        return self._rows.get(uuid)
+
+    async def list(
+        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+    ) -> list[Workflow]:
+        start = 0 if after is None else bisect.bisect_right(self._order, after)
+        found: list[Workflow] = []
+        for uuid in self._order[start:]:
+            workflow = self._rows[uuid]
+            if status is None or workflow.status is status:
+                found.append(workflow)
+                if len(found) == limit:
+                    break
+        return found
+
+    async def set_status(
+        self, uuid: UUID, status: WorkflowStatus, now: datetime
+    ) -> StatusChange | None:
+        async with self._lock(uuid):
+            workflow = self._rows.get(uuid)
+            if workflow is None:
+                return None
+            if workflow.status is status:
+                return StatusChange(workflow, changed=False)
+            workflow = self._rows[uuid] = workflow.with_status(status, now)
+            return StatusChange(workflow, changed=True)
+
+    async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        async with self._lock(uuid):
+            workflow = self._rows.get(uuid)
+            if workflow is None or workflow.status is not WorkflowStatus.INSERTED:
+                return None
+            await handle(workflow)
+            workflow = self._rows[uuid] = workflow.with_status(WorkflowStatus.CONSUMED, now)
+            return workflow
+
+    async def ping(self) -> None:
+        return None
+
+    def _lock(self, uuid: UUID) -> asyncio.Lock:
+        return self._locks.setdefault(uuid, asyncio.Lock())
+
+
+class InMemoryQueue(WorkflowQueue):
+    """A FIFO of uuids in front of a repository, as a broker would be."""
+
+    def __init__(self, repository: WorkflowRepository) -> None:
+        self._repository = repository
+        self._pending: deque[UUID] = deque()
+
+    async def enqueued(self, workflow: Workflow) -> None:
+        self._pending.append(workflow.uuid)
+
+    async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        while self._pending:
+            uuid = self._pending.popleft()
+            try:
+                claimed = await self._repository.claim(uuid, handle, now)
+            except BaseException:
+                self._pending.appendleft(uuid)
+                raise
+            if claimed is not None:
+                return claimed
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self._pending)

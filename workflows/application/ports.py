@@ -1,0 +1,124 @@
+"""The ports: what the use cases need from the outside world, and what each must guarantee."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from uuid import UUID
+
+import attrs
+
+from workflows.domain.model import Workflow, WorkflowStatus
+
+Clock = Callable[[], datetime]
+IdFactory = Callable[[], UUID]
+ClaimHandler = Callable[[Workflow], Awaitable[None]]
+
+
+@attrs.frozen
+class StatusChange:
+    workflow: Workflow
+    changed: bool
+
+
+class WorkflowRepository(abc.ABC):
+    """Stores workflows durably. Each method is atomic: it does all it says or nothing."""
+
+    @abc.abstractmethod
+    async def add(self, workflow: Workflow) -> None:
+        """Store a new workflow (and its outbox entry, when this repository feeds one)."""
+
+    @abc.abstractmethod
+    async def get(self, uuid: UUID) -> Workflow | None: ...
+
+    @abc.abstractmethod
+    async def list(
+        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+    ) -> list[Workflow]:
+        """Workflows in uuid order (oldest first), strictly after `after` when given."""
+
+    @abc.abstractmethod
+    async def set_status(
+        self, uuid: UUID, status: WorkflowStatus, now: datetime
+    ) -> StatusChange | None:
+        """Set the status; None for an unknown uuid. Setting the current status changes
+        nothing (not even `updated_at`). A change to INSERTED also writes an outbox entry,
+        when this repository feeds one, in the same transaction."""
+
+    @abc.abstractmethod
+    async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        """Lock the workflow; if it is INSERTED, await `handle(workflow)`, then mark it
+        CONSUMED, all in one transaction, and return it. None, changing nothing, when the
+        uuid is unknown or the workflow is not INSERTED. If `handle` raises, nothing changes
+        and the error propagates. Concurrent claims of one uuid: exactly one succeeds."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise DependencyUnavailable unless the store answers."""
+
+
+class WorkflowQueue(abc.ABC):
+    """Hands each enqueued workflow to exactly one successful consume; loses none."""
+
+    @abc.abstractmethod
+    async def enqueued(self, workflow: Workflow) -> None:
+        """The repository has just stored `workflow` as INSERTED: make it consumable.
+        Never raises for broker trouble once the repository has committed: a durable
+        outbox (or the row itself) already guarantees delivery."""
+
+    @abc.abstractmethod
+    async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        """Claim the oldest available workflow, run `handle` on it and mark it CONSUMED in
+        one step; None when nothing is queued. If `handle` raises, the workflow stays
+        queued. One call takes at most one workflow and leaves every other in place."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise DependencyUnavailable unless the queue answers."""
+
+
+class Exporter(abc.ABC):
+    """Turns a workflow's data into a file a worker can take away."""
+
+    media_type: str
+
+    @abc.abstractmethod
+    def render(self, workflow: Workflow) -> bytes:
+        """The file's content: a pure function of `workflow.data`."""
+
+    @abc.abstractmethod
+    async def write(self, workflow: Workflow, content: bytes) -> None:
+        """Store `content` as this workflow's export, atomically (all or nothing)."""
+
+
+@attrs.frozen
+class OutboxEntry:
+    id: int
+    workflow_uuid: UUID
+
+
+class Outbox(abc.ABC):
+    """Durable record of queue messages that the broker has not yet confirmed."""
+
+    @abc.abstractmethod
+    def claim(
+        self, uuids: Collection[UUID], *, stale_after: float, limit: int
+    ) -> AbstractAsyncContextManager[list[OutboxEntry]]:
+        """Lock the entries of these workflows, plus any entry older than `stale_after`
+        seconds, that no one else holds (at most `limit`). Leaving the block normally
+        deletes them; leaving it by an exception keeps them for a later try."""
+
+    @abc.abstractmethod
+    async def size(self) -> int: ...
+
+
+class MessagePublisher(abc.ABC):
+    """Publishes workflow messages to the broker."""
+
+    @abc.abstractmethod
+    async def publish(self, uuids: Sequence[UUID]) -> None:
+        """Publish one persistent message per uuid, in order, and return only once the
+        broker has confirmed every one; raise DependencyUnavailable otherwise."""
+

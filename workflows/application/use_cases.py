@@ -1,0 +1,112 @@
+"""The use cases: one small class per verb, built by the container."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import attrs
+
+from workflows.application.ports import (
+    Clock,
+    Exporter,
+    IdFactory,
+    WorkflowQueue,
+    WorkflowRepository,
+)
+from workflows.domain.errors import WorkflowNotFound
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+
+@attrs.define
+class CreateWorkflow:
+    repository: WorkflowRepository
+    queue: WorkflowQueue
+    clock: Clock
+    new_id: IdFactory
+
+    async def __call__(self, data: JsonDocument, steps: tuple[str, ...]) -> Workflow:
+        workflow = Workflow.new(self.new_id(), data, steps, self.clock())
+        await self.repository.add(workflow)
+        await self.queue.enqueued(workflow)
+        return workflow
+
+
+@attrs.define
+class GetWorkflow:
+    repository: WorkflowRepository
+
+    async def __call__(self, uuid: UUID) -> Workflow:
+        workflow = await self.repository.get(uuid)
+        if workflow is None:
+            raise WorkflowNotFound(uuid)
+        return workflow
+
+
+@attrs.define
+class ListWorkflows:
+    repository: WorkflowRepository
+
+    async def __call__(
+        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+    ) -> list[Workflow]:
+        return await self.repository.list(status=status, after=after, limit=limit)
+
+
+@attrs.define
+class UpdateStatus:
+    """PATCH: consumed→inserted replays the workflow; inserted→consumed takes it out of
+    play; setting the status it already has changes nothing and enqueues nothing."""
+
+    repository: WorkflowRepository
+    queue: WorkflowQueue
+    clock: Clock
+
+    async def __call__(self, uuid: UUID, status: WorkflowStatus) -> Workflow:
+        change = await self.repository.set_status(uuid, status, self.clock())
+        if change is None:
+            raise WorkflowNotFound(uuid)
+        if change.changed and status is WorkflowStatus.INSERTED:
+            await self.queue.enqueued(change.workflow)
+        return change.workflow
+
+
+@attrs.frozen
+class Consumed:
+    workflow: Workflow
+    content: bytes
+
+
+@attrs.define
+class ConsumeWorkflow:
+    """Take the oldest queued workflow, write its export, mark it consumed."""
+
+    queue: WorkflowQueue
+    exporter: Exporter
+    clock: Clock
+
+    async def __call__(self) -> Consumed | None:
+        exported: list[bytes] = []
+
+        async def export(workflow: Workflow) -> None:
+            content = self.exporter.render(workflow)
+            await self.exporter.write(workflow, content)
+            exported.append(content)
+
+        workflow = await self.queue.consume(export, self.clock())
+        if workflow is None:
+            return None
+        return Consumed(workflow, exported[-1])
+
+
+@attrs.define
+class ExportWorkflow:
+    """The export of any workflow, whatever its status; changes nothing."""
+
+    repository: WorkflowRepository
+    exporter: Exporter
+
+    async def __call__(self, uuid: UUID) -> bytes:
+        workflow = await self.repository.get(uuid)
+        if workflow is None:
+            raise WorkflowNotFound(uuid)
+        return self.exporter.render(workflow)

@@ -1,0 +1,24 @@
+"""Errors the domain and its use cases report; the entrypoint maps them to HTTP."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+
+class WorkflowError(Exception):
+    """Base of every error this service reports on purpose."""
+
+
+class WorkflowNotFound(WorkflowError):
+    def __init__(self, uuid: UUID) -> None:
+        super().__init__(f"no workflow with uuid {uuid}")
+        self.uuid = uuid
+
+
+class DependencyUnavailable(WorkflowError):
+    """The database or the broker cannot be reached; the request changed nothing."""
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(f"{dependency} is unavailable: {detail}")
+        self.dependency = dependency
+        self.detail = detail

@@ -1,0 +1,51 @@
+"""The workflow: a JSON document to export and the steps that describe it."""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import attrs
+
+
+class WorkflowStatus(enum.StrEnum):
+    INSERTED = "inserted"
+    CONSUMED = "consumed"
+
+
+@attrs.frozen
+class JsonDocument:
+    """A JSON object or a non-empty array of objects, kept as its exact compact text.
+
+    Text, not parsed values, is the domain's currency: it keeps the client's key
+    order and every number's exact value, which JSONB and floats would not.
+    """
+
+    text: str
+
+    def parse(self) -> Any:
+        """The document as Python values: objects keep key order, decimals are Decimal."""
+        return json.loads(self.text, parse_float=Decimal)
+
+
+@attrs.frozen
+class Workflow:
+    uuid: UUID
+    status: WorkflowStatus
+    data: JsonDocument
+    steps: tuple[str, ...]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def new(
+        cls, uuid: UUID, data: JsonDocument, steps: tuple[str, ...], now: datetime
+    ) -> Workflow:
+        return cls(uuid, WorkflowStatus.INSERTED, data, steps, now, now)
+
+    def with_status(self, status: WorkflowStatus, now: datetime) -> Workflow:
+        return attrs.evolve(self, status=status, updated_at=now)
