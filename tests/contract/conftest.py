@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import pytest
@@ -28,8 +29,10 @@ class QueueSetup:
         return workflow
 
 
+# Sync fixtures: pytest-asyncio cannot resolve an async fixture (`pg`) through
+# request.getfixturevalue() while the event loop is running (pytest-asyncio#976).
 @pytest.fixture(params=["memory", "postgres"])
-async def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
+def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
     if request.param == "memory":
         return InMemoryWorkflowRepository()
     from workflows.adapters.postgres import PostgresWorkflowRepository
@@ -39,8 +42,19 @@ async def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
 
 
 @pytest.fixture(params=["memory", "postgres", "rabbitmq"])
-async def queue_setup(request: pytest.FixtureRequest) -> AsyncIterator[QueueSetup]:
+def queue_backend(request: pytest.FixtureRequest) -> tuple[str, Any]:
+    """The backend's name, and its started database (None for memory)."""
     if request.param == "memory":
+        return request.param, None
+    return request.param, request.getfixturevalue("pg")
+
+
+@pytest.fixture
+async def queue_setup(
+    request: pytest.FixtureRequest, queue_backend: tuple[str, Any]
+) -> AsyncIterator[QueueSetup]:
+    backend, database = queue_backend
+    if backend == "memory":
         memory = InMemoryWorkflowRepository()
         yield QueueSetup(memory, InMemoryQueue(memory))
         return
@@ -50,8 +64,7 @@ async def queue_setup(request: pytest.FixtureRequest) -> AsyncIterator[QueueSetu
         PostgresWorkflowRepository,
     )
 
-    database = request.getfixturevalue("pg")
-    if request.param == "postgres":
+    if backend == "postgres":
         repository = PostgresWorkflowRepository(database.pool, outbox=False)
         yield QueueSetup(repository, PostgresQueue(database.pool))
         return
@@ -68,5 +81,6 @@ async def queue_setup(request: pytest.FixtureRequest) -> AsyncIterator[QueueSetu
         yield QueueSetup(repository, RabbitMqQueue(repository, broker, relay))
     finally:
         relay_task.cancel()
+        await asyncio.gather(relay_task, return_exceptions=True)
         await broker.delete_queue()
         await broker.stop()

@@ -84,9 +84,7 @@ async def test_workflow_patched_to_consumed_is_skipped(queue_setup: QueueSetup) 
 async def test_replayed_workflow_is_consumed_again(queue_setup: QueueSetup) -> None:
     workflow = await queue_setup.submit()
     assert await queue_setup.queue.consume(Recorder(), now()) is not None
-    change = await queue_setup.repository.set_status(
-        workflow.uuid, WorkflowStatus.INSERTED, now()
-    )
+    change = await queue_setup.repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, now())
     assert change is not None
     assert change.changed
     await queue_setup.queue.enqueued(change.workflow)

@@ -140,9 +140,7 @@ async def test_concurrent_claims_of_one_workflow_succeed_exactly_once(
         calls += 1
         await asyncio.sleep(0.05)
 
-    results = await asyncio.gather(
-        *(repository.claim(workflow.uuid, handle, T0) for _ in range(8))
-    )
+    results = await asyncio.gather(*(repository.claim(workflow.uuid, handle, T0) for _ in range(8)))
     assert calls == 1
     assert sum(result is not None for result in results) == 1
 

@@ -72,7 +72,8 @@ class WorkflowQueue(abc.ABC):
     async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
         """Claim the oldest available workflow, run `handle` on it and mark it CONSUMED in
         one step; None when nothing is queued. If `handle` raises, the workflow stays
-        queued. One call takes at most one workflow and leaves every other in place."""
+        queued (a broker may move it behind the others). One call takes at most one
+        workflow and leaves every other in place."""
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -121,4 +122,3 @@ class MessagePublisher(abc.ABC):
     async def publish(self, uuids: Sequence[UUID]) -> None:
         """Publish one persistent message per uuid, in order, and return only once the
         broker has confirmed every one; raise DependencyUnavailable otherwise."""
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from uuid import UUID
@@ -53,13 +54,14 @@ class OutboxRelay:
 
     async def run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.sweep_interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
-            while await self.flush() >= self.batch_limit:
-                pass
+            try:
+                while await self.flush() >= self.batch_limit:
+                    pass
+            except Exception:
+                log.exception("outbox relay flush failed; retrying in %ss", self.sweep_interval)
 
     async def flush(self) -> int:
         """Publish one batch; the number of entries delivered."""

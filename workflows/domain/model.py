@@ -28,8 +28,12 @@ class JsonDocument:
     text: str
 
     def parse(self) -> Any:
-        """The document as Python values: objects keep key order, decimals are Decimal."""
-        return json.loads(self.text, parse_float=Decimal)
+        """The document as Python values.
+
+        Objects keep key order; every number is a Decimal holding its exact text value
+        (ints too: Python's int parsing caps at 4300 digits and is quadratic).
+        """
+        return json.loads(self.text, parse_float=Decimal, parse_int=Decimal)
 
 
 @attrs.frozen
@@ -42,9 +46,7 @@ class Workflow:
     updated_at: datetime
 
     @classmethod
-    def new(
-        cls, uuid: UUID, data: JsonDocument, steps: tuple[str, ...], now: datetime
-    ) -> Workflow:
+    def new(cls, uuid: UUID, data: JsonDocument, steps: tuple[str, ...], now: datetime) -> Workflow:
         return cls(uuid, WorkflowStatus.INSERTED, data, steps, now, now)
 
     def with_status(self, status: WorkflowStatus, now: datetime) -> Workflow:

@@ -1,0 +1,92 @@
+"""Schema migrations on a real PostgreSQL, each test on a database of its own."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from workflows.adapters.postgres import migrate
+from workflows.adapters.postgres import migrations as migrations_module
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def empty_database(postgres_server_url: str) -> Iterator[str]:
+    name = f"workflows_migrate_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield psycopg.conninfo.make_conninfo(postgres_server_url, dbname=name)
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def recorded_versions(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    return [version for (version,) in rows]
+
+
+def table_exists(url: str, name: str) -> bool:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def test_migrate_creates_the_schema_and_records_each_version(empty_database: str) -> None:
+    assert migrate(empty_database) == ["0001_init"]
+    assert recorded_versions(empty_database) == ["0001_init"]
+    assert table_exists(empty_database, "workflows")
+    assert table_exists(empty_database, "outbox")
+
+
+def test_migrate_again_applies_nothing_and_keeps_the_data(empty_database: str) -> None:
+    migrate(empty_database)
+    with psycopg.connect(empty_database) as conn:
+        conn.execute(
+            "INSERT INTO workflows (uuid, status, data_text, created_at, updated_at)"
+            " VALUES (gen_random_uuid(), 'inserted', '{}', now(), now())"
+        )
+    assert migrate(empty_database) == []
+    assert recorded_versions(empty_database) == ["0001_init"]
+    with psycopg.connect(empty_database) as conn:
+        assert conn.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
+
+
+def test_concurrent_migrators_apply_each_version_exactly_once(empty_database: str) -> None:
+    start = threading.Barrier(4)
+
+    def migrator() -> list[str]:
+        start.wait()
+        return migrate(empty_database)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: migrator(), range(4)))
+    assert sorted(results) == [[], [], [], ["0001_init"]]
+    assert recorded_versions(empty_database) == ["0001_init"]
+
+
+def test_failed_migration_rolls_back_whole_and_unrecorded(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = list(migrations_module._migrations())
+    broken = ("0002_broken", "CREATE TABLE half_done (id int); SELECT no_such_function();")
+    monkeypatch.setattr(migrations_module, "_migrations", lambda: iter([*real, broken]))
+
+    with pytest.raises(psycopg.errors.UndefinedFunction):
+        migrate(empty_database)
+    assert recorded_versions(empty_database) == ["0001_init"]
+    assert not table_exists(empty_database, "half_done")
+
+    fixed = ("0002_fixed", "CREATE TABLE half_done (id int);")
+    monkeypatch.setattr(migrations_module, "_migrations", lambda: iter([*real, fixed]))
+    assert migrate(empty_database) == ["0002_fixed"]
+    assert table_exists(empty_database, "half_done")

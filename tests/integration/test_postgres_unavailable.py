@@ -1,0 +1,215 @@
+"""The database going away: every adapter reports DependencyUnavailable (the HTTP layer's
+503), and the pool recovers on its own once the database is back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from workflows.adapters.postgres import (
+    PostgresDatabase,
+    PostgresOutbox,
+    PostgresQueue,
+    PostgresWorkflowRepository,
+    migrate,
+)
+from workflows.adapters.postgres import database as database_module
+from workflows.domain.errors import DependencyUnavailable
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+pytestmark = pytest.mark.postgres
+
+
+class Outage:
+    """A TCP relay in front of the database that a test can take down and bring back."""
+
+    def __init__(self, database_url: str) -> None:
+        params = psycopg.conninfo.conninfo_to_dict(database_url)
+        self._host = str(params.get("host") or "localhost")
+        self._port = int(str(params.get("port") or 5432))
+        self._listen_port = free_port()
+        self.url = psycopg.conninfo.make_conninfo(
+            database_url, host="127.0.0.1", port=self._listen_port
+        )
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self._listen_port)
+
+    async def down(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.cut()
+
+    async def cut(self) -> None:
+        """Close every open connection, as a server restart does."""
+        writers, self._writers = list(self._writers), set()
+        for writer in writers:
+            writer.close()
+        for writer in writers:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            if self._host.startswith("/"):
+                upstream = await asyncio.open_unix_connection(f"{self._host}/.s.PGSQL.{self._port}")
+            else:
+                upstream = await asyncio.open_connection(self._host, self._port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.add(upstream[1])
+        await asyncio.gather(pipe(reader, upstream[1]), pipe(upstream[0], writer))
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def eventually(call: Callable[[], Awaitable[object]], *, within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            await call()
+            return
+        except DependencyUnavailable:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+
+
+@pytest.fixture
+async def outage(database_url: str) -> AsyncIterator[Outage]:
+    """The test database behind a relay, initially down."""
+    outage = Outage(database_url)
+    yield outage
+    await outage.down()
+
+
+@pytest.fixture
+def impatient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers give up waiting for a connection after 0.3 s, not 5 s."""
+    monkeypatch.setattr(database_module, "ACQUIRE_TIMEOUT", 0.3)
+
+
+async def never_called(workflow: Workflow) -> None:
+    raise AssertionError("the handler must not run when the database is down")
+
+
+async def claim_outbox(outbox: PostgresOutbox) -> None:
+    async with outbox.claim([uuid7()], stale_after=1.0, limit=10):
+        pass
+
+
+NOW = datetime.now(UTC)
+NEW = Workflow.new(uuid7(), JsonDocument("{}"), (), NOW)
+CALLS: dict[
+    str,
+    Callable[[PostgresWorkflowRepository, PostgresQueue, PostgresOutbox], Awaitable[object]],
+] = {
+    "repository.add": lambda r, q, o: r.add(NEW),
+    "repository.get": lambda r, q, o: r.get(NEW.uuid),
+    "repository.list": lambda r, q, o: r.list(status=None, after=None, limit=10),
+    "repository.set_status": lambda r, q, o: r.set_status(NEW.uuid, WorkflowStatus.CONSUMED, NOW),
+    "repository.claim": lambda r, q, o: r.claim(NEW.uuid, never_called, NOW),
+    "repository.ping": lambda r, q, o: r.ping(),
+    "queue.consume": lambda r, q, o: q.consume(never_called, NOW),
+    "queue.ping": lambda r, q, o: q.ping(),
+    "outbox.claim": lambda r, q, o: claim_outbox(o),
+    "outbox.size": lambda r, q, o: o.size(),
+}
+
+
+@pytest.mark.usefixtures("impatient")
+async def test_start_raises_dependency_unavailable_while_the_database_is_down(
+    outage: Outage,
+) -> None:
+    database = PostgresDatabase(outage.url)
+    with pytest.raises(DependencyUnavailable) as caught:
+        await database.start()
+    assert caught.value.dependency == "database"
+    await database.stop()
+
+
+@pytest.mark.usefixtures("impatient")
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+async def test_every_adapter_method_raises_dependency_unavailable_while_the_database_is_down(
+    outage: Outage,
+    call: Callable[[PostgresWorkflowRepository, PostgresQueue, PostgresOutbox], Awaitable[object]],
+) -> None:
+    database = PostgresDatabase(outage.url)
+    await database.start(wait=False)
+    pool = database.pool
+    try:
+        with pytest.raises(DependencyUnavailable) as caught:
+            await call(
+                PostgresWorkflowRepository(pool, outbox=True),
+                PostgresQueue(pool),
+                PostgresOutbox(pool),
+            )
+        assert caught.value.dependency == "database"
+    finally:
+        await database.stop()
+
+
+def test_migrate_raises_dependency_unavailable_while_the_database_is_down(
+    outage: Outage,
+) -> None:
+    with pytest.raises(DependencyUnavailable):
+        migrate(outage.url)
+
+
+@pytest.mark.usefixtures("impatient")
+async def test_service_started_while_the_database_is_down_recovers_when_it_returns(
+    outage: Outage,
+) -> None:
+    database = PostgresDatabase(outage.url)
+    await database.start(wait=False)
+    repository = PostgresWorkflowRepository(database.pool, outbox=False)
+    try:
+        with pytest.raises(DependencyUnavailable):
+            await repository.ping()
+        await outage.up()
+        await eventually(repository.ping, within=database_module.RECONNECT_TIMEOUT)
+        assert await repository.get(uuid7()) is None
+    finally:
+        await database.stop()
+
+
+async def test_a_restart_fails_one_call_and_the_next_one_reconnects(outage: Outage) -> None:
+    await outage.up()
+    database = PostgresDatabase(outage.url, min_size=3)
+    await database.start()
+    await database.pool.wait(timeout=5)  # three idle connections, all about to die
+    repository = PostgresWorkflowRepository(database.pool, outbox=False)
+    try:
+        await outage.cut()
+        with pytest.raises(DependencyUnavailable):
+            await repository.set_status(uuid7(), WorkflowStatus.CONSUMED, NOW)
+        assert await repository.get(uuid7()) is None
+        assert await repository.set_status(uuid7(), WorkflowStatus.CONSUMED, NOW) is None
+    finally:
+        await database.stop()

@@ -1,0 +1,95 @@
+"""The connection pool, and the one place where database failures become 503s."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeAlias
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from workflows.domain.errors import DependencyUnavailable
+
+Connection: TypeAlias = psycopg.AsyncConnection[TupleRow]
+Pool: TypeAlias = AsyncConnectionPool[Connection]
+
+ACQUIRE_TIMEOUT = 5.0
+"""Seconds a caller waits for a pooled connection before the database counts as down."""
+CONNECT_TIMEOUT = 5
+"""libpq's connect_timeout (whole seconds), so an unreachable host cannot stall the pool."""
+RECONNECT_TIMEOUT = 10.0
+"""How long the pool retries a failed connection, with backoff, before giving up; the next
+request then tries again at once. Kept short so the pool notices a returning database
+within seconds rather than after a backoff of minutes."""
+
+
+class PostgresDatabase:
+    """Owns the connection pool. The constructor connects nothing; `start()` does."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self._pool: Pool = AsyncConnectionPool(
+            url,
+            # Autocommit: a lone statement is its own transaction, with no BEGIN/COMMIT
+            # round trips; multi-statement work opens `conn.transaction()` explicitly.
+            # psycopg's default prepare_threshold (prepare a statement on its 6th run on a
+            # connection) suits our small, fixed set of statements. Behind a PgBouncer
+            # older than 1.21 in transaction mode it would have to be None.
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            timeout=ACQUIRE_TIMEOUT,
+            reconnect_timeout=RECONNECT_TIMEOUT,
+            name="workflows-postgres",
+        )
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Open the pool and, with `wait`, raise DependencyUnavailable unless the database
+        answers within ACQUIRE_TIMEOUT. Either way the pool stays open and keeps trying
+        in the background, so the service can run while the database is down and recover
+        when it returns; call `stop()` in any case."""
+        # Not `open(wait=True)`: on timeout it closes the pool for good.
+        await self._pool.open(wait=False)
+        if wait:
+            await ping_database(self._pool)
+
+    async def stop(self) -> None:
+        await self._pool.close()
+
+
+@asynccontextmanager
+async def connection(pool: Pool) -> AsyncIterator[Connection]:
+    """A pooled connection; an unreachable or failing database raises DependencyUnavailable.
+
+    A connection lost mid-use usually means the server restarted, which has broken every
+    idle connection too: drain them, so the next requests connect afresh instead of each
+    failing on a dead socket.
+    """
+    try:
+        async with pool.connection() as conn:
+            try:
+                yield conn
+            except psycopg.OperationalError:
+                if conn.broken:
+                    await pool.drain()
+                raise
+    except psycopg.OperationalError as error:  # also PoolTimeout, PoolClosed
+        raise DependencyUnavailable("database", str(error) or type(error).__name__) from error
+
+
+@asynccontextmanager
+async def transaction(pool: Pool) -> AsyncIterator[Connection]:
+    """A pooled connection inside a transaction: committed on normal exit, else rolled back."""
+    async with connection(pool) as conn, conn.transaction():
+        yield conn
+
+
+async def ping_database(pool: Pool) -> None:
+    async with connection(pool) as conn:
+        await conn.execute("SELECT 1")

@@ -1,0 +1,167 @@
+"""Workflows in PostgreSQL: the repository, and a queue whose entries are the rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg import AsyncCursor, sql
+from psycopg.rows import TupleRow
+
+from workflows.adapters.postgres.database import Pool, connection, ping_database, transaction
+from workflows.application.ports import (
+    ClaimHandler,
+    StatusChange,
+    WorkflowQueue,
+    WorkflowRepository,
+)
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+COLUMNS = "uuid, status, data_text::text, steps, created_at, updated_at"
+
+INSERT = """
+INSERT INTO workflows (uuid, status, data_text, steps, created_at, updated_at)
+VALUES (%(uuid)s, %(status)s, %(data)s, %(steps)s, %(created_at)s, %(updated_at)s)
+"""
+# One statement, so the workflow and its outbox entry commit together or not at all.
+INSERT_WITH_OUTBOX = f"""
+WITH added AS ({INSERT} RETURNING uuid)
+INSERT INTO outbox (workflow_uuid) SELECT uuid FROM added
+"""
+INSERT_OUTBOX = "INSERT INTO outbox (workflow_uuid) VALUES (%s)"
+
+GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
+LOCK = f"{GET} FOR UPDATE"
+LOCK_IF_INSERTED = f"{GET} AND status = 'inserted' FOR UPDATE"
+# 'inserted' is a literal, not a parameter, so even a generic (prepared) plan can use
+# the index workflows_status_uuid_idx.
+LOCK_OLDEST_INSERTED = f"""
+SELECT {COLUMNS} FROM workflows
+WHERE status = 'inserted'
+ORDER BY uuid
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+"""
+SET_STATUS = f"""
+UPDATE workflows SET status = %s, updated_at = %s WHERE uuid = %s
+RETURNING {COLUMNS}
+"""
+
+LIST = sql.SQL("SELECT {} FROM workflows WHERE {} ORDER BY uuid LIMIT %(limit)s")
+STATUS_IS = sql.SQL("status = %(status)s")
+AFTER = sql.SQL("uuid > %(after)s")
+
+
+class PostgresWorkflowRepository(WorkflowRepository):
+    """With `outbox`, every write that queues a workflow also writes its outbox entry."""
+
+    def __init__(self, pool: Pool, *, outbox: bool) -> None:
+        self._pool = pool
+        self._outbox = outbox
+
+    async def add(self, workflow: Workflow) -> None:
+        async with connection(self._pool) as conn:
+            await conn.execute(
+                INSERT_WITH_OUTBOX if self._outbox else INSERT,
+                {
+                    "uuid": workflow.uuid,
+                    "status": workflow.status.value,
+                    "data": workflow.data.text,
+                    "steps": list(workflow.steps),
+                    "created_at": workflow.created_at,
+                    "updated_at": workflow.updated_at,
+                },
+            )
+
+    async def get(self, uuid: UUID) -> Workflow | None:
+        async with connection(self._pool) as conn:
+            row = await (await conn.execute(GET, (uuid,))).fetchone()
+        return None if row is None else _workflow(row)
+
+    async def list(
+        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+    ) -> list[Workflow]:
+        filters = [STATUS_IS] if status is not None else []
+        if after is not None:
+            filters.append(AFTER)
+        query = LIST.format(sql.SQL(COLUMNS), sql.SQL(" AND ").join(filters or [sql.SQL("TRUE")]))
+        params = {
+            "status": None if status is None else status.value,
+            "after": after,
+            "limit": limit,
+        }
+        async with connection(self._pool) as conn:
+            rows = await (await conn.execute(query, params)).fetchall()
+        return [_workflow(row) for row in rows]
+
+    async def set_status(
+        self, uuid: UUID, status: WorkflowStatus, now: datetime
+    ) -> StatusChange | None:
+        async with transaction(self._pool) as conn:
+            row = await (await conn.execute(LOCK, (uuid,))).fetchone()
+            if row is None:
+                return None
+            if (current := _workflow(row)).status is status:
+                return StatusChange(current, changed=False)
+            changed = await _one(await conn.execute(SET_STATUS, (status.value, now, uuid)))
+            if self._outbox and status is WorkflowStatus.INSERTED:
+                await conn.execute(INSERT_OUTBOX, (uuid,))
+        return StatusChange(changed, changed=True)
+
+    async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        return await _consume(self._pool, LOCK_IF_INSERTED, (uuid,), handle, now)
+
+    async def ping(self) -> None:
+        await ping_database(self._pool)
+
+
+class PostgresQueue(WorkflowQueue):
+    """The INSERTED rows are the queue; consumers take the oldest one no one else holds."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def enqueued(self, workflow: Workflow) -> None:
+        """Nothing to do: the committed INSERTED row is already the queue entry."""
+
+    async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        return await _consume(self._pool, LOCK_OLDEST_INSERTED, (), handle, now)
+
+    async def ping(self) -> None:
+        await ping_database(self._pool)
+
+
+async def _consume(
+    pool: Pool, lock: str, params: Sequence[Any], handle: ClaimHandler, now: datetime
+) -> Workflow | None:
+    """Lock the INSERTED row `lock` selects, run `handle` on it and mark it CONSUMED, in one
+    transaction; if `handle` raises, the transaction rolls back and the error propagates."""
+    async with transaction(pool) as conn:
+        row = await (await conn.execute(lock, params)).fetchone()
+        if row is None:
+            return None
+        workflow = _workflow(row)
+        await handle(workflow)
+        return await _one(
+            await conn.execute(SET_STATUS, (WorkflowStatus.CONSUMED.value, now, workflow.uuid))
+        )
+
+
+async def _one(cursor: AsyncCursor[TupleRow]) -> Workflow:
+    row = await cursor.fetchone()
+    assert row is not None, "the statement returns the row it locked"
+    return _workflow(row)
+
+
+def _workflow(row: TupleRow) -> Workflow:
+    uuid, status, text, steps, created_at, updated_at = row
+    return Workflow(
+        uuid=uuid,
+        status=WorkflowStatus(status),
+        data=JsonDocument(text),
+        steps=tuple(steps),
+        created_at=created_at.astimezone(UTC),
+        updated_at=updated_at.astimezone(UTC),
+    )
