@@ -1,0 +1,292 @@
+"""RabbitMqBroker against the real RabbitMQ: confirms, basic.get, acks, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from uuid import UUID, uuid4
+
+import pytest
+
+from workflows.adapters.rabbitmq import Delivery, RabbitMqBroker
+from workflows.domain.errors import DependencyUnavailable
+
+pytestmark = pytest.mark.rabbitmq
+
+CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:5999/%2F"
+
+
+def broker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("rabbitmq-")]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    yield
+    assert broker_threads() == []
+
+
+@pytest.fixture
+async def broker(rabbitmq_url: str, queue_name: str) -> AsyncIterator[RabbitMqBroker]:
+    broker = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0)
+    await broker.start()
+    yield broker
+    await broker.delete_queue()
+    await broker.stop()
+
+
+class Proxy:
+    """A TCP proxy to the broker that a test can cut or take down, as a network would."""
+
+    def __init__(self, url: str) -> None:
+        rest = url.split("@", 1)[1]
+        self.target_host, port_and_vhost = rest.split(":", 1)
+        self.target_port = int(port_and_vhost.split("/", 1)[0])
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    def url(self, credentials: str = "guest:guest") -> str:
+        return f"amqp://{credentials}@127.0.0.1:{self.port}/%2F"
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.cut()
+
+    async def cut(self) -> None:
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pipes.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            try:
+                await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+            finally:
+                up_writer.close()
+        except (asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._pipes.discard(task)
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def proxy(rabbitmq_url: str) -> AsyncIterator[Proxy]:
+    proxy = Proxy(rabbitmq_url)
+    await proxy.up()
+    yield proxy
+    await proxy.down()
+
+
+async def take(broker: RabbitMqBroker, count: int, within: float = 5.0) -> list[Delivery]:
+    """The next `count` deliveries, waiting for messages the broker has yet to requeue."""
+    deadline = time.monotonic() + within
+    taken: list[Delivery] = []
+    while len(taken) < count and time.monotonic() < deadline:
+        delivery = await broker.get()
+        if delivery is None:
+            await asyncio.sleep(0.05)
+        else:
+            taken.append(delivery)
+    return taken
+
+
+async def left_after_reconnecting(broker: RabbitMqBroker) -> int:
+    """Messages in the queue once the broker has requeued whatever was taken but not acked.
+
+    The pause first is for a RabbitMQ bug: a quorum queue may ignore acks received just
+    before their channel closes (rabbitmq/rabbitmq-server#10327); harmless here, as the
+    repository skips a redelivered workflow, but it would make this count wrong.
+    """
+    await asyncio.sleep(0.5)
+    await broker.stop()
+    await broker.start()
+    return await broker.depth()
+
+
+def uuids_of(deliveries: list[Delivery]) -> list[UUID]:
+    return [UUID(d.body.decode()) for d in deliveries]
+
+
+async def test_get_returns_none_when_queue_is_empty(broker: RabbitMqBroker) -> None:
+    assert await broker.get() is None
+    assert await broker.depth() == 0
+
+
+async def test_published_messages_come_back_in_order_once_each(broker: RabbitMqBroker) -> None:
+    published = [uuid4() for _ in range(5)]
+    await broker.publish(published)
+    assert await broker.depth() == 5
+    deliveries = [await broker.get() for _ in range(5)]
+    assert all(deliveries)
+    assert uuids_of([d for d in deliveries if d]) == published
+    assert await broker.get() is None
+
+
+async def test_acked_message_is_gone_even_after_reconnecting(broker: RabbitMqBroker) -> None:
+    await broker.publish([uuid4()])
+    delivery = await broker.get()
+    assert delivery is not None
+    broker.ack(delivery)
+    assert await left_after_reconnecting(broker) == 0
+    assert await broker.get() is None
+
+
+async def test_requeued_message_is_delivered_again(broker: RabbitMqBroker) -> None:
+    uuid = uuid4()
+    await broker.publish([uuid])
+    first = await broker.get()
+    assert first is not None
+    broker.requeue(first)
+    again = await broker.get()
+    assert again is not None
+    assert uuids_of([again]) == [uuid]
+    broker.ack(again)
+    assert await broker.get() is None
+
+
+async def test_unacked_message_returns_when_its_connection_closes(
+    broker: RabbitMqBroker,
+) -> None:
+    uuid = uuid4()
+    await broker.publish([uuid])
+    assert await broker.get() is not None
+    await broker.stop()
+    await broker.start()
+    assert uuids_of(await take(broker, 1)) == [uuid]
+
+
+async def test_concurrent_gets_take_distinct_messages(broker: RabbitMqBroker) -> None:
+    published = [uuid4() for _ in range(40)]
+    await broker.publish(published)
+    deliveries = await asyncio.gather(*(broker.get() for _ in range(50)))
+    taken = [d for d in deliveries if d is not None]
+    assert sorted(uuids_of(taken)) == sorted(published)
+    for delivery in taken:
+        broker.ack(delivery)
+    assert await left_after_reconnecting(broker) == 0
+
+
+async def test_gets_cancelled_in_flight_strand_no_message(broker: RabbitMqBroker) -> None:
+    published = [uuid4() for _ in range(30)]
+    await broker.publish(published)
+    for pause in (0, 0.001, 0.002, 0.005):
+        tasks = [asyncio.create_task(broker.get()) for _ in range(30)]
+        await asyncio.sleep(pause)  # some gets done, some running on the thread, some queued
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Delivery):
+                broker.requeue(result)
+    back = await take(broker, 30)  # on the same connection: nothing left taken and unacked
+    assert sorted(uuids_of(back)) == sorted(published)
+
+
+async def test_publish_recreates_a_deleted_queue(broker: RabbitMqBroker) -> None:
+    await broker.delete_queue()
+    uuid = uuid4()
+    await broker.publish([uuid])
+    assert uuids_of(await take(broker, 1)) == [uuid]
+
+
+async def test_unreachable_broker_raises_dependency_unavailable() -> None:
+    broker = RabbitMqBroker(CLOSED_PORT_URL, timeout=2.0)
+    with pytest.raises(DependencyUnavailable) as raised:
+        await broker.start()
+    assert raised.value.dependency == "rabbitmq"
+    with pytest.raises(DependencyUnavailable):  # still running, still unreachable
+        await broker.publish([uuid4()])
+    await broker.stop()
+    assert broker_threads() == []
+
+
+async def test_calls_fail_while_broker_is_down_and_work_once_it_is_back(
+    proxy: Proxy, queue_name: str
+) -> None:
+    broker = RabbitMqBroker(proxy.url(), queue=queue_name, timeout=2.0)
+    await broker.start()
+    try:
+        await proxy.down()
+        with pytest.raises(DependencyUnavailable):
+            await broker.publish([uuid4()])
+        with pytest.raises(DependencyUnavailable):
+            await broker.ping()
+        await proxy.up()
+        uuid = uuid4()
+        await broker.publish([uuid])
+        assert uuids_of(await take(broker, 1)) == [uuid]
+    finally:
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+
+
+async def test_messages_taken_before_a_network_cut_are_delivered_again(
+    proxy: Proxy, queue_name: str
+) -> None:
+    broker = RabbitMqBroker(proxy.url(), queue=queue_name, timeout=2.0)
+    await broker.start()
+    try:
+        published = [uuid4(), uuid4()]
+        await broker.publish(published)
+        stale = await broker.get()
+        assert stale is not None
+        await proxy.cut()
+        broker.ack(stale)  # its channel is gone: skipped, never raised
+        again = await take(broker, 2)
+        assert sorted(uuids_of(again)) == sorted(published)
+        for delivery in again:
+            broker.ack(delivery)
+        assert await broker.get() is None
+    finally:
+        await broker.delete_queue()
+        await broker.stop()
+
+
+async def test_idle_connection_keeps_its_deliveries_thanks_to_heartbeats(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    broker = RabbitMqBroker(rabbitmq_url + "?heartbeat=1", queue=queue_name, timeout=2.0)
+    await broker.start()
+    try:
+        await broker.publish([uuid4()])
+        delivery = await broker.get()
+        assert delivery is not None
+        await asyncio.sleep(3.5)  # the broker drops a connection silent for 2 heartbeats
+        broker.ack(delivery)
+        assert await broker.get() is None
+        assert await broker.depth() == 0
+    finally:
+        await broker.delete_queue()
+        await broker.stop()
+
+
+async def test_stopped_broker_refuses_calls(broker: RabbitMqBroker) -> None:
+    await broker.stop()
+    assert broker_threads() == []
+    with pytest.raises(DependencyUnavailable):
+        await broker.publish([uuid4()])
+    await broker.start()  # for the fixture's cleanup

@@ -1,0 +1,172 @@
+"""RabbitMqQueue on the real RabbitMQ: what the contract suite cannot provoke."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Collection, Iterator
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
+
+import pika
+import pytest
+
+from tests.integration.test_rabbitmq_broker import Proxy, broker_threads, left_after_reconnecting
+from workflows.adapters.memory import InMemoryWorkflowRepository
+from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
+from workflows.application.ports import Outbox, OutboxEntry
+from workflows.application.relay import OutboxRelay
+from workflows.domain.errors import DependencyUnavailable
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MemoryOutbox(Outbox):
+    """Every entry is due at once; enough to drive the relay in these tests."""
+
+    def __init__(self) -> None:
+        self.entries: list[OutboxEntry] = []
+
+    def add(self, uuid: UUID) -> None:
+        self.entries.append(OutboxEntry(len(self.entries) + 1, uuid))
+
+    @contextlib.asynccontextmanager
+    async def claim(
+        self, uuids: Collection[UUID], *, stale_after: float, limit: int
+    ) -> AsyncIterator[list[OutboxEntry]]:
+        taken = self.entries[:limit]
+        yield list(taken)
+        self.entries = [e for e in self.entries if e not in taken]
+
+    async def size(self) -> int:
+        return len(self.entries)
+
+
+class Setup:
+    def __init__(self, broker: RabbitMqBroker) -> None:
+        self.broker = broker
+        self.repository = InMemoryWorkflowRepository()
+        self.outbox = MemoryOutbox()
+        self.relay = OutboxRelay(
+            self.outbox, broker, confirm_timeout=0.5, sweep_interval=0.1, outage_backoff=0.1
+        )
+        self.queue = RabbitMqQueue(self.repository, broker, self.relay)
+
+    async def stored(self) -> Workflow:
+        workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), ("step",), now())
+        await self.repository.add(workflow)
+        return workflow
+
+    async def submit(self) -> Workflow:
+        workflow = await self.stored()
+        self.outbox.add(workflow.uuid)
+        await self.queue.enqueued(workflow)
+        return workflow
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    yield
+    assert broker_threads() == []
+
+
+@contextlib.asynccontextmanager
+async def running(url: str, queue_name: str) -> AsyncIterator[Setup]:
+    broker = RabbitMqBroker(url, queue=queue_name, timeout=2.0)
+    await broker.start()
+    setup = Setup(broker)
+    relay_task = asyncio.create_task(setup.relay.run())
+    try:
+        yield setup
+    finally:
+        relay_task.cancel()
+        await asyncio.gather(relay_task, return_exceptions=True)
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+
+
+@pytest.fixture
+async def setup(rabbitmq_url: str, queue_name: str) -> AsyncIterator[Setup]:
+    async with running(rabbitmq_url, queue_name) as setup:
+        yield setup
+
+
+async def consumed(setup: Setup) -> list[UUID]:
+    taken = []
+    while (workflow := await setup.queue.consume(record_nothing, now())) is not None:
+        taken.append(workflow.uuid)
+    return taken
+
+
+async def record_nothing(workflow: Workflow) -> None:
+    return None
+
+
+async def test_duplicate_and_unknown_messages_are_acked_and_skipped(setup: Setup) -> None:
+    first, second = await setup.stored(), await setup.stored()
+    await setup.broker.publish([first.uuid, uuid4(), first.uuid, second.uuid])
+    assert await consumed(setup) == [first.uuid, second.uuid]
+    assert await left_after_reconnecting(setup.broker) == 0
+
+
+async def test_malformed_message_is_dropped_and_the_next_workflow_consumed(
+    setup: Setup, rabbitmq_url: str
+) -> None:
+    def publish_garbage() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+        try:
+            connection.channel().basic_publish("", setup.broker.queue, b"\xffnot a uuid")
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(publish_garbage)
+    workflow = await setup.submit()
+    assert await consumed(setup) == [workflow.uuid]
+    assert await left_after_reconnecting(setup.broker) == 0
+
+
+async def test_cancelled_consume_leaves_the_workflow_queued(setup: Setup) -> None:
+    workflow = await setup.submit()
+    exporting = asyncio.Event()
+
+    async def stuck(w: Workflow) -> None:
+        exporting.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(setup.queue.consume(stuck, now()))
+    await exporting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stored = await setup.repository.get(workflow.uuid)
+    assert stored is not None
+    assert stored.status is WorkflowStatus.INSERTED
+    assert await consumed(setup) == [workflow.uuid]
+
+
+async def test_workflow_enqueued_while_broker_is_down_is_consumable_once_it_is_back(
+    queue_name: str, rabbitmq_url: str
+) -> None:
+    proxy = Proxy(rabbitmq_url)
+    await proxy.up()
+    async with running(proxy.url(), queue_name) as setup:
+        await proxy.down()
+        workflow = await setup.submit()  # returns: the outbox keeps the message
+        assert await setup.outbox.size() == 1
+        with pytest.raises(DependencyUnavailable):
+            await setup.queue.ping()
+        await proxy.up()
+        for _ in range(100):  # the relay's next sweep delivers it
+            if not await setup.outbox.size():
+                break
+            await asyncio.sleep(0.05)
+        assert await consumed(setup) == [workflow.uuid]
+        await setup.queue.ping()
+    await proxy.down()
