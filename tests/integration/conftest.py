@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from workflows.entrypoints.config import Settings
+from workflows.entrypoints.container import Container, running
+from workflows.entrypoints.http import create_app
+
+
+@pytest.fixture(params=["postgres", "rabbitmq"])
+def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    request.getfixturevalue("pg")  # an empty schema
+    rabbitmq = request.param == "rabbitmq"
+    return Settings(
+        database_url=request.getfixturevalue("database_url"),
+        queue_backend=request.param,
+        rabbitmq_url=request.getfixturevalue("rabbitmq_url") if rabbitmq else None,
+        rabbitmq_queue=request.getfixturevalue("queue_name"),
+        export_dir=tmp_path / "exports",
+    )
+
+
+@pytest.fixture
+async def live(backend_settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Container]]:
+    """The real app on the real services, its adapters started as in production."""
+    container = Container(settings=backend_settings)
+    async with running(container):
+        transport = httpx.ASGITransport(app=create_app(container))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client, container
+        if backend_settings.queue_backend == "rabbitmq":
+            await container.broker().delete_queue()

@@ -1,0 +1,82 @@
+"""The real app on real PostgreSQL and RabbitMQ: what a client sees, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from pathlib import Path
+
+import httpx
+
+from workflows.entrypoints.container import Container
+
+Live = tuple[httpx.AsyncClient, Container]
+
+
+async def test_post_get_patch_consume_round_trip(live: Live) -> None:
+    client, container = live
+    created = await client.post(
+        "/workflow",
+        json={"data": {"name": "a", "address": {"city": "Oslo"}}, "steps": ["extract"]},
+    )
+    assert created.status_code == 201
+    uuid = created.json()["uuid"]
+    assert (await client.get(f"/workflow/{uuid}")).json() == created.json()
+
+    consumed = await client.get("/workflow/consume")
+    assert consumed.status_code == 200
+    assert consumed.headers["x-workflow-uuid"] == uuid
+    assert consumed.content == b"name,address.city\r\na,Oslo\r\n"
+    export_dir: Path = container.settings().export_dir
+    assert (export_dir / f"{uuid}.csv").read_bytes() == consumed.content
+    assert (await client.get(f"/workflow/{uuid}")).json()["status"] == "consumed"
+    assert (await client.get("/workflow/consume")).status_code == 204
+
+    replay = await client.patch(f"/workflow/{uuid}", json={"status": "inserted"})
+    assert replay.json()["status"] == "inserted"
+    again = await client.post("/v1/workflow/consume")
+    assert again.headers["x-workflow-uuid"] == uuid
+    assert (await client.get("/workflow/consume")).status_code == 204
+
+
+async def test_exact_numbers_survive_storage_response_and_csv(live: Live) -> None:
+    client, _ = live
+    body = '{"data": {"big": 98765432109876543210987654321, "dec": 2.50, "tiny": 1e-30}}'
+    created = await client.post(
+        "/workflow", content=body, headers={"Content-Type": "application/json"}
+    )
+    uuid = created.json()["uuid"]
+    fetched = await client.get(f"/workflow/{uuid}")
+    assert '"data":{"big":98765432109876543210987654321,"dec":2.50,"tiny":1e-30}' in fetched.text
+    rows = list(csv.reader(io.StringIO((await client.get("/workflow/consume")).text)))
+    assert rows == [["big", "dec", "tiny"], ["98765432109876543210987654321", "2.50", "1e-30"]]
+
+
+async def test_eight_concurrent_consumers_take_200_workflows_exactly_once(live: Live) -> None:
+    client, _ = live
+    created = await asyncio.gather(
+        *(client.post("/workflow", json={"data": {"i": i}}) for i in range(200))
+    )
+    assert all(r.status_code == 201 for r in created)
+    expected = sorted(r.json()["uuid"] for r in created)
+
+    async def consumer() -> list[str]:
+        taken = []
+        while (response := await client.get("/workflow/consume")).status_code == 200:
+            taken.append(response.headers["x-workflow-uuid"])
+        assert response.status_code == 204
+        return taken
+
+    batches = await asyncio.gather(*(consumer() for _ in range(8)))
+    taken = [uuid for batch in batches for uuid in batch]
+    assert sorted(taken) == expected
+    listing = await client.get("/workflow?status=inserted")
+    assert listing.json() == []
+
+
+async def test_readiness_reports_both_dependencies(live: Live) -> None:
+    client, _ = live
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "queue": "ok"}

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from workflows.entrypoints.config import Settings
+from workflows.entrypoints.container import Container
+from workflows.entrypoints.http import create_app
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(queue_backend="memory", export_dir=tmp_path / "exports", max_body_bytes=65536)
+
+
+@pytest.fixture
+def container(settings: Settings) -> Container:
+    return Container(settings=settings)
+
+
+@pytest.fixture
+async def client(container: Container) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(container))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client

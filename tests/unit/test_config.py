@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workflows.entrypoints.config import ConfigError, Settings
+
+
+def test_defaults_apply_when_nothing_is_set() -> None:
+    settings = Settings.from_env({})
+    assert (settings.host, settings.port) == ("127.0.0.1", 5000)
+    assert settings.queue_backend == "postgres"
+    assert settings.database_url is None
+    assert settings.export_dir == Path("var/exports")
+    assert settings.max_body_bytes == 1024 * 1024
+
+
+def test_rabbitmq_is_the_default_backend_when_its_url_is_set() -> None:
+    settings = Settings.from_env({"RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/%2F"})
+    assert settings.queue_backend == "rabbitmq"
+
+
+def test_explicit_backend_wins() -> None:
+    env = {"RABBITMQ_URL": "amqp://x", "QUEUE_BACKEND": "postgres", "PORT": "8080"}
+    settings = Settings.from_env(env)
+    assert (settings.queue_backend, settings.port) == ("postgres", 8080)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QUEUE_BACKEND": "kafka"}, "QUEUE_BACKEND"),
+        ({"QUEUE_BACKEND": "rabbitmq"}, "RABBITMQ_URL"),
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
+        ({"CONFIRM_TIMEOUT": "-1"}, "CONFIRM_TIMEOUT"),
+    ],
+)
+def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)

@@ -1,0 +1,182 @@
+"""Every bad input gets a clear 4xx problem and changes nothing."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+PROBLEM = "application/problem+json"
+JSON = {"Content-Type": "application/json"}
+
+
+async def assert_nothing_changed(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/workflow")).json() == []
+    assert (await client.get("/workflow/consume")).status_code == 204
+
+
+def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, object] = response.json()
+    assert body["type"] == f"/problems/{slug}"
+    assert body["status"] == status
+    assert isinstance(body["title"], str)
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    assert "Traceback" not in response.text
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "pointer"),
+    [
+        ('{"data": 1}', "/data"),
+        ('{"data": "text"}', "/data"),
+        ('{"data": null}', "/data"),
+        ('{"data": []}', "/data"),
+        ('{"data": [{"a": 1}, 2]}', "/data/1"),
+        ('{"data": {"a": 1}, "steps": "one"}', "/steps"),
+        ('{"data": {"a": 1}, "steps": [1]}', "/steps/0"),
+        ('{"data": {"a": 1}, "steps": ["ok", ""]}', "/steps/1"),
+        ('{"data": {"a": 1}, "steps": ["  "]}', "/steps/0"),
+        ('{"data": {"a": 1}, "extra": true}', "/extra"),
+        ('{"data": {"a": 1}, "uuid": "0190b6d4-0000-7000-8000-000000000000"}', "/uuid"),
+        ('{"data": {"a": 1}, "status": "consumed"}', "/status"),
+        ('{"steps": []}', "/data"),
+        ('{"data": {"a": "nul\\u0000"}}', "/data/a"),
+        ('{"data": {"a": "\\ud800"}}', "/data/a"),
+        ('{"data": {"a": 1e200000}}', "/data/a"),
+        ('{"data": {"a": 1}, "steps": ["a\\u0000"]}', "/steps/0"),
+        ("[]", ""),
+        ('"data"', ""),
+    ],
+)
+async def test_invalid_workflow_is_rejected_with_a_pointer(
+    client: httpx.AsyncClient, body: str, pointer: str
+) -> None:
+    response = await client.post("/workflow", content=body, headers=JSON)
+    problem = assert_problem(response, 422, "validation-failed")
+    errors = problem["errors"]
+    assert isinstance(errors, list)
+    assert pointer in [e["pointer"] for e in errors]
+    await assert_nothing_changed(client)
+
+
+async def test_json_nested_beyond_the_depth_limit_is_rejected(client: httpx.AsyncClient) -> None:
+    deep = '{"data": {"a": ' + "[" * 70 + "]" * 70 + "}}"
+    assert_problem(
+        await client.post("/workflow", content=deep, headers=JSON), 422, "validation-failed"
+    )
+    deeper = '{"data": {"a": ' + "[" * 3000 + "]" * 3000 + "}}"
+    assert_problem(
+        await client.post("/workflow", content=deeper, headers=JSON), 422, "validation-failed"
+    )
+    await assert_nothing_changed(client)
+
+
+async def test_duplicate_keys_are_rejected(client: httpx.AsyncClient) -> None:
+    response = await client.post("/workflow", content='{"data": {"a": 1, "a": 2}}', headers=JSON)
+    assert_problem(response, 422, "validation-failed")
+    await assert_nothing_changed(client)
+
+
+@pytest.mark.parametrize(
+    "body", [b"{", b'{"data": {"a": 1}', b"{'data': {}}", b'{"data": NaN}', b"\xff\xfe{}"]
+)
+async def test_malformed_json_is_400(client: httpx.AsyncClient, body: bytes) -> None:
+    assert_problem(
+        await client.post("/workflow", content=body, headers=JSON), 400, "malformed-json"
+    )
+    await assert_nothing_changed(client)
+
+
+async def test_empty_body_is_400(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.post("/workflow", content=b"", headers=JSON), 400, "empty-body")
+    await assert_nothing_changed(client)
+
+
+async def test_form_data_is_415_with_a_hint(client: httpx.AsyncClient) -> None:
+    response = await client.post("/workflow", data={"data": "x"})
+    body = assert_problem(response, 415, "unsupported-media-type")
+    assert "Content-Type: application/json" in str(body["detail"])
+    await assert_nothing_changed(client)
+
+
+async def test_oversize_body_is_413(client: httpx.AsyncClient) -> None:
+    big = '{"data": {"a": "' + "x" * 70_000 + '"}}'
+    assert_problem(
+        await client.post("/workflow", content=big, headers=JSON), 413, "payload-too-large"
+    )
+
+    async def chunks():  # no Content-Length: the limit applies while streaming
+        for _ in range(70):
+            yield b"x" * 1000
+
+    streamed = await client.post("/workflow", content=chunks(), headers=JSON)
+    assert_problem(streamed, 413, "payload-too-large")
+    await assert_nothing_changed(client)
+
+
+@pytest.mark.parametrize("path", ["/workflow/not-a-uuid", "/workflow/123/csv", "/v1/workflow/zzzz"])
+async def test_malformed_uuid_in_path_is_422(client: httpx.AsyncClient, path: str) -> None:
+    problem = assert_problem(await client.get(path), 422, "validation-failed")
+    assert problem["errors"] == [
+        {"pointer": "/path/uuid", "message": problem["errors"][0]["message"]}  # type: ignore[index]
+    ]
+
+
+async def test_unknown_uuid_is_404(client: httpx.AsyncClient) -> None:
+    unknown = "0190b6d4-0000-7000-8000-000000000000"
+    assert_problem(await client.get(f"/workflow/{unknown}"), 404, "not-found")
+    assert_problem(await client.get(f"/workflow/{unknown}/csv"), 404, "not-found")
+    response = await client.patch(f"/workflow/{unknown}", json={"status": "consumed"})
+    assert_problem(response, 404, "not-found")
+    await assert_nothing_changed(client)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"status": "done"}',
+        '{"status": null}',
+        '{"status": 1}',
+        "{}",
+        '{"status": "consumed", "data": {}}',
+    ],
+)
+async def test_bad_patch_is_422_and_changes_nothing(client: httpx.AsyncClient, body: str) -> None:
+    created = (await client.post("/workflow", json={"data": {"a": 1}})).json()
+    response = await client.patch(f"/workflow/{created['uuid']}", content=body, headers=JSON)
+    assert_problem(response, 422, "validation-failed")
+    assert (await client.get(f"/workflow/{created['uuid']}")).json() == created
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=1001",
+        "limit=-1",
+        "limit=ten",
+        "limit=99999999999999999999999",
+        "status=done",
+        "after=nope",
+        "sort=desc",
+        "limit=1&limit=2",
+    ],
+)
+async def test_bad_list_query_is_422(client: httpx.AsyncClient, query: str) -> None:
+    assert_problem(await client.get(f"/workflow?{query}"), 422, "validation-failed")
+
+
+async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None:
+    response = await client.delete("/workflow")
+    assert_problem(response, 405, "method-not-allowed")
+    assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
+    put = await client.put("/workflow/0190b6d4-0000-7000-8000-000000000000", json={})
+    assert_problem(put, 405, "method-not-allowed")
+    await assert_nothing_changed(client)
+
+
+async def test_unknown_path_is_a_404_problem(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/nowhere"), 404, "not-found")

@@ -1,0 +1,163 @@
+"""The HTTP API on in-memory adapters: the happy paths of every endpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import pytest
+
+from workflows.entrypoints.container import Container
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+async def post(client: httpx.AsyncClient, body: str, prefix: str = "") -> httpx.Response:
+    return await client.post(f"{prefix}/workflow", content=body, headers=JSON_HEADERS)
+
+
+async def test_post_stores_and_answers_the_workflow(client: httpx.AsyncClient) -> None:
+    response = await post(client, '{"data": {"name": "x", "n": 1}, "steps": ["a", "b"]}')
+    assert response.status_code == 201
+    body = response.json()
+    assert UUID(body["uuid"]).version == 7
+    assert response.headers["location"] == f"/workflow/{body['uuid']}"
+    assert body["status"] == "inserted"
+    assert body["data"] == {"name": "x", "n": 1}
+    assert body["steps"] == ["a", "b"]
+    assert body["created_at"] == body["updated_at"]
+    assert body["created_at"].endswith("Z")
+    fetched = await client.get(f"/workflow/{body['uuid']}")
+    assert fetched.status_code == 200
+    assert fetched.json() == body
+
+
+async def test_post_keeps_key_order_and_exact_numbers(client: httpx.AsyncClient) -> None:
+    data = '{"z": 123456789012345678901234567890, "a": 0.1000000000000000000001, "m": 1E+400}'
+    response = await post(client, '{"data": ' + data + "}")
+    assert response.status_code == 201
+    assert (
+        '"data":{"z":123456789012345678901234567890,"a":0.1000000000000000000001,"m":1E+400}'
+        in (response.text)
+    )
+    assert response.json()["steps"] == []
+
+
+async def test_post_accepts_an_array_of_objects(client: httpx.AsyncClient) -> None:
+    response = await post(client, '{"data": [{"a": 1}, {"b": 2}]}', prefix="/v1")
+    assert response.status_code == 201
+    assert response.headers["location"].startswith("/v1/workflow/")
+    assert response.json()["data"] == [{"a": 1}, {"b": 2}]
+
+
+async def test_list_is_oldest_first_with_limit_link_and_cursor(client: httpx.AsyncClient) -> None:
+    uuids = [(await post(client, f'{{"data": {{"i": {i}}}}}')).json()["uuid"] for i in range(5)]
+    first = await client.get("/workflow", params={"limit": "2"})
+    assert first.status_code == 200
+    assert [w["uuid"] for w in first.json()] == uuids[:2]
+    assert first.headers["link"] == f'</workflow?limit=2&after={uuids[1]}>; rel="next"'
+    second = await client.get(f"/workflow?limit=2&after={uuids[1]}")
+    assert [w["uuid"] for w in second.json()] == uuids[2:4]
+    last = await client.get(f"/workflow?limit=2&after={uuids[3]}")
+    assert [w["uuid"] for w in last.json()] == uuids[4:]
+    assert "link" not in last.headers
+
+
+async def test_list_filters_by_status(client: httpx.AsyncClient) -> None:
+    first = (await post(client, '{"data": {"i": 1}}')).json()["uuid"]
+    second = (await post(client, '{"data": {"i": 2}}')).json()["uuid"]
+    await client.patch(f"/workflow/{first}", json={"status": "consumed"})
+    consumed = await client.get("/workflow?status=consumed")
+    inserted = await client.get("/v1/workflow?status=inserted")
+    assert [w["uuid"] for w in consumed.json()] == [first]
+    assert [w["uuid"] for w in inserted.json()] == [second]
+
+
+async def test_list_of_nothing_is_an_empty_array(client: httpx.AsyncClient) -> None:
+    response = await client.get("/workflow")
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+async def test_consume_returns_204_when_queue_is_empty(client: httpx.AsyncClient) -> None:
+    response = await client.get("/workflow/consume")
+    assert response.status_code == 204
+    assert response.content == b""
+
+
+async def test_consume_answers_csv_writes_file_and_marks_consumed(
+    client: httpx.AsyncClient, container: Container
+) -> None:
+    uuid = (await post(client, '{"data": [{"a": 1, "b": "x,y"}, {"a": 2}]}')).json()["uuid"]
+    response = await client.get("/workflow/consume")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
+    assert response.headers["x-workflow-uuid"] == uuid
+    assert response.headers["content-disposition"] == f'attachment; filename="{uuid}.csv"'
+    assert response.content == b'a,b\r\n1,"x,y"\r\n2,\r\n'
+    export_dir: Path = container.settings().export_dir
+    assert (export_dir / f"{uuid}.csv").read_bytes() == response.content
+    assert (await client.get(f"/workflow/{uuid}")).json()["status"] == "consumed"
+    assert (await client.get("/workflow/consume")).status_code == 204
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_consume_takes_one_workflow_at_a_time_oldest_first(
+    client: httpx.AsyncClient, method: str
+) -> None:
+    uuids = [(await post(client, f'{{"data": {{"i": {i}}}}}')).json()["uuid"] for i in range(3)]
+    taken = [
+        (await client.request(method, "/v1/workflow/consume")).headers["x-workflow-uuid"]
+        for _ in range(3)
+    ]
+    assert taken == uuids
+
+
+async def test_patch_to_consumed_takes_workflow_out_of_play(client: httpx.AsyncClient) -> None:
+    uuid = (await post(client, '{"data": {"a": 1}}')).json()["uuid"]
+    response = await client.patch(f"/workflow/{uuid}", json={"status": "consumed"})
+    assert response.status_code == 200
+    assert response.json()["status"] == "consumed"
+    assert response.json()["updated_at"] >= response.json()["created_at"]
+    assert (await client.get("/workflow/consume")).status_code == 204
+
+
+async def test_patch_to_inserted_requeues_a_consumed_workflow(client: httpx.AsyncClient) -> None:
+    uuid = (await post(client, '{"data": {"a": 1}}')).json()["uuid"]
+    assert (await client.get("/workflow/consume")).status_code == 200
+    response = await client.patch(f"/v1/workflow/{uuid}", json={"status": "inserted"})
+    assert response.json()["status"] == "inserted"
+    replay = await client.get("/workflow/consume")
+    assert replay.headers["x-workflow-uuid"] == uuid
+    assert (await client.get("/workflow/consume")).status_code == 204
+
+
+async def test_patch_to_the_same_status_is_a_no_op_without_duplicate_enqueue(
+    client: httpx.AsyncClient,
+) -> None:
+    created = (await post(client, '{"data": {"a": 1}}')).json()
+    again = await client.patch(f"/workflow/{created['uuid']}", json={"status": "inserted"})
+    assert again.status_code == 200
+    assert again.json() == created
+    assert (await client.get("/workflow/consume")).status_code == 200
+    assert (await client.get("/workflow/consume")).status_code == 204
+
+
+async def test_csv_of_any_workflow_changes_nothing(client: httpx.AsyncClient) -> None:
+    uuid = (await post(client, '{"data": {"address": {"city": "Oslo"}}}')).json()["uuid"]
+    response = await client.get(f"/workflow/{uuid}/csv")
+    assert response.status_code == 200
+    assert response.content == b"address.city\r\nOslo\r\n"
+    assert response.headers["content-disposition"] == f'attachment; filename="{uuid}.csv"'
+    assert (await client.get(f"/workflow/{uuid}")).json()["status"] == "inserted"
+
+
+async def test_health_readiness_and_version(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "queue": "ok"}
+    version = (await client.get("/v1/version")).json()
+    assert set(version) == {"version", "commit"}
+    assert version["version"]

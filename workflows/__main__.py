@@ -1,0 +1,5 @@
+import sys
+
+from workflows.entrypoints.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""Settings from the environment (and `.env`), validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+
+BACKENDS = ("rabbitmq", "postgres", "memory")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+@attrs.frozen
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    database_url: str | None = None
+    queue_backend: str = "postgres"
+    rabbitmq_url: str | None = None
+    rabbitmq_queue: str = "workflows"
+    export_dir: Path = Path("var/exports")
+    embedded_data_dir: Path = Path("var/postgres")
+    max_body_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+    confirm_timeout: float = 2.0
+    pool_size: int = 10
+    commit: str = "unknown"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        d = DEFAULTS
+        rabbitmq_url = env.get("RABBITMQ_URL") or None
+        backend = env.get("QUEUE_BACKEND") or ("rabbitmq" if rabbitmq_url else "postgres")
+        if backend not in BACKENDS:
+            raise ConfigError(
+                f"QUEUE_BACKEND must be one of {', '.join(BACKENDS)}, not {backend!r}"
+            )
+        if backend == "rabbitmq" and not rabbitmq_url:
+            raise ConfigError("QUEUE_BACKEND=rabbitmq needs RABBITMQ_URL")
+        return cls(
+            host=env.get("HOST", d.host),
+            port=_int(env, "PORT", d.port, low=0, high=65535),
+            database_url=env.get("DATABASE_URL") or None,
+            queue_backend=backend,
+            rabbitmq_url=rabbitmq_url,
+            rabbitmq_queue=env.get("RABBITMQ_QUEUE", d.rabbitmq_queue),
+            export_dir=Path(env.get("EXPORT_DIR", str(d.export_dir))),
+            embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, low=1),
+            log_level=env.get("LOG_LEVEL", d.log_level).upper(),
+            confirm_timeout=_float(env, "CONFIRM_TIMEOUT", d.confirm_timeout),
+            pool_size=_int(env, "DB_POOL_SIZE", d.pool_size, low=1),
+            commit=env.get("WORKFLOWS_COMMIT", d.commit),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"{name}={value} is out of range")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if not value >= 0:
+        raise ConfigError(f"{name} must not be negative")
+    return value
+
+
+DEFAULTS = Settings()

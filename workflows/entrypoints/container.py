@@ -1,0 +1,119 @@
+"""The composition root: which adapter implements each port, chosen by configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+
+from dependency_injector import containers, providers
+
+from workflows.adapters.csv_export import CsvExporter
+from workflows.adapters.memory import InMemoryQueue, InMemoryWorkflowRepository
+from workflows.adapters.postgres import (
+    PostgresDatabase,
+    PostgresOutbox,
+    PostgresQueue,
+    PostgresWorkflowRepository,
+)
+from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
+from workflows.application.relay import OutboxRelay
+from workflows.application.use_cases import (
+    ConsumeWorkflow,
+    CreateWorkflow,
+    ExportWorkflow,
+    GetWorkflow,
+    ListWorkflows,
+    UpdateStatus,
+)
+from workflows.domain.errors import DependencyUnavailable
+from workflows.domain.ids import uuid7
+from workflows.entrypoints.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Container(containers.DeclarativeContainer):
+    settings = providers.Dependency(instance_of=Settings)
+    backend = providers.Callable(lambda s: s.queue_backend, settings)
+    clock = providers.Object(utc_now)
+    new_id = providers.Object(uuid7)
+
+    database = providers.Singleton(
+        lambda s: PostgresDatabase(s.database_url, min_size=1, max_size=s.pool_size), settings
+    )
+    pool = database.provided.pool
+    outbox = providers.Singleton(PostgresOutbox, pool)
+    broker = providers.Singleton(
+        lambda s: RabbitMqBroker(s.rabbitmq_url, queue=s.rabbitmq_queue), settings
+    )
+    relay = providers.Singleton(
+        lambda outbox, broker, s: OutboxRelay(outbox, broker, confirm_timeout=s.confirm_timeout),
+        outbox,
+        broker,
+        settings,
+    )
+
+    repository = providers.Selector(
+        backend,
+        memory=providers.Singleton(InMemoryWorkflowRepository),
+        postgres=providers.Singleton(PostgresWorkflowRepository, pool, outbox=False),
+        rabbitmq=providers.Singleton(PostgresWorkflowRepository, pool, outbox=True),
+    )
+    queue = providers.Selector(
+        backend,
+        memory=providers.Singleton(InMemoryQueue, repository),
+        postgres=providers.Singleton(PostgresQueue, pool),
+        rabbitmq=providers.Singleton(RabbitMqQueue, repository, broker, relay),
+    )
+    exporter = providers.Singleton(lambda s: CsvExporter(s.export_dir), settings)
+
+    create_workflow = providers.Singleton(CreateWorkflow, repository, queue, clock, new_id)
+    get_workflow = providers.Singleton(GetWorkflow, repository)
+    list_workflows = providers.Singleton(ListWorkflows, repository)
+    update_status = providers.Singleton(UpdateStatus, repository, queue, clock)
+    consume_workflow = providers.Singleton(ConsumeWorkflow, queue, exporter, clock)
+    export_workflow = providers.Singleton(ExportWorkflow, repository, exporter)
+
+
+@asynccontextmanager
+async def running(container: Container) -> AsyncIterator[None]:
+    """Start the adapters the configuration chose (and only those), stop them after.
+
+    A dependency that is down at start-up does not stop the service: it answers 503 for
+    what needs it (and /readyz says not ready) until the dependency is back.
+    """
+    settings: Settings = container.settings()
+    backend = settings.queue_backend
+    async with AsyncExitStack() as stack:
+        if backend == "memory":
+            log.warning("QUEUE_BACKEND=memory: every workflow is lost when this process exits")
+        else:
+            database = container.database()
+            stack.push_async_callback(database.stop)
+            await _start_tolerantly("database", database.start)
+        if backend == "rabbitmq":
+            broker = container.broker()
+            stack.push_async_callback(broker.stop)
+            await _start_tolerantly("rabbitmq", broker.start)
+            relay_task = asyncio.create_task(container.relay().run(), name="outbox-relay")
+            stack.push_async_callback(_cancel, relay_task)
+        yield
+
+
+async def _start_tolerantly(name: str, start: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await start()
+    except DependencyUnavailable as exc:
+        log.warning("%s is unavailable at start-up (%s); retrying on demand", name, exc.detail)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

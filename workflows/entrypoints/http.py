@@ -1,0 +1,259 @@
+"""The HTTP entrypoint: thin Starlette handlers that parse, call one use case, render."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from workflows import __version__
+from workflows.domain.errors import DependencyUnavailable, WorkflowNotFound
+from workflows.domain.model import WorkflowStatus
+from workflows.entrypoints import schemas
+from workflows.entrypoints.container import Container
+from workflows.entrypoints.problems import Problem, invalid
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+CSV = "text/csv; charset=utf-8"
+RETRY_AFTER_SECONDS = "2"
+LIST_PARAMETERS = frozenset({"status", "limit", "after"})
+
+
+def container_of(request: Request) -> Container:
+    container: Container = request.app.state.container
+    return container
+
+
+def json_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(body, status_code=status, headers=headers, media_type=JSON)
+
+
+async def read_json_body(request: Request) -> bytes:
+    """The body, refused before it is read when it is not JSON or too large."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != JSON and not media.endswith("+json"):
+            raise Problem(
+                415,
+                f"the body must be JSON, sent with 'Content-Type: application/json' "
+                f"(got {media or 'an empty type'!r}); with curl, add "
+                f"-H 'Content-Type: application/json'",
+                headers={"Accept-Patch": JSON} if request.method == "PATCH" else {},
+            )
+    limit: int = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> Problem:
+    return Problem(413, f"the body is larger than the limit of {limit} bytes (MAX_BODY_BYTES)")
+
+
+class WorkflowCollection(HTTPEndpoint):
+    async def post(self, request: Request) -> Response:
+        data, steps = schemas.parse_new_workflow(await read_json_body(request))
+        workflow = await container_of(request).create_workflow()(data, steps)
+        location = f"{request.url.path.rstrip('/')}/{workflow.uuid}"
+        return json_response(schemas.render_workflow(workflow), 201, {"Location": location})
+
+    async def get(self, request: Request) -> Response:
+        status, after, limit = list_query(request)
+        found = await container_of(request).list_workflows()(
+            status=status, after=after, limit=limit + 1
+        )
+        headers = {}
+        if len(found) > limit:
+            found = found[:limit]
+            query = {"limit": str(limit), "after": str(found[-1].uuid)}
+            if status is not None:
+                query["status"] = status.value
+            headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+        return json_response(schemas.render_workflows(found), headers=headers)
+
+
+def list_query(request: Request) -> tuple[WorkflowStatus | None, Any, int]:
+    params = request.query_params
+    for name in params:
+        if name not in LIST_PARAMETERS:
+            raise invalid(f"/query/{name}", "is not a known parameter (status, limit, after)")
+        if len(params.getlist(name)) > 1:
+            raise invalid(f"/query/{name}", "is given more than once")
+    status = None
+    if "status" in params:
+        try:
+            status = WorkflowStatus(params["status"])
+        except ValueError:
+            raise invalid("/query/status", f"must be one of {schemas.STATUSES}") from None
+    limit = 100
+    if "limit" in params:
+        raw = params["limit"]
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
+            raise invalid("/query/limit", "must be an integer from 1 to 1000")
+        limit = int(raw)
+    after = schemas.parse_uuid(params["after"], "/query/after") if "after" in params else None
+    return status, after, limit
+
+
+class WorkflowItem(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
+        workflow = await container_of(request).get_workflow()(uuid)
+        return json_response(schemas.render_workflow(workflow))
+
+    async def patch(self, request: Request) -> Response:
+        uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
+        status = schemas.parse_status_patch(await read_json_body(request))
+        workflow = await container_of(request).update_status()(uuid, status)
+        return json_response(schemas.render_workflow(workflow))
+
+
+class WorkflowCsv(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
+        content = await container_of(request).export_workflow()(uuid)
+        return Response(content, media_type=CSV, headers=attachment(str(uuid)))
+
+
+class Consume(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        if request.query_params:
+            name = next(iter(request.query_params))
+            raise invalid(f"/query/{name}", "is not a known parameter")
+        consumed = await container_of(request).consume_workflow()()
+        if consumed is None:
+            return Response(status_code=204)
+        uuid = str(consumed.workflow.uuid)
+        headers = attachment(uuid) | {"X-Workflow-UUID": uuid}
+        return Response(consumed.content, media_type=CSV, headers=headers)
+
+    post = get
+
+
+def attachment(uuid: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{uuid}.csv"'}
+
+
+async def healthz(request: Request) -> Response:
+    return json_response(b'{"status":"ok"}')
+
+
+async def readyz(request: Request) -> Response:
+    container = container_of(request)
+    checks: dict[str, str] = {}
+    for name, ping in (
+        ("database", container.repository().ping),
+        ("queue", container.queue().ping),
+    ):
+        try:
+            await ping()
+            checks[name] = "ok"
+        except DependencyUnavailable as exc:
+            checks[name] = exc.detail
+    ready = all(value == "ok" for value in checks.values())
+    body = orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks})
+    if ready:
+        return json_response(body)
+    return json_response(body, 503, {"Retry-After": RETRY_AFTER_SECONDS})
+
+
+async def version(request: Request) -> Response:
+    commit = request.app.state.settings.commit
+    return json_response(orjson.dumps({"version": __version__, "commit": commit}))
+
+
+def workflow_routes(prefix: str) -> list[BaseRoute]:
+    return [
+        Route(f"{prefix}/workflow", WorkflowCollection),
+        Route(f"{prefix}/workflow/consume", Consume),
+        Route(f"{prefix}/workflow/{{uuid}}", WorkflowItem),
+        Route(f"{prefix}/workflow/{{uuid}}/csv", WorkflowCsv),
+        Route(f"{prefix}/version", version, methods=["GET"]),
+    ]
+
+
+async def problem_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return exc.response()
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    detail = {
+        404: f"no resource at {request.url.path}",
+        405: f"{request.method} is not allowed here",
+    }
+    problem = Problem(
+        exc.status_code,
+        detail.get(exc.status_code, str(exc.detail)),
+        headers=dict(exc.headers or {}),
+    )
+    return problem.response()
+
+
+async def not_found_handler(request: Request, exc: Exception) -> Response:
+    return Problem(404, str(exc)).response()
+
+
+async def unavailable_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DependencyUnavailable)
+    log.warning("answering 503: %s", exc)
+    detail = f"the {exc.dependency} is unavailable; nothing was changed, retry later"
+    return Problem(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS}).response()
+
+
+async def error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Problem(500, "an unexpected error occurred; it has been logged").response()
+
+
+def create_app(
+    container: Container,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            *workflow_routes(""),
+            *workflow_routes("/v1"),
+        ],
+        exception_handlers={
+            Problem: problem_handler,
+            HTTPException: http_exception_handler,
+            WorkflowNotFound: not_found_handler,
+            DependencyUnavailable: unavailable_handler,
+            Exception: error_handler,
+        },
+        lifespan=lifespan or _no_lifespan,
+    )
+    app.state.container = container
+    app.state.settings = container.settings()
+    return app
+
+
+@asynccontextmanager
+async def _no_lifespan(app: Starlette) -> AsyncIterator[None]:
+    yield

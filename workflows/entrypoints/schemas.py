@@ -1,0 +1,292 @@
+"""The edge: parse and validate request bodies and queries, render workflows as JSON.
+
+Validation happens here and only here (cattrs, one converter built once); the domain
+receives values that are already known to be good.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import attrs
+import cattrs
+import orjson
+import simplejson
+from simplejson import RawJSON
+
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+from workflows.entrypoints.problems import Problem, error, invalid
+
+MAX_DEPTH = 64
+# PostgreSQL's numeric (which JSONB numbers are) holds these many digits at most.
+MAX_INTEGER_DIGITS = 131072
+MAX_FRACTION_DIGITS = 16383
+STATUSES = ", ".join(s.value for s in WorkflowStatus)
+
+
+@attrs.frozen
+class NewWorkflow:
+    data: Any
+    steps: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class StatusPatch:
+    status: WorkflowStatus
+
+
+def _strict_str(value: Any, _: type) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_json_type(value)}")
+    return value
+
+
+def _status(value: Any, _: type) -> WorkflowStatus:
+    try:
+        return WorkflowStatus(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"must be one of {STATUSES}") from None
+
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+converter.register_structure_hook(str, _strict_str)
+converter.register_structure_hook(WorkflowStatus, _status)
+converter.register_structure_hook(Any, lambda value, _: value)
+_structure_steps = converter.get_structure_hook(list[str])
+
+
+def _strict_list(value: Any, type_: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be an array of strings, not {_json_type(value)}")
+    steps: list[str] = _structure_steps(value, type_)
+    return steps
+
+
+converter.register_structure_hook_func(lambda t: t == list[str], _strict_list)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON values, numbers kept as the text the client sent; 400 when it is
+    not JSON."""
+    if not body.strip():
+        raise Problem(400, "the request body is empty; send a JSON object", slug="empty-body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Problem(400, f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(
+            text,
+            parse_float=RawJSON,
+            parse_int=RawJSON,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_keys,
+        )
+    except json.JSONDecodeError as exc:
+        raise Problem(
+            400, f"the body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise invalid("", f"JSON is nested too deeply (at most {MAX_DEPTH} levels)") from None
+
+
+def parse_new_workflow(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]:
+    value = _structure(parse_json(body), NewWorkflow)
+    problems: list[dict[str, str]] = []
+    _check_data(value.data, problems)
+    for index, step in enumerate(value.steps):
+        pointer = f"/steps/{index}"
+        if not step.strip():
+            problems.append(error(pointer, "must not be empty or blank"))
+        else:
+            _check_string(step, pointer, problems)
+    if problems:
+        raise Problem(422, _summary(problems), errors=problems)
+    text = simplejson.dumps(value.data, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
+    return JsonDocument(text), tuple(value.steps)
+
+
+def parse_status_patch(body: bytes) -> WorkflowStatus:
+    patch: StatusPatch = _structure(parse_json(body), StatusPatch)
+    return patch.status
+
+
+def parse_uuid(raw: str, pointer: str) -> UUID:
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise invalid(pointer, f"{raw[:64]!r} is not a UUID") from None
+
+
+def render_workflow(workflow: Workflow) -> bytes:
+    return b"".join(_workflow_parts(workflow))
+
+
+def render_workflows(workflows: list[Workflow]) -> bytes:
+    parts: list[bytes] = [b"["]
+    for index, workflow in enumerate(workflows):
+        if index:
+            parts.append(b",")
+        parts.extend(_workflow_parts(workflow))
+    parts.append(b"]")
+    return b"".join(parts)
+
+
+def _workflow_parts(w: Workflow) -> tuple[bytes, ...]:
+    return (
+        b'{"uuid":"',
+        str(w.uuid).encode(),
+        b'","status":"',
+        w.status.value.encode(),
+        b'","data":',
+        w.data.text.encode(),
+        b',"steps":',
+        orjson.dumps(w.steps),
+        b',"created_at":',
+        orjson.dumps(w.created_at, option=orjson.OPT_UTC_Z),
+        b',"updated_at":',
+        orjson.dumps(w.updated_at, option=orjson.OPT_UTC_Z),
+        b"}",
+    )
+
+
+def _structure(value: Any, cls: type[Any]) -> Any:
+    if not isinstance(value, dict):
+        raise invalid("", f"the body must be a JSON object, not {_json_type(value)}")
+    server_fields = sorted({"uuid", "status", "created_at", "updated_at"} & value.keys())
+    if cls is NewWorkflow and server_fields:
+        problems = [error(f"/{name}", "is assigned by the server") for name in server_fields]
+        raise Problem(422, _summary(problems), errors=problems)
+    try:
+        return converter.structure(value, cls)
+    except Exception as exc:
+        problems = _cattrs_problems(exc, value)
+        raise Problem(422, _summary(problems), errors=problems) from None
+
+
+def _cattrs_problems(exc: Exception, body: dict[str, Any]) -> list[dict[str, str]]:
+    problems: list[dict[str, str]] = []
+    for message in cattrs.transform_error(exc, path="$", format_exception=_describe):
+        text, _, path = message.rpartition(" @ ")
+        if text.startswith("extra fields found"):
+            allowed = {field.name for field in attrs.fields(_target_of(exc))}
+            for key in sorted(set(body) - allowed):
+                problems.append(error(_pointer(f"$.{key}"), "is not a known field"))
+        else:
+            problems.append(error(_pointer(path), text))
+    return problems
+
+
+def _target_of(exc: Exception) -> Any:
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return exc.cl
+    if isinstance(exc, cattrs.BaseValidationError):
+        for inner in exc.exceptions:
+            if isinstance(inner, Exception):
+                return _target_of(inner)
+    return NewWorkflow
+
+
+def _describe(exc: BaseException, _type: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "is required"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return "extra fields found"
+    if isinstance(exc, ValueError | TypeError) and str(exc).startswith("must"):
+        return str(exc)
+    if isinstance(exc, TypeError | ValueError):
+        return "must be an array of strings" if "list" in str(_type) else "has the wrong type"
+    return str(exc)
+
+
+def _pointer(path: str) -> str:
+    """`$.steps[0]` → `/steps/0` (RFC 6901)."""
+    out = path.removeprefix("$").replace("[", ".").replace("]", "")
+    parts = [p.replace("~", "~0").replace("/", "~1") for p in out.split(".") if p]
+    return "".join(f"/{p}" for p in parts)
+
+
+def _check_data(data: Any, problems: list[dict[str, str]]) -> None:
+    rows = [data] if isinstance(data, dict) else data if isinstance(data, list) else []
+    if not rows:
+        problems.append(
+            error("/data", "must be a JSON object or a non-empty array of JSON objects")
+        )
+    elif bad := [i for i, row in enumerate(rows) if not isinstance(row, dict)]:
+        problems.append(error(f"/data/{bad[0]}", "must be a JSON object"))
+    else:
+        _check_value(data, "/data", 1, problems)
+
+
+def _check_value(value: Any, pointer: str, depth: int, problems: list[dict[str, str]]) -> None:
+    if len(problems) >= 20:
+        return
+    if depth > MAX_DEPTH:
+        problems.append(error(pointer, f"nests deeper than {MAX_DEPTH} levels"))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{pointer}/{key.replace('~', '~0').replace('/', '~1')}"
+            _check_string(key, child, problems, what="key")
+            _check_value(item, child, depth + 1, problems)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_value(item, f"{pointer}/{index}", depth + 1, problems)
+    elif isinstance(value, str):
+        _check_string(value, pointer, problems)
+    elif isinstance(value, RawJSON):
+        number = Decimal(value.encoded_json)
+        integer_digits = number.adjusted() + 1
+        exponent = number.as_tuple().exponent
+        fraction_digits = -exponent if isinstance(exponent, int) and exponent < 0 else 0
+        if integer_digits > MAX_INTEGER_DIGITS or fraction_digits > MAX_FRACTION_DIGITS:
+            problems.append(error(pointer, "number is too large or too precise to store"))
+
+
+def _check_string(
+    value: str, pointer: str, problems: list[dict[str, str]], what: str = "string"
+) -> None:
+    if "\x00" in value:
+        problems.append(error(pointer, f"{what} contains a NUL character (\\u0000)"))
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        problems.append(error(pointer, f"{what} contains an unpaired UTF-16 surrogate"))
+
+
+def _summary(problems: list[dict[str, str]]) -> str:
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first['pointer'] or 'the body'} {first['message']}{more}"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise Problem(
+            422, f"duplicate key {duplicate!r} in a JSON object", slug="validation-failed"
+        )
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise Problem(400, f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, RawJSON):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
