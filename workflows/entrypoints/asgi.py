@@ -18,6 +18,9 @@ def create(settings: Settings | None = None) -> Starlette:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("pika").setLevel(
+        max(logging.WARNING, logging.getLevelName(settings.log_level))
+    )
     container = Container(settings=settings)
 
     @asynccontextmanager

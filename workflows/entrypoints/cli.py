@@ -21,6 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default: HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: PORT or 5000)")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (off: it costs throughput)"
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGTERM (default 10)",
+    )
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     args = parser.parse_args(argv)
 
@@ -54,6 +63,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=args.port or settings.port,
         workers=args.workers,
         log_level=settings.log_level.lower(),
+        loop="uvloop",
+        http="httptools",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=args.graceful_timeout,
     )
     return 0
 
