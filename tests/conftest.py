@@ -66,7 +66,7 @@ async def pg(database_url: str) -> AsyncIterator[PostgresDatabase]:
     database = PostgresDatabase(database_url, min_size=1, max_size=12)
     await database.start()
     async with database.pool.connection() as conn:
-        await conn.execute("TRUNCATE workflows, outbox")
+        await conn.execute("TRUNCATE workflows, outbox, idempotency_keys")
     yield database
     await database.stop()
 

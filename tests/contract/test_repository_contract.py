@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from workflows.application.ports import WorkflowRepository
+from workflows.domain.errors import IdempotencyKeyReused
 from workflows.domain.ids import uuid7
-from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -147,3 +148,57 @@ async def test_concurrent_claims_of_one_workflow_succeed_exactly_once(
 
 async def test_ping_succeeds_when_store_is_up(repository: WorkflowRepository) -> None:
     await repository.ping()
+
+
+def keyed(key: str, workflow: Workflow, ttl: timedelta = timedelta(hours=1)) -> IdempotencyKey:
+    fingerprint = IdempotencyKey.fingerprint_of(workflow.data, workflow.steps)
+    return IdempotencyKey(key, fingerprint, workflow.created_at + ttl)
+
+
+async def test_same_idempotency_key_and_request_returns_the_first_workflow(
+    repository: WorkflowRepository,
+) -> None:
+    first, second = make('{"a":1}'), make('{"a":1}')
+    assert await repository.add(first, keyed("k-1", first)) == first
+    assert await repository.add(second, keyed("k-1", second)) == first
+    assert await repository.get(second.uuid) is None
+    assert [w.uuid for w in await repository.list(status=None, after=None, limit=10)] == [
+        first.uuid
+    ]
+
+
+async def test_same_idempotency_key_with_another_request_is_refused(
+    repository: WorkflowRepository,
+) -> None:
+    first, other = make('{"a":1}'), make('{"a":2}')
+    await repository.add(first, keyed("k-2", first))
+    with pytest.raises(IdempotencyKeyReused):
+        await repository.add(other, keyed("k-2", other))
+    assert await repository.get(other.uuid) is None
+
+
+async def test_expired_idempotency_key_names_a_new_request(repository: WorkflowRepository) -> None:
+    first = make('{"a":1}')
+    await repository.add(first, keyed("k-3", first, ttl=timedelta(seconds=1)))
+    later = Workflow.new(uuid7(), JsonDocument('{"a":2}'), (), T0 + timedelta(seconds=2))
+    assert await repository.add(later, keyed("k-3", later)) == later
+    assert await repository.get(first.uuid) == first
+
+
+async def test_concurrent_adds_with_one_key_store_one_workflow(
+    repository: WorkflowRepository,
+) -> None:
+    candidates = [make('{"a":1}') for _ in range(6)]
+    stored = await asyncio.gather(*(repository.add(w, keyed("k-4", w)) for w in candidates))
+    assert len({w.uuid for w in stored}) == 1
+    assert len(await repository.list(status=None, after=None, limit=10)) == 1
+
+
+async def test_purge_forgets_only_expired_keys(repository: WorkflowRepository) -> None:
+    short, long = make('{"a":1}'), make('{"a":2}')
+    await repository.add(short, keyed("short", short, ttl=timedelta(seconds=1)))
+    await repository.add(long, keyed("long", long, ttl=timedelta(hours=1)))
+    assert await repository.purge_expired_keys(T0 + timedelta(seconds=5)) == 1
+    other = make('{"a":3}')
+    with pytest.raises(IdempotencyKeyReused):
+        await repository.add(other, keyed("long", other))

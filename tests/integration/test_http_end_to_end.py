@@ -80,3 +80,19 @@ async def test_readiness_reports_both_dependencies(live: Live) -> None:
     ready = await client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"database": "ok", "queue": "ok"}
+
+
+async def test_concurrent_duplicates_with_one_idempotency_key_create_one_workflow(
+    live: Live,
+) -> None:
+    client, _ = live
+    headers = {"Idempotency-Key": "burst-1"}
+    responses = await asyncio.gather(
+        *(client.post("/workflow", json={"data": {"x": 1}}, headers=headers) for _ in range(10))
+    )
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["uuid"] for r in responses}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 9
+    assert len((await client.get("/workflow")).json()) == 1
+    assert (await client.get("/workflow/consume")).status_code == 200
+    assert (await client.get("/workflow/consume")).status_code == 204

@@ -14,7 +14,8 @@ from workflows.application.ports import (
     WorkflowQueue,
     WorkflowRepository,
 )
-from workflows.domain.model import Workflow, WorkflowStatus
+from workflows.domain.errors import IdempotencyKeyReused
+from workflows.domain.model import IdempotencyKey, Workflow, WorkflowStatus
 
 
 class InMemoryWorkflowRepository(WorkflowRepository):
@@ -22,12 +23,29 @@ class InMemoryWorkflowRepository(WorkflowRepository):
         self._rows: dict[UUID, Workflow] = {}
         self._order: list[UUID] = []
         self._locks: dict[UUID, asyncio.Lock] = {}
+        self._keys: dict[str, IdempotencyKey] = {}
+        self._key_owner: dict[str, UUID] = {}
 
-    async def add(self, workflow: Workflow) -> None:
+    async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
         if workflow.uuid in self._rows:
             raise ValueError(f"duplicate uuid {workflow.uuid}")
+        if idempotency is not None:
+            held = self._keys.get(idempotency.key)
+            if held is not None and held.expires_at > workflow.created_at:
+                if held.fingerprint != idempotency.fingerprint:
+                    raise IdempotencyKeyReused(idempotency.key)
+                return self._rows[self._key_owner[idempotency.key]]
+            self._keys[idempotency.key] = idempotency
+            self._key_owner[idempotency.key] = workflow.uuid
         self._rows[workflow.uuid] = workflow
         bisect.insort(self._order, workflow.uuid)
+        return workflow
+
+    async def purge_expired_keys(self, now: datetime) -> int:
+        expired = [key for key, held in self._keys.items() if held.expires_at <= now]
+        for key in expired:
+            del self._keys[key], self._key_owner[key]
+        return len(expired)
 
     async def get(self, uuid: UUID) -> Workflow | None:
         return self._rows.get(uuid)

@@ -10,7 +10,7 @@ from uuid import UUID
 
 import attrs
 
-from workflows.domain.model import Workflow, WorkflowStatus
+from workflows.domain.model import IdempotencyKey, Workflow, WorkflowStatus
 
 Clock = Callable[[], datetime]
 IdFactory = Callable[[], UUID]
@@ -27,8 +27,16 @@ class WorkflowRepository(abc.ABC):
     """Stores workflows durably. Each method is atomic: it does all it says or nothing."""
 
     @abc.abstractmethod
-    async def add(self, workflow: Workflow) -> None:
-        """Store a new workflow (and its outbox entry, when this repository feeds one)."""
+    async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
+        """Store a new workflow (and its outbox entry, when this repository feeds one) and
+        return it. With an idempotency key that is already held and not expired, store
+        nothing and return the workflow the key names instead, or raise
+        IdempotencyKeyReused when the fingerprints differ. Concurrent adds with one key
+        store one workflow."""
+
+    @abc.abstractmethod
+    async def purge_expired_keys(self, now: datetime) -> int:
+        """Forget idempotency keys that expired before `now`; how many were forgotten."""
 
     @abc.abstractmethod
     async def get(self, uuid: UUID) -> Workflow | None: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from uuid import UUID
 
 import attrs
@@ -14,7 +15,14 @@ from workflows.application.ports import (
     WorkflowRepository,
 )
 from workflows.domain.errors import WorkflowNotFound
-from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
+
+
+@attrs.frozen
+class Created:
+    workflow: Workflow
+    replayed: bool
+    """True when an idempotency key named an earlier request: nothing new was stored."""
 
 
 @attrs.define
@@ -23,12 +31,22 @@ class CreateWorkflow:
     queue: WorkflowQueue
     clock: Clock
     new_id: IdFactory
+    idempotency_ttl: timedelta = timedelta(hours=24)
 
-    async def __call__(self, data: JsonDocument, steps: tuple[str, ...]) -> Workflow:
-        workflow = Workflow.new(self.new_id(), data, steps, self.clock())
-        await self.repository.add(workflow)
+    async def __call__(
+        self, data: JsonDocument, steps: tuple[str, ...], idempotency_key: str | None = None
+    ) -> Created:
+        now = self.clock()
+        workflow = Workflow.new(self.new_id(), data, steps, now)
+        idempotency = None
+        if idempotency_key is not None:
+            fingerprint = IdempotencyKey.fingerprint_of(data, steps)
+            idempotency = IdempotencyKey(idempotency_key, fingerprint, now + self.idempotency_ttl)
+        stored = await self.repository.add(workflow, idempotency)
+        if stored.uuid != workflow.uuid:
+            return Created(stored, replayed=True)
         await self.queue.enqueued(workflow)
-        return workflow
+        return Created(workflow, replayed=False)
 
 
 @attrs.define

@@ -22,3 +22,14 @@ class DependencyUnavailable(WorkflowError):
         super().__init__(f"{dependency} is unavailable: {detail}")
         self.dependency = dependency
         self.detail = detail
+
+
+class IdempotencyKeyReused(WorkflowError):
+    """An idempotency key came back with a different request than the one it first named."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the Idempotency-Key {key!r} was already used for a different request; "
+            "use a new key for a new request"
+        )
+        self.key = key

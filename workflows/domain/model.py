@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 from datetime import datetime
 from decimal import Decimal
@@ -51,3 +52,20 @@ class Workflow:
 
     def with_status(self, status: WorkflowStatus, now: datetime) -> Workflow:
         return attrs.evolve(self, status=status, updated_at=now)
+
+
+@attrs.frozen
+class IdempotencyKey:
+    """A client's promise that requests with this key are one and the same request.
+
+    `fingerprint` identifies the request's content; `expires_at` is when the key may be
+    used for a different request."""
+
+    key: str
+    fingerprint: str
+    expires_at: datetime
+
+    @staticmethod
+    def fingerprint_of(data: JsonDocument, steps: tuple[str, ...]) -> str:
+        content = json.dumps([data.text, list(steps)], ensure_ascii=False)
+        return hashlib.sha256(content.encode()).hexdigest()

@@ -29,6 +29,7 @@ class Settings:
     log_level: str = "INFO"
     confirm_timeout: float = 2.0
     pool_size: int = 10
+    idempotency_ttl: float = 24 * 3600.0
     commit: str = "unknown"
 
     @classmethod
@@ -56,6 +57,7 @@ class Settings:
             log_level=env.get("LOG_LEVEL", d.log_level).upper(),
             confirm_timeout=_float(env, "CONFIRM_TIMEOUT", d.confirm_timeout),
             pool_size=_int(env, "DB_POOL_SIZE", d.pool_size, low=1),
+            idempotency_ttl=_float(env, "IDEMPOTENCY_TTL", d.idempotency_ttl),
             commit=env.get("WORKFLOWS_COMMIT", d.commit),
         )
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from dependency_injector import containers, providers
 
@@ -74,7 +74,16 @@ class Container(containers.DeclarativeContainer):
     )
     exporter = providers.Singleton(lambda s: CsvExporter(s.export_dir), settings)
 
-    create_workflow = providers.Singleton(CreateWorkflow, repository, queue, clock, new_id)
+    create_workflow = providers.Singleton(
+        lambda repository, queue, clock, new_id, s: CreateWorkflow(
+            repository, queue, clock, new_id, timedelta(seconds=s.idempotency_ttl)
+        ),
+        repository,
+        queue,
+        clock,
+        new_id,
+        settings,
+    )
     get_workflow = providers.Singleton(GetWorkflow, repository)
     list_workflows = providers.Singleton(ListWorkflows, repository)
     update_status = providers.Singleton(UpdateStatus, repository, queue, clock)
@@ -104,7 +113,21 @@ async def running(container: Container) -> AsyncIterator[None]:
             await _start_tolerantly("rabbitmq", broker.start)
             relay_task = asyncio.create_task(container.relay().run(), name="outbox-relay")
             stack.push_async_callback(_cancel, relay_task)
+        housekeeping = asyncio.create_task(_housekeeping(container), name="housekeeping")
+        stack.push_async_callback(_cancel, housekeeping)
         yield
+
+
+async def _housekeeping(container: Container, interval: float = 600.0) -> None:
+    """Forget expired idempotency keys, every `interval` seconds."""
+    while True:
+        try:
+            purged = await container.repository().purge_expired_keys(utc_now())
+            if purged:
+                log.info("forgot %d expired idempotency keys", purged)
+        except DependencyUnavailable as exc:
+            log.warning("housekeeping skipped: %s", exc)
+        await asyncio.sleep(interval)
 
 
 async def _start_tolerantly(name: str, start: Callable[[], Awaitable[None]]) -> None:

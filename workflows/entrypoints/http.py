@@ -17,7 +17,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from workflows import __version__
-from workflows.domain.errors import DependencyUnavailable, WorkflowNotFound
+from workflows.domain.errors import (
+    DependencyUnavailable,
+    IdempotencyKeyReused,
+    WorkflowNotFound,
+)
 from workflows.domain.model import WorkflowStatus
 from workflows.entrypoints import schemas
 from workflows.entrypoints.container import Container
@@ -74,10 +78,14 @@ def too_large(limit: int) -> Problem:
 
 class WorkflowCollection(HTTPEndpoint):
     async def post(self, request: Request) -> Response:
+        key = schemas.parse_idempotency_key(request.headers.get("idempotency-key"))
         data, steps = schemas.parse_new_workflow(await read_json_body(request))
-        workflow = await container_of(request).create_workflow()(data, steps)
-        location = f"{request.url.path.rstrip('/')}/{workflow.uuid}"
-        return json_response(schemas.render_workflow(workflow), 201, {"Location": location})
+        created = await container_of(request).create_workflow()(data, steps, key)
+        workflow = created.workflow
+        headers = {"Location": f"{request.url.path.rstrip('/')}/{workflow.uuid}"}
+        if created.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return json_response(schemas.render_workflow(workflow), 201, headers)
 
     async def get(self, request: Request) -> Response:
         status, after, limit = list_query(request)
@@ -217,6 +225,11 @@ async def not_found_handler(request: Request, exc: Exception) -> Response:
     return Problem(404, str(exc)).response()
 
 
+async def key_reused_handler(request: Request, exc: Exception) -> Response:
+    errors = [{"pointer": "/header/Idempotency-Key", "message": "names a different request"}]
+    return Problem(422, str(exc), errors=errors, slug="idempotency-key-reused").response()
+
+
 async def unavailable_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DependencyUnavailable)
     log.warning("answering 503: %s", exc)
@@ -244,6 +257,7 @@ def create_app(
             Problem: problem_handler,
             HTTPException: http_exception_handler,
             WorkflowNotFound: not_found_handler,
+            IdempotencyKeyReused: key_reused_handler,
             DependencyUnavailable: unavailable_handler,
             Exception: error_handler,
         },

@@ -114,6 +114,19 @@ def parse_status_patch(body: bytes) -> WorkflowStatus:
     return patch.status
 
 
+def parse_idempotency_key(raw: str | None) -> str | None:
+    """The Idempotency-Key header: a structured-field string (`"..."`), or bare, of 1 to
+    255 printable ASCII characters."""
+    if raw is None:
+        return None
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not (1 <= len(key) <= 255 and key.isascii() and key.isprintable()):
+        raise invalid("/header/Idempotency-Key", "must be 1 to 255 printable ASCII characters")
+    return key
+
+
 def parse_uuid(raw: str, pointer: str) -> UUID:
     try:
         return UUID(raw)

@@ -17,7 +17,8 @@ from workflows.application.ports import (
     WorkflowQueue,
     WorkflowRepository,
 )
-from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.errors import IdempotencyKeyReused
+from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
 
 COLUMNS = "uuid, status, data_text::text, steps, created_at, updated_at"
 
@@ -31,6 +32,21 @@ WITH added AS ({INSERT} RETURNING uuid)
 INSERT INTO outbox (workflow_uuid) SELECT uuid FROM added
 """
 INSERT_OUTBOX = "INSERT INTO outbox (workflow_uuid) VALUES (%s)"
+
+# Takes the key, or takes it over when it has expired; returns nothing (after waiting for
+# a concurrent holder to commit) when someone else holds it.
+TAKE_KEY = """
+INSERT INTO idempotency_keys AS held (key, fingerprint, workflow_uuid, expires_at)
+VALUES (%s, %s, %s, %s)
+ON CONFLICT (key) DO UPDATE
+SET fingerprint = EXCLUDED.fingerprint,
+    workflow_uuid = EXCLUDED.workflow_uuid,
+    expires_at = EXCLUDED.expires_at
+WHERE held.expires_at <= %s
+RETURNING key
+"""
+HELD_KEY = "SELECT fingerprint, workflow_uuid FROM idempotency_keys WHERE key = %s"
+PURGE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= %s"
 
 GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
 LOCK = f"{GET} FOR UPDATE"
@@ -61,19 +77,38 @@ class PostgresWorkflowRepository(WorkflowRepository):
         self._pool = pool
         self._outbox = outbox
 
-    async def add(self, workflow: Workflow) -> None:
-        async with connection(self._pool) as conn:
-            await conn.execute(
-                INSERT_WITH_OUTBOX if self._outbox else INSERT,
-                {
-                    "uuid": workflow.uuid,
-                    "status": workflow.status.value,
-                    "data": workflow.data.text,
-                    "steps": list(workflow.steps),
-                    "created_at": workflow.created_at,
-                    "updated_at": workflow.updated_at,
-                },
+    async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
+        row = {
+            "uuid": workflow.uuid,
+            "status": workflow.status.value,
+            "data": workflow.data.text,
+            "steps": list(workflow.steps),
+            "created_at": workflow.created_at,
+            "updated_at": workflow.updated_at,
+        }
+        insert = INSERT_WITH_OUTBOX if self._outbox else INSERT
+        if idempotency is None:
+            async with connection(self._pool) as conn:
+                await conn.execute(insert, row)
+            return workflow
+        async with transaction(self._pool) as conn:
+            key = (idempotency.key, idempotency.fingerprint, workflow.uuid)
+            taken = await conn.execute(
+                TAKE_KEY, (*key, idempotency.expires_at, workflow.created_at)
             )
+            if await taken.fetchone() is not None:
+                await conn.execute(insert, row)
+                return workflow
+            held = await (await conn.execute(HELD_KEY, (idempotency.key,))).fetchone()
+            assert held is not None, "TAKE_KEY returns nothing only when the key is held"
+            fingerprint, owner = held
+            if fingerprint != idempotency.fingerprint:
+                raise IdempotencyKeyReused(idempotency.key)
+            return await _one(await conn.execute(GET, (owner,)))
+
+    async def purge_expired_keys(self, now: datetime) -> int:
+        async with connection(self._pool) as conn:
+            return (await conn.execute(PURGE_KEYS, (now,))).rowcount
 
     async def get(self, uuid: UUID) -> Workflow | None:
         async with connection(self._pool) as conn:
