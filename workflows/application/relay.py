@@ -10,6 +10,7 @@ from uuid import UUID
 
 import attrs
 
+from workflows.application.doorbell import Doorbell
 from workflows.application.ports import MessagePublisher, Outbox, OutboxEntry
 from workflows.domain.errors import DependencyUnavailable
 
@@ -34,6 +35,7 @@ class OutboxRelay:
     stale_after: float = 2.0
     batch_limit: int = 500
     outage_backoff: float = 1.0
+    doorbell: Doorbell | None = None
     _waiters: dict[UUID, list[asyncio.Future[None]]] = attrs.field(factory=dict, init=False)
     _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _down_until: float = attrs.field(default=0.0, init=False)
@@ -76,6 +78,8 @@ class OutboxRelay:
             self._down_until = time.monotonic() + self.outage_backoff
             log.warning("outbox relay could not deliver %d entries: %s", len(entries), error)
             return 0
+        if entries and self.doorbell is not None:
+            self.doorbell.ring()
         for entry in entries:
             for future in self._waiters.get(entry.workflow_uuid, ()):
                 if not future.done():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from uuid import UUID
 
 import attrs
 
+from workflows.application.doorbell import Doorbell
 from workflows.application.ports import (
     Clock,
     Exporter,
@@ -32,6 +35,7 @@ class CreateWorkflow:
     clock: Clock
     new_id: IdFactory
     idempotency_ttl: timedelta = timedelta(hours=24)
+    doorbell: Doorbell = attrs.field(factory=Doorbell)
 
     async def __call__(
         self, data: JsonDocument, steps: tuple[str, ...], idempotency_key: str | None = None
@@ -46,6 +50,7 @@ class CreateWorkflow:
         if stored.uuid != workflow.uuid:
             return Created(stored, replayed=True)
         await self.queue.enqueued(workflow)
+        self.doorbell.ring()
         return Created(workflow, replayed=False)
 
 
@@ -78,6 +83,7 @@ class UpdateStatus:
     repository: WorkflowRepository
     queue: WorkflowQueue
     clock: Clock
+    doorbell: Doorbell = attrs.field(factory=Doorbell)
 
     async def __call__(self, uuid: UUID, status: WorkflowStatus) -> Workflow:
         change = await self.repository.set_status(uuid, status, self.clock())
@@ -85,6 +91,7 @@ class UpdateStatus:
             raise WorkflowNotFound(uuid)
         if change.changed and status is WorkflowStatus.INSERTED:
             await self.queue.enqueued(change.workflow)
+            self.doorbell.ring()
         return change.workflow
 
 
@@ -96,13 +103,36 @@ class Consumed:
 
 @attrs.define
 class ConsumeWorkflow:
-    """Take the oldest queued workflow, write its export, mark it consumed."""
+    """Take the oldest queued workflow, write its export, mark it consumed.
+
+    With `wait`, a call that finds nothing waits up to that many seconds for the doorbell
+    and tries again when it rings; `still_wanted` is asked before each new try, so a
+    client that has gone away takes nothing."""
 
     queue: WorkflowQueue
     exporter: Exporter
     clock: Clock
+    doorbell: Doorbell = attrs.field(factory=Doorbell)
+    recheck_every: float = 5.0
+    """A waiter also looks again this often, in case a ring was lost (a dropped LISTEN)."""
 
-    async def __call__(self) -> Consumed | None:
+    async def __call__(
+        self, wait: float = 0.0, still_wanted: Callable[[], Awaitable[bool]] | None = None
+    ) -> Consumed | None:
+        deadline = time.monotonic() + wait
+        while True:
+            ticket = self.doorbell.ticket()
+            consumed = await self._once()
+            remaining = deadline - time.monotonic()
+            if consumed is not None or remaining <= 0 or self.doorbell.closed:
+                return consumed
+            rung = await self.doorbell.wait(ticket, min(remaining, self.recheck_every))
+            if not rung and time.monotonic() >= deadline:
+                return None
+            if still_wanted is not None and not await still_wanted():
+                return None
+
+    async def _once(self) -> Consumed | None:
         exported: list[bytes] = []
 
         async def export(workflow: Workflow) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 from starlette.applications import Starlette
 
@@ -26,6 +31,24 @@ def create(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with running(container):
+            _on_stop_signal(container.doorbell().close)
             yield
 
     return create_app(container, lifespan)
+
+
+def _on_stop_signal(callback: Callable[[], None]) -> None:
+    """Run `callback` on SIGTERM/SIGINT, then uvicorn's own handler: long-polling consumers
+    answer at once instead of holding the graceful shutdown for up to their whole wait."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+
+        def handler(number: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(callback)
+            if callable(previous):
+                previous(number, frame)
+
+        signal.signal(signum, handler)

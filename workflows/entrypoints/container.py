@@ -14,11 +14,13 @@ from workflows.adapters.csv_export import CsvExporter
 from workflows.adapters.memory import InMemoryQueue, InMemoryWorkflowRepository
 from workflows.adapters.postgres import (
     PostgresDatabase,
+    PostgresDoorbell,
     PostgresOutbox,
     PostgresQueue,
     PostgresWorkflowRepository,
 )
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
+from workflows.application.doorbell import Doorbell
 from workflows.application.relay import OutboxRelay
 from workflows.application.use_cases import (
     ConsumeWorkflow,
@@ -53,11 +55,23 @@ class Container(containers.DeclarativeContainer):
     broker = providers.Singleton(
         lambda s: RabbitMqBroker(s.rabbitmq_url, queue=s.rabbitmq_queue), settings
     )
+    postgres_doorbell = providers.Singleton(
+        lambda s, pool: PostgresDoorbell(s.database_url, pool), settings, pool
+    )
+    doorbell = providers.Selector(
+        backend,
+        memory=providers.Singleton(Doorbell),
+        postgres=postgres_doorbell,
+        rabbitmq=postgres_doorbell,
+    )
     relay = providers.Singleton(
-        lambda outbox, broker, s: OutboxRelay(outbox, broker, confirm_timeout=s.confirm_timeout),
+        lambda outbox, broker, s, doorbell: OutboxRelay(
+            outbox, broker, confirm_timeout=s.confirm_timeout, doorbell=doorbell
+        ),
         outbox,
         broker,
         settings,
+        doorbell,
     )
 
     repository = providers.Selector(
@@ -75,19 +89,20 @@ class Container(containers.DeclarativeContainer):
     exporter = providers.Singleton(lambda s: CsvExporter(s.export_dir), settings)
 
     create_workflow = providers.Singleton(
-        lambda repository, queue, clock, new_id, s: CreateWorkflow(
-            repository, queue, clock, new_id, timedelta(seconds=s.idempotency_ttl)
+        lambda repository, queue, clock, new_id, s, doorbell: CreateWorkflow(
+            repository, queue, clock, new_id, timedelta(seconds=s.idempotency_ttl), doorbell
         ),
         repository,
         queue,
         clock,
         new_id,
         settings,
+        doorbell,
     )
     get_workflow = providers.Singleton(GetWorkflow, repository)
     list_workflows = providers.Singleton(ListWorkflows, repository)
-    update_status = providers.Singleton(UpdateStatus, repository, queue, clock)
-    consume_workflow = providers.Singleton(ConsumeWorkflow, queue, exporter, clock)
+    update_status = providers.Singleton(UpdateStatus, repository, queue, clock, doorbell)
+    consume_workflow = providers.Singleton(ConsumeWorkflow, queue, exporter, clock, doorbell)
     export_workflow = providers.Singleton(ExportWorkflow, repository, exporter)
 
 
@@ -107,6 +122,9 @@ async def running(container: Container) -> AsyncIterator[None]:
             database = container.database()
             stack.push_async_callback(database.stop)
             await _start_tolerantly("database", database.start)
+            doorbell = container.postgres_doorbell()
+            await doorbell.start()
+            stack.push_async_callback(doorbell.stop)
         if backend == "rabbitmq":
             broker = container.broker()
             stack.push_async_callback(broker.stop)
@@ -115,6 +133,7 @@ async def running(container: Container) -> AsyncIterator[None]:
             stack.push_async_callback(_cancel, relay_task)
         housekeeping = asyncio.create_task(_housekeeping(container), name="housekeeping")
         stack.push_async_callback(_cancel, housekeeping)
+        stack.callback(container.doorbell().close)  # long-polling consumers answer now
         yield
 
 

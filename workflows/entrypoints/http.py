@@ -145,12 +145,17 @@ class WorkflowCsv(HTTPEndpoint):
         return Response(content, media_type=CSV, headers=attachment(str(uuid)))
 
 
+MAX_WAIT_SECONDS = 20
+
+
 class Consume(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
-        if request.query_params:
-            name = next(iter(request.query_params))
-            raise invalid(f"/query/{name}", "is not a known parameter")
-        consumed = await container_of(request).consume_workflow()()
+        wait = consume_wait(request)
+
+        async def still_wanted() -> bool:
+            return not await request.is_disconnected()
+
+        consumed = await container_of(request).consume_workflow()(wait, still_wanted)
         if consumed is None:
             return Response(status_code=204)
         uuid = str(consumed.workflow.uuid)
@@ -158,6 +163,24 @@ class Consume(HTTPEndpoint):
         return Response(consumed.content, media_type=CSV, headers=headers)
 
     post = get
+
+
+def consume_wait(request: Request) -> float:
+    """`?wait=N`: seconds (0 to 20, decimals allowed) to wait for a workflow to arrive."""
+    params = request.query_params
+    for name in params:
+        if name != "wait":
+            raise invalid(f"/query/{name}", "is not a known parameter (wait)")
+        if len(params.getlist(name)) > 1:
+            raise invalid("/query/wait", "is given more than once")
+    raw = params.get("wait")
+    if raw is None:
+        return 0.0
+    plain_decimal = raw.isascii() and raw.replace(".", "", 1).isdigit()
+    wait = float(raw) if plain_decimal else -1.0
+    if not 0 <= wait <= MAX_WAIT_SECONDS:
+        raise invalid("/query/wait", f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS}")
+    return wait
 
 
 def attachment(uuid: str) -> dict[str, str]:

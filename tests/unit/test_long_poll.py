@@ -1,0 +1,96 @@
+"""Long-poll consume: waiters wake when work arrives, and cost nothing until then."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import httpx
+import pytest
+
+from workflows.adapters.csv_export import CsvExporter
+from workflows.adapters.memory import InMemoryQueue, InMemoryWorkflowRepository
+from workflows.application.doorbell import Doorbell
+from workflows.application.ports import ClaimHandler
+from workflows.application.use_cases import ConsumeWorkflow
+from workflows.domain.model import Workflow
+from workflows.entrypoints.container import Container, utc_now
+
+
+@pytest.fixture
+def no_recheck(container: Container) -> None:
+    """Waiters look again only when the doorbell rings: a missed ring would show."""
+    container.consume_workflow().recheck_every = 3600.0
+
+
+async def test_waiting_consumer_gets_a_workflow_posted_while_it_waits(
+    client: httpx.AsyncClient, no_recheck: None
+) -> None:
+    waiting = asyncio.create_task(client.get("/workflow/consume?wait=10"))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    uuid = (await client.post("/workflow", json={"data": {"a": 1}})).json()["uuid"]
+    response = await asyncio.wait_for(waiting, 5)
+    assert response.status_code == 200
+    assert response.headers["x-workflow-uuid"] == uuid
+
+
+async def test_a_replayed_workflow_wakes_a_waiting_consumer(
+    client: httpx.AsyncClient, no_recheck: None
+) -> None:
+    uuid = (await client.post("/workflow", json={"data": {"a": 1}})).json()["uuid"]
+    assert (await client.get("/workflow/consume")).status_code == 200
+    waiting = asyncio.create_task(client.get("/workflow/consume?wait=10"))
+    await asyncio.sleep(0.2)
+    await client.patch(f"/workflow/{uuid}", json={"status": "inserted"})
+    response = await asyncio.wait_for(waiting, 5)
+    assert response.headers["x-workflow-uuid"] == uuid
+
+
+async def test_wait_ends_with_204_when_nothing_arrives(client: httpx.AsyncClient) -> None:
+    response = await client.get("/workflow/consume?wait=0.3")
+    assert response.status_code == 204
+
+
+async def test_one_workflow_goes_to_exactly_one_of_many_waiters(
+    client: httpx.AsyncClient, no_recheck: None
+) -> None:
+    waiters = [asyncio.create_task(client.get("/workflow/consume?wait=1.5")) for _ in range(20)]
+    await asyncio.sleep(0.2)
+    await client.post("/workflow", json={"data": {"a": 1}})
+    responses = await asyncio.gather(*waiters)
+    assert sorted(r.status_code for r in responses) == [200] + [204] * 19
+
+
+@pytest.mark.parametrize("wait", ["-1", "21", "abc", "1e3", "nan", "inf", "5&wait=6"])
+async def test_bad_wait_is_422(client: httpx.AsyncClient, wait: str) -> None:
+    response = await client.get(f"/workflow/consume?wait={wait}")
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["pointer"] == "/query/wait"
+
+
+class CountingQueue(InMemoryQueue):
+    def __init__(self) -> None:
+        super().__init__(InMemoryWorkflowRepository())
+        self.attempts = 0
+
+    async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        self.attempts += 1
+        return await super().consume(handle, now)
+
+
+async def test_idle_waiters_do_not_poll_the_queue(tmp_path: object) -> None:
+    queue, doorbell = CountingQueue(), Doorbell()
+    consume = ConsumeWorkflow(queue, CsvExporter(str(tmp_path)), utc_now, doorbell)
+    results = await asyncio.gather(*(consume(wait=0.5) for _ in range(50)))
+    assert results == [None] * 50
+    assert queue.attempts == 50  # one look each, then silence until the wait ran out
+
+
+async def test_closing_the_doorbell_answers_every_waiter_now(tmp_path: object) -> None:
+    queue, doorbell = CountingQueue(), Doorbell()
+    consume = ConsumeWorkflow(queue, CsvExporter(str(tmp_path)), utc_now, doorbell)
+    waiters = asyncio.gather(*(consume(wait=20) for _ in range(10)))
+    await asyncio.sleep(0.1)
+    doorbell.close()
+    assert await asyncio.wait_for(waiters, 2) == [None] * 10

@@ -1,0 +1,78 @@
+"""A doorbell across processes: LISTEN/NOTIFY on one channel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import psycopg
+
+from workflows.adapters.postgres.database import Pool, connection
+from workflows.application.doorbell import Doorbell
+from workflows.domain.errors import DependencyUnavailable
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "workflows_ready"
+NOTIFY = f"NOTIFY {CHANNEL}"
+LISTEN = f"LISTEN {CHANNEL}"
+
+
+class PostgresDoorbell(Doorbell):
+    """Each process listens on one connection of its own; a ring wakes local waiters at
+    once and sends a NOTIFY for the others. Rings that come while a NOTIFY is on its way
+    share it, so a burst of POSTs costs one NOTIFY, not one each. After the listening
+    connection is lost and regained, local waiters are woken to look again."""
+
+    def __init__(self, url: str, pool: Pool) -> None:
+        super().__init__()
+        self._url = url
+        self._pool = pool
+        self._listener: asyncio.Task[None] | None = None
+        self._pending_notify = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="doorbell-listener")
+
+    async def stop(self) -> None:
+        self.close()
+        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        self._listener = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def announce(self) -> None:
+        if self._pending_notify or self._listener is None:
+            return
+        self._pending_notify = True
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _notify(self) -> None:
+        try:
+            async with connection(self._pool) as conn:
+                self._pending_notify = False  # a ring from now on needs a NOTIFY of its own
+                await conn.execute(NOTIFY)
+        except DependencyUnavailable as exc:
+            log.debug("doorbell could not notify other processes: %s", exc)
+        finally:
+            self._pending_notify = False
+
+    async def _listen(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
+                async with conn:
+                    await conn.execute(LISTEN)
+                    self.wake_local()  # whatever rang while nobody listened
+                    backoff = 0.5
+                    async for _ in conn.notifies():
+                        self.wake_local()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("doorbell listener lost its connection: %s", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
