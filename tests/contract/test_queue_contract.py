@@ -114,3 +114,26 @@ async def test_concurrent_consumers_take_each_workflow_exactly_once(
 
 async def test_ping_succeeds_when_queue_is_up(queue_setup: QueueSetup) -> None:
     await queue_setup.queue.ping()
+
+
+async def test_dead_lettered_workflow_is_skipped(queue_setup: QueueSetup) -> None:
+    dead, alive = await queue_setup.submit(), await queue_setup.submit()
+    await queue_setup.repository.record_failure(dead.uuid, now(), max_attempts=1)
+    recorder = Recorder()
+    claimed = await queue_setup.queue.consume(recorder, now())
+    assert claimed is not None
+    assert claimed.uuid == alive.uuid
+    assert [w.uuid for w in recorder.seen] == [alive.uuid]
+    assert await queue_setup.queue.consume(recorder, now()) is None
+
+
+async def test_revived_dead_letter_is_consumed_again(queue_setup: QueueSetup) -> None:
+    workflow = await queue_setup.submit()
+    await queue_setup.repository.record_failure(workflow.uuid, now(), max_attempts=1)
+    assert await queue_setup.queue.consume(Recorder(), now()) is None
+    change = await queue_setup.repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, now())
+    assert change is not None
+    await queue_setup.queue.enqueued(change.workflow)
+    claimed = await queue_setup.queue.consume(Recorder(), now())
+    assert claimed is not None
+    assert claimed.uuid == workflow.uuid

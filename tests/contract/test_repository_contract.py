@@ -202,3 +202,60 @@ async def test_purge_forgets_only_expired_keys(repository: WorkflowRepository) -
     other = make('{"a":3}')
     with pytest.raises(IdempotencyKeyReused):
         await repository.add(other, keyed("long", other))
+
+
+async def test_failures_are_counted_until_the_workflow_is_dead_lettered(
+    repository: WorkflowRepository,
+) -> None:
+    workflow = make()
+    await repository.add(workflow)
+    first = await repository.record_failure(workflow.uuid, T0, max_attempts=2)
+    assert first is not None
+    assert (first.delivery_attempts, first.dead_lettered_at) == (1, None)
+    later = T0 + timedelta(seconds=3)
+    second = await repository.record_failure(workflow.uuid, later, max_attempts=2)
+    assert second is not None
+    assert (second.delivery_attempts, second.dead_lettered_at) == (2, later)
+    assert second.status is WorkflowStatus.INSERTED
+    assert await repository.get(workflow.uuid) == second
+    assert await repository.record_failure(workflow.uuid, later, max_attempts=2) is None
+
+
+async def test_dead_lettered_workflow_cannot_be_claimed_and_is_listed_apart(
+    repository: WorkflowRepository,
+) -> None:
+    dead, alive = make(), make()
+    await repository.add(dead)
+    await repository.add(alive)
+    await repository.record_failure(dead.uuid, T0, max_attempts=1)
+
+    async def handle(w: Workflow) -> None:
+        raise AssertionError("a dead letter must not be handled")
+
+    assert await repository.claim(dead.uuid, handle, T0) is None
+    listed = await repository.list(status=None, after=None, limit=10, dead_lettered=True)
+    assert [w.uuid for w in listed] == [dead.uuid]
+    living = await repository.list(status=None, after=None, limit=10, dead_lettered=False)
+    assert [w.uuid for w in living] == [alive.uuid]
+
+
+async def test_patch_to_inserted_revives_a_dead_letter(repository: WorkflowRepository) -> None:
+    workflow = make()
+    await repository.add(workflow)
+    await repository.record_failure(workflow.uuid, T0, max_attempts=1)
+    later = T0 + timedelta(seconds=9)
+    change = await repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, later)
+    assert change is not None
+    assert change.changed
+    assert change.workflow == workflow.with_status(WorkflowStatus.INSERTED, later)
+    assert (change.workflow.delivery_attempts, change.workflow.dead_lettered_at) == (0, None)
+
+
+async def test_failures_of_a_consumed_workflow_are_not_counted(
+    repository: WorkflowRepository,
+) -> None:
+    workflow = make()
+    await repository.add(workflow)
+    await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, T0)
+    assert await repository.record_failure(workflow.uuid, T0, max_attempts=1) is None
+    assert await repository.record_failure(uuid7(), T0, max_attempts=1) is None

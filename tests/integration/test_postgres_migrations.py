@@ -29,6 +29,9 @@ def empty_database(postgres_server_url: str) -> Iterator[str]:
         )
 
 
+VERSIONS = ["0001_init", "0002_idempotency_keys", "0003_dead_letters"]
+
+
 def recorded_versions(url: str) -> list[str]:
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
@@ -42,8 +45,8 @@ def table_exists(url: str, name: str) -> bool:
 
 
 def test_migrate_creates_the_schema_and_records_each_version(empty_database: str) -> None:
-    assert migrate(empty_database) == ["0001_init"]
-    assert recorded_versions(empty_database) == ["0001_init"]
+    assert migrate(empty_database) == VERSIONS
+    assert recorded_versions(empty_database) == VERSIONS
     assert table_exists(empty_database, "workflows")
     assert table_exists(empty_database, "outbox")
 
@@ -56,7 +59,7 @@ def test_migrate_again_applies_nothing_and_keeps_the_data(empty_database: str) -
             " VALUES (gen_random_uuid(), 'inserted', '{}', now(), now())"
         )
     assert migrate(empty_database) == []
-    assert recorded_versions(empty_database) == ["0001_init"]
+    assert recorded_versions(empty_database) == VERSIONS
     with psycopg.connect(empty_database) as conn:
         assert conn.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
 
@@ -70,23 +73,23 @@ def test_concurrent_migrators_apply_each_version_exactly_once(empty_database: st
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: migrator(), range(4)))
-    assert sorted(results) == [[], [], [], ["0001_init"]]
-    assert recorded_versions(empty_database) == ["0001_init"]
+    assert sorted(results) == [[], [], [], VERSIONS]
+    assert recorded_versions(empty_database) == VERSIONS
 
 
 def test_failed_migration_rolls_back_whole_and_unrecorded(
     empty_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = list(migrations_module._migrations())
-    broken = ("0002_broken", "CREATE TABLE half_done (id int); SELECT no_such_function();")
+    broken = ("9001_broken", "CREATE TABLE half_done (id int); SELECT no_such_function();")
     monkeypatch.setattr(migrations_module, "_migrations", lambda: iter([*real, broken]))
 
     with pytest.raises(psycopg.errors.UndefinedFunction):
         migrate(empty_database)
-    assert recorded_versions(empty_database) == ["0001_init"]
+    assert recorded_versions(empty_database) == VERSIONS
     assert not table_exists(empty_database, "half_done")
 
-    fixed = ("0002_fixed", "CREATE TABLE half_done (id int);")
+    fixed = ("9001_fixed", "CREATE TABLE half_done (id int);")
     monkeypatch.setattr(migrations_module, "_migrations", lambda: iter([*real, fixed]))
-    assert migrate(empty_database) == ["0002_fixed"]
+    assert migrate(empty_database) == ["9001_fixed"]
     assert table_exists(empty_database, "half_done")

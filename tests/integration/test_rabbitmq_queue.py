@@ -170,3 +170,29 @@ async def test_workflow_enqueued_while_broker_is_down_is_consumable_once_it_is_b
         assert await consumed(setup) == [workflow.uuid]
         await setup.queue.ping()
     await proxy.down()
+
+
+async def test_broker_dead_letters_a_crash_looping_message_and_the_sweep_records_it(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    broker = RabbitMqBroker(
+        rabbitmq_url, queue=queue_name, timeout=2.0, arguments={"x-delivery-limit": 1}
+    )
+    await broker.start()
+    setup = Setup(broker)
+    try:
+        workflow = await setup.stored()
+        await broker.publish([workflow.uuid])
+        returns = 0
+        while (delivery := await broker.get()) is not None and returns < 10:
+            broker.requeue(delivery)  # as a consumer that crashes before counting would
+            returns += 1
+        assert delivery is None, "the broker should have dead-lettered the message"
+        assert await setup.queue.sweep_dead_letters(now()) == 1
+        stored = await setup.repository.get(workflow.uuid)
+        assert stored is not None
+        assert stored.dead_lettered_at is not None
+        assert await setup.queue.consume(record_nothing, now()) is None
+    finally:
+        await broker.delete_queue()
+        await broker.stop()

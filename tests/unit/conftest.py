@@ -23,6 +23,7 @@ def container(settings: Settings) -> Container:
 
 @pytest.fixture
 async def client(container: Container) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(container))
+    # raise_app_exceptions=False: a 500 is an answer to check, as a client would see it.
+    transport = httpx.ASGITransport(app=create_app(container), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         yield client

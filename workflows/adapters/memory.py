@@ -51,13 +51,21 @@ class InMemoryWorkflowRepository(WorkflowRepository):
         return self._rows.get(uuid)
 
     async def list(
-        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+        self,
+        *,
+        status: WorkflowStatus | None,
+        after: UUID | None,
+        limit: int,
+        dead_lettered: bool | None = None,
     ) -> list[Workflow]:
         start = 0 if after is None else bisect.bisect_right(self._order, after)
         found: list[Workflow] = []
         for uuid in self._order[start:]:
             workflow = self._rows[uuid]
-            if status is None or workflow.status is status:
+            dead = workflow.dead_lettered_at is not None
+            if (status is None or workflow.status is status) and (
+                dead_lettered is None or dead is dead_lettered
+            ):
                 found.append(workflow)
                 if len(found) == limit:
                     break
@@ -70,15 +78,23 @@ class InMemoryWorkflowRepository(WorkflowRepository):
             workflow = self._rows.get(uuid)
             if workflow is None:
                 return None
-            if workflow.status is status:
+            if workflow.status is status and workflow.dead_lettered_at is None:
                 return StatusChange(workflow, changed=False)
             workflow = self._rows[uuid] = workflow.with_status(status, now)
             return StatusChange(workflow, changed=True)
 
+    async def record_failure(self, uuid: UUID, now: datetime, max_attempts: int) -> Workflow | None:
+        async with self._lock(uuid):
+            workflow = self._rows.get(uuid)
+            if workflow is None or not workflow.queued:
+                return None
+            workflow = self._rows[uuid] = workflow.with_failure(now, max_attempts)
+            return workflow
+
     async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
         async with self._lock(uuid):
             workflow = self._rows.get(uuid)
-            if workflow is None or workflow.status is not WorkflowStatus.INSERTED:
+            if workflow is None or not workflow.queued:
                 return None
             await handle(workflow)
             workflow = self._rows[uuid] = workflow.with_status(WorkflowStatus.CONSUMED, now)

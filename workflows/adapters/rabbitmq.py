@@ -241,7 +241,13 @@ class RabbitMqBroker(MessagePublisher):
         parameters.stack_timeout = timeout
         parameters.blocked_connection_timeout = timeout
         self.queue = queue
-        self._arguments = {**(arguments or {}), "x-queue-type": "quorum"}
+        self.dead_letter_queue = f"{queue}.dead"
+        self._arguments = {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.dead_letter_queue,
+            **(arguments or {}),
+            "x-queue-type": "quorum",
+        }
         self._publisher = _ConnectionThread(
             "rabbitmq-publisher", parameters, self._setup_publisher, timeout
         )
@@ -275,11 +281,13 @@ class RabbitMqBroker(MessagePublisher):
         if bodies:
             await self._publisher.call(publish_all)
 
-    async def get(self) -> Delivery | None:
-        """Take the next message, unacked; None when the queue is empty."""
+    async def get(self, *, dead: bool = False) -> Delivery | None:
+        """Take the next message (of the dead-letter queue, with `dead`), unacked; None
+        when the queue is empty."""
+        name = self.dead_letter_queue if dead else self.queue
 
         def get(channel: Any) -> Delivery | None:
-            method, _properties, body = channel.basic_get(self.queue, auto_ack=False)
+            method, _properties, body = channel.basic_get(name, auto_ack=False)
             if method is None:
                 return None
             return Delivery(body or b"", method.delivery_tag, self._consumer.generation)
@@ -310,9 +318,16 @@ class RabbitMqBroker(MessagePublisher):
         await self.depth()
 
     async def delete_queue(self) -> None:
-        await self._consumer.call(lambda channel: channel.queue_delete(self.queue))
+        def delete(channel: Any) -> None:
+            channel.queue_delete(self.queue)
+            channel.queue_delete(self.dead_letter_queue)
+
+        await self._consumer.call(delete)
 
     def _declare(self, channel: Any) -> None:
+        channel.queue_declare(
+            self.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
         channel.queue_declare(self.queue, durable=True, arguments=self._arguments)
 
     def _setup_publisher(self, channel: Any) -> None:
@@ -359,6 +374,24 @@ class RabbitMqQueue(WorkflowQueue):
 
     async def ping(self) -> None:
         await self._broker.ping()
+
+    async def sweep_dead_letters(self, now: datetime) -> int:
+        """Record, in the repository, the workflows whose messages the broker dead-lettered
+        (its delivery limit caught a crash loop that never reached a failure count); how
+        many messages were swept."""
+        swept = 0
+        while (delivery := await self._broker.get(dead=True)) is not None:
+            uuid = _parse_uuid(delivery.body)
+            if uuid is not None:
+                try:
+                    await self._repository.record_failure(uuid, now, max_attempts=1)
+                except BaseException:
+                    self._broker.requeue(delivery)
+                    raise
+                log.error("the broker dead-lettered workflow %s", uuid)
+            self._broker.ack(delivery)
+            swept += 1
+        return swept
 
 
 def _parse_uuid(body: bytes) -> UUID | None:

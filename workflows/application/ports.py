@@ -43,24 +43,37 @@ class WorkflowRepository(abc.ABC):
 
     @abc.abstractmethod
     async def list(
-        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+        self,
+        *,
+        status: WorkflowStatus | None,
+        after: UUID | None,
+        limit: int,
+        dead_lettered: bool | None = None,
     ) -> list[Workflow]:
-        """Workflows in uuid order (oldest first), strictly after `after` when given."""
+        """Workflows in uuid order (oldest first), strictly after `after` when given, only
+        (or none of) the dead-lettered ones when `dead_lettered` is True (False)."""
 
     @abc.abstractmethod
     async def set_status(
         self, uuid: UUID, status: WorkflowStatus, now: datetime
     ) -> StatusChange | None:
-        """Set the status; None for an unknown uuid. Setting the current status changes
-        nothing (not even `updated_at`). A change to INSERTED also writes an outbox entry,
-        when this repository feeds one, in the same transaction."""
+        """Set the status (as `Workflow.with_status` does); None for an unknown uuid.
+        Setting the current status changes nothing (not even `updated_at`), except that
+        INSERTED revives a dead-lettered workflow. A change to INSERTED also writes an
+        outbox entry, when this repository feeds one, in the same transaction."""
+
+    @abc.abstractmethod
+    async def record_failure(self, uuid: UUID, now: datetime, max_attempts: int) -> Workflow | None:
+        """Count a failed consume of a queued workflow (`Workflow.with_failure`); None,
+        changing nothing, when the uuid is unknown or the workflow is not queued."""
 
     @abc.abstractmethod
     async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
-        """Lock the workflow; if it is INSERTED, await `handle(workflow)`, then mark it
+        """Lock the workflow; if it is queued, await `handle(workflow)`, then mark it
         CONSUMED, all in one transaction, and return it. None, changing nothing, when the
-        uuid is unknown or the workflow is not INSERTED. If `handle` raises, nothing changes
-        and the error propagates. Concurrent claims of one uuid: exactly one succeeds."""
+        uuid is unknown or the workflow is not queued (consumed or dead-lettered). If
+        `handle` raises, nothing changes and the error propagates. Concurrent claims of
+        one uuid: exactly one succeeds."""
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -78,10 +91,10 @@ class WorkflowQueue(abc.ABC):
 
     @abc.abstractmethod
     async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
-        """Claim the oldest available workflow, run `handle` on it and mark it CONSUMED in
-        one step; None when nothing is queued. If `handle` raises, the workflow stays
-        queued (a broker may move it behind the others). One call takes at most one
-        workflow and leaves every other in place."""
+        """Claim the oldest queued workflow (INSERTED, not dead-lettered), run `handle` on
+        it and mark it CONSUMED in one step; None when nothing is queued. If `handle`
+        raises, the workflow stays queued (a broker may move it behind the others). One
+        call takes at most one workflow and leaves every other in place."""
 
     @abc.abstractmethod
     async def ping(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -17,8 +18,10 @@ from workflows.application.ports import (
     WorkflowQueue,
     WorkflowRepository,
 )
-from workflows.domain.errors import WorkflowNotFound
+from workflows.domain.errors import DependencyUnavailable, WorkflowNotFound
 from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
+
+log = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -70,9 +73,16 @@ class ListWorkflows:
     repository: WorkflowRepository
 
     async def __call__(
-        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+        self,
+        *,
+        status: WorkflowStatus | None,
+        after: UUID | None,
+        limit: int,
+        dead_lettered: bool | None = None,
     ) -> list[Workflow]:
-        return await self.repository.list(status=status, after=after, limit=limit)
+        return await self.repository.list(
+            status=status, after=after, limit=limit, dead_lettered=dead_lettered
+        )
 
 
 @attrs.define
@@ -113,6 +123,9 @@ class ConsumeWorkflow:
     exporter: Exporter
     clock: Clock
     doorbell: Doorbell = attrs.field(factory=Doorbell)
+    repository: WorkflowRepository | None = None
+    """Where failed exports are counted; without it nothing is ever dead-lettered."""
+    max_attempts: int = 5
     recheck_every: float = 5.0
     """A waiter also looks again this often, in case a ring was lost (a dropped LISTEN)."""
 
@@ -134,16 +147,40 @@ class ConsumeWorkflow:
 
     async def _once(self) -> Consumed | None:
         exported: list[bytes] = []
+        failed: list[Workflow] = []
 
         async def export(workflow: Workflow) -> None:
-            content = self.exporter.render(workflow)
-            await self.exporter.write(workflow, content)
+            try:
+                content = self.exporter.render(workflow)
+                await self.exporter.write(workflow, content)
+            except DependencyUnavailable:
+                raise  # the export directory's fault, not the workflow's: no attempt counted
+            except Exception:
+                failed.append(workflow)
+                raise
             exported.append(content)
 
-        workflow = await self.queue.consume(export, self.clock())
+        try:
+            workflow = await self.queue.consume(export, self.clock())
+        except Exception:
+            if failed and self.repository is not None:
+                await self._count_failure(failed[-1])
+            raise
         if workflow is None:
             return None
         return Consumed(workflow, exported[-1])
+
+    async def _count_failure(self, workflow: Workflow) -> None:
+        assert self.repository is not None
+        counted = await self.repository.record_failure(
+            workflow.uuid, self.clock(), self.max_attempts
+        )
+        if counted is not None and counted.dead_lettered_at is not None:
+            log.error(
+                "workflow %s dead-lettered after %d failed consumes",
+                workflow.uuid,
+                counted.delivery_attempts,
+            )
 
 
 @attrs.define

@@ -45,13 +45,34 @@ class Workflow:
     steps: tuple[str, ...]
     created_at: datetime
     updated_at: datetime
+    delivery_attempts: int = 0
+    """Consumes of this workflow that failed (its export raised)."""
+    dead_lettered_at: datetime | None = None
+    """Set when failed consumes reached the limit: out of the live queue until revived."""
 
     @classmethod
     def new(cls, uuid: UUID, data: JsonDocument, steps: tuple[str, ...], now: datetime) -> Workflow:
         return cls(uuid, WorkflowStatus.INSERTED, data, steps, now, now)
 
+    @property
+    def queued(self) -> bool:
+        """INSERTED and not dead-lettered: a consume may take it."""
+        return self.status is WorkflowStatus.INSERTED and self.dead_lettered_at is None
+
     def with_status(self, status: WorkflowStatus, now: datetime) -> Workflow:
-        return attrs.evolve(self, status=status, updated_at=now)
+        """The workflow with `status`, out of the dead letters; back to INSERTED it is
+        queued again with its failed attempts forgotten."""
+        if status is WorkflowStatus.INSERTED:
+            return attrs.evolve(
+                self, status=status, updated_at=now, delivery_attempts=0, dead_lettered_at=None
+            )
+        return attrs.evolve(self, status=status, updated_at=now, dead_lettered_at=None)
+
+    def with_failure(self, now: datetime, max_attempts: int) -> Workflow:
+        """One more failed consume; at `max_attempts` the workflow is dead-lettered."""
+        attempts = self.delivery_attempts + 1
+        dead = now if attempts >= max_attempts else None
+        return attrs.evolve(self, delivery_attempts=attempts, dead_lettered_at=dead, updated_at=now)
 
 
 @attrs.frozen

@@ -30,6 +30,7 @@ class Settings:
     confirm_timeout: float = 2.0
     pool_size: int = 10
     idempotency_ttl: float = 24 * 3600.0
+    max_delivery_attempts: int = 5
     commit: str = "unknown"
 
     @classmethod
@@ -58,6 +59,9 @@ class Settings:
             confirm_timeout=_float(env, "CONFIRM_TIMEOUT", d.confirm_timeout),
             pool_size=_int(env, "DB_POOL_SIZE", d.pool_size, low=1),
             idempotency_ttl=_float(env, "IDEMPOTENCY_TTL", d.idempotency_ttl),
+            max_delivery_attempts=_int(
+                env, "MAX_DELIVERY_ATTEMPTS", d.max_delivery_attempts, low=1, high=1000
+            ),
             commit=env.get("WORKFLOWS_COMMIT", d.commit),
         )
 

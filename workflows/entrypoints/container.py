@@ -52,8 +52,16 @@ class Container(containers.DeclarativeContainer):
     )
     pool = database.provided.pool
     outbox = providers.Singleton(PostgresOutbox, pool)
+    # The broker's own delivery limit is a safety net for crash loops (a consume that
+    # dies before it can count its failure); failed exports are counted exactly, at
+    # MAX_DELIVERY_ATTEMPTS, by the consume use case.
     broker = providers.Singleton(
-        lambda s: RabbitMqBroker(s.rabbitmq_url, queue=s.rabbitmq_queue), settings
+        lambda s: RabbitMqBroker(
+            s.rabbitmq_url,
+            queue=s.rabbitmq_queue,
+            arguments={"x-delivery-limit": 2 * s.max_delivery_attempts},
+        ),
+        settings,
     )
     postgres_doorbell = providers.Singleton(
         lambda s, pool: PostgresDoorbell(s.database_url, pool), settings, pool
@@ -102,7 +110,17 @@ class Container(containers.DeclarativeContainer):
     get_workflow = providers.Singleton(GetWorkflow, repository)
     list_workflows = providers.Singleton(ListWorkflows, repository)
     update_status = providers.Singleton(UpdateStatus, repository, queue, clock, doorbell)
-    consume_workflow = providers.Singleton(ConsumeWorkflow, queue, exporter, clock, doorbell)
+    consume_workflow = providers.Singleton(
+        lambda queue, exporter, clock, doorbell, repository, s: ConsumeWorkflow(
+            queue, exporter, clock, doorbell, repository, s.max_delivery_attempts
+        ),
+        queue,
+        exporter,
+        clock,
+        doorbell,
+        repository,
+        settings,
+    )
     export_workflow = providers.Singleton(ExportWorkflow, repository, exporter)
 
 
@@ -131,10 +149,24 @@ async def running(container: Container) -> AsyncIterator[None]:
             await _start_tolerantly("rabbitmq", broker.start)
             relay_task = asyncio.create_task(container.relay().run(), name="outbox-relay")
             stack.push_async_callback(_cancel, relay_task)
+            sweeper = asyncio.create_task(_sweep_dead_letters(container), name="dead-letters")
+            stack.push_async_callback(_cancel, sweeper)
         housekeeping = asyncio.create_task(_housekeeping(container), name="housekeeping")
         stack.push_async_callback(_cancel, housekeeping)
         stack.callback(container.doorbell().close)  # long-polling consumers answer now
         yield
+
+
+async def _sweep_dead_letters(container: Container, interval: float = 5.0) -> None:
+    """Carry the broker's dead letters into the repository, every `interval` seconds."""
+    queue = container.queue()
+    assert isinstance(queue, RabbitMqQueue)
+    while True:
+        try:
+            await queue.sweep_dead_letters(utc_now())
+        except DependencyUnavailable as exc:
+            log.warning("dead-letter sweep skipped: %s", exc)
+        await asyncio.sleep(interval)
 
 
 async def _housekeeping(container: Container, interval: float = 600.0) -> None:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 CSV = "text/csv; charset=utf-8"
 RETRY_AFTER_SECONDS = "2"
-LIST_PARAMETERS = frozenset({"status", "limit", "after"})
+LIST_PARAMETERS = frozenset({"status", "limit", "after", "dead_lettered"})
 
 
 def container_of(request: Request) -> Container:
@@ -88,9 +88,9 @@ class WorkflowCollection(HTTPEndpoint):
         return json_response(schemas.render_workflow(workflow), 201, headers)
 
     async def get(self, request: Request) -> Response:
-        status, after, limit = list_query(request)
+        status, after, limit, dead = list_query(request)
         found = await container_of(request).list_workflows()(
-            status=status, after=after, limit=limit + 1
+            status=status, after=after, limit=limit + 1, dead_lettered=dead
         )
         headers = {}
         if len(found) > limit:
@@ -99,14 +99,18 @@ class WorkflowCollection(HTTPEndpoint):
             if status is not None:
                 query["status"] = status.value
             headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+            if dead is not None:
+                query["dead_lettered"] = str(dead).lower()
         return json_response(schemas.render_workflows(found), headers=headers)
 
 
-def list_query(request: Request) -> tuple[WorkflowStatus | None, Any, int]:
+def list_query(request: Request) -> tuple[WorkflowStatus | None, Any, int, bool | None]:
     params = request.query_params
     for name in params:
         if name not in LIST_PARAMETERS:
-            raise invalid(f"/query/{name}", "is not a known parameter (status, limit, after)")
+            raise invalid(
+                f"/query/{name}", "is not a known parameter (status, limit, after, dead_lettered)"
+            )
         if len(params.getlist(name)) > 1:
             raise invalid(f"/query/{name}", "is given more than once")
     status = None
@@ -122,7 +126,12 @@ def list_query(request: Request) -> tuple[WorkflowStatus | None, Any, int]:
             raise invalid("/query/limit", "must be an integer from 1 to 1000")
         limit = int(raw)
     after = schemas.parse_uuid(params["after"], "/query/after") if "after" in params else None
-    return status, after, limit
+    dead = None
+    if "dead_lettered" in params:
+        if params["dead_lettered"] not in ("true", "false"):
+            raise invalid("/query/dead_lettered", "must be true or false")
+        dead = params["dead_lettered"] == "true"
+    return status, after, limit, dead
 
 
 class WorkflowItem(HTTPEndpoint):

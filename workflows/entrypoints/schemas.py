@@ -162,6 +162,10 @@ def _workflow_parts(w: Workflow) -> tuple[bytes, ...]:
         orjson.dumps(w.created_at, option=orjson.OPT_UTC_Z),
         b',"updated_at":',
         orjson.dumps(w.updated_at, option=orjson.OPT_UTC_Z),
+        b',"delivery_attempts":',
+        str(w.delivery_attempts).encode(),
+        b',"dead_lettered_at":',
+        orjson.dumps(w.dead_lettered_at, option=orjson.OPT_UTC_Z),
         b"}",
     )
 

@@ -10,7 +10,13 @@ from uuid import UUID
 from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
-from workflows.adapters.postgres.database import Pool, connection, ping_database, transaction
+from workflows.adapters.postgres.database import (
+    Connection,
+    Pool,
+    connection,
+    ping_database,
+    transaction,
+)
 from workflows.application.ports import (
     ClaimHandler,
     StatusChange,
@@ -20,7 +26,11 @@ from workflows.application.ports import (
 from workflows.domain.errors import IdempotencyKeyReused
 from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
 
-COLUMNS = "uuid, status, data_text::text, steps, created_at, updated_at"
+COLUMNS = (
+    "uuid, status, data_text::text, steps, created_at, updated_at,"
+    " delivery_attempts, dead_lettered_at"
+)
+QUEUED = "status = 'inserted' AND dead_lettered_at IS NULL"
 
 INSERT = """
 INSERT INTO workflows (uuid, status, data_text, steps, created_at, updated_at)
@@ -50,23 +60,35 @@ PURGE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= %s"
 
 GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
 LOCK = f"{GET} FOR UPDATE"
-LOCK_IF_INSERTED = f"{GET} AND status = 'inserted' FOR UPDATE"
+LOCK_IF_QUEUED = f"{GET} AND {QUEUED} FOR UPDATE"
 # 'inserted' is a literal, not a parameter, so even a generic (prepared) plan can use
 # the index workflows_status_uuid_idx.
 LOCK_OLDEST_INSERTED = f"""
 SELECT {COLUMNS} FROM workflows
-WHERE status = 'inserted'
+WHERE {QUEUED}
 ORDER BY uuid
 LIMIT 1
 FOR UPDATE SKIP LOCKED
 """
-SET_STATUS = f"""
-UPDATE workflows SET status = %s, updated_at = %s WHERE uuid = %s
+SET_STATE = f"""
+UPDATE workflows
+SET status = %s, updated_at = %s, delivery_attempts = %s, dead_lettered_at = %s
+WHERE uuid = %s
+RETURNING {COLUMNS}
+"""
+RECORD_FAILURE = f"""
+UPDATE workflows
+SET delivery_attempts = delivery_attempts + 1,
+    dead_lettered_at = CASE WHEN delivery_attempts + 1 >= %(max)s THEN %(now)s END,
+    updated_at = %(now)s
+WHERE uuid = %(uuid)s AND {QUEUED}
 RETURNING {COLUMNS}
 """
 
 LIST = sql.SQL("SELECT {} FROM workflows WHERE {} ORDER BY uuid LIMIT %(limit)s")
 STATUS_IS = sql.SQL("status = %(status)s")
+DEAD = sql.SQL("dead_lettered_at IS NOT NULL")
+ALIVE = sql.SQL("dead_lettered_at IS NULL")
 AFTER = sql.SQL("uuid > %(after)s")
 
 
@@ -116,11 +138,18 @@ class PostgresWorkflowRepository(WorkflowRepository):
         return None if row is None else _workflow(row)
 
     async def list(
-        self, *, status: WorkflowStatus | None, after: UUID | None, limit: int
+        self,
+        *,
+        status: WorkflowStatus | None,
+        after: UUID | None,
+        limit: int,
+        dead_lettered: bool | None = None,
     ) -> list[Workflow]:
         filters = [STATUS_IS] if status is not None else []
         if after is not None:
             filters.append(AFTER)
+        if dead_lettered is not None:
+            filters.append(DEAD if dead_lettered else ALIVE)
         query = LIST.format(sql.SQL(COLUMNS), sql.SQL(" AND ").join(filters or [sql.SQL("TRUE")]))
         params = {
             "status": None if status is None else status.value,
@@ -138,15 +167,22 @@ class PostgresWorkflowRepository(WorkflowRepository):
             row = await (await conn.execute(LOCK, (uuid,))).fetchone()
             if row is None:
                 return None
-            if (current := _workflow(row)).status is status:
+            current = _workflow(row)
+            if current.status is status and current.dead_lettered_at is None:
                 return StatusChange(current, changed=False)
-            changed = await _one(await conn.execute(SET_STATUS, (status.value, now, uuid)))
+            changed = await _set_state(conn, current.with_status(status, now))
             if self._outbox and status is WorkflowStatus.INSERTED:
                 await conn.execute(INSERT_OUTBOX, (uuid,))
         return StatusChange(changed, changed=True)
 
+    async def record_failure(self, uuid: UUID, now: datetime, max_attempts: int) -> Workflow | None:
+        params = {"uuid": uuid, "now": now, "max": max_attempts}
+        async with connection(self._pool) as conn:
+            row = await (await conn.execute(RECORD_FAILURE, params)).fetchone()
+        return None if row is None else _workflow(row)
+
     async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
-        return await _consume(self._pool, LOCK_IF_INSERTED, (uuid,), handle, now)
+        return await _consume(self._pool, LOCK_IF_QUEUED, (uuid,), handle, now)
 
     async def ping(self) -> None:
         await ping_database(self._pool)
@@ -179,9 +215,18 @@ async def _consume(
             return None
         workflow = _workflow(row)
         await handle(workflow)
-        return await _one(
-            await conn.execute(SET_STATUS, (WorkflowStatus.CONSUMED.value, now, workflow.uuid))
-        )
+        return await _set_state(conn, workflow.with_status(WorkflowStatus.CONSUMED, now))
+
+
+async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
+    params = (
+        workflow.status.value,
+        workflow.updated_at,
+        workflow.delivery_attempts,
+        workflow.dead_lettered_at,
+        workflow.uuid,
+    )
+    return await _one(await conn.execute(SET_STATE, params))
 
 
 async def _one(cursor: AsyncCursor[TupleRow]) -> Workflow:
@@ -191,7 +236,7 @@ async def _one(cursor: AsyncCursor[TupleRow]) -> Workflow:
 
 
 def _workflow(row: TupleRow) -> Workflow:
-    uuid, status, text, steps, created_at, updated_at = row
+    uuid, status, text, steps, created_at, updated_at, attempts, dead_lettered_at = row
     return Workflow(
         uuid=uuid,
         status=WorkflowStatus(status),
@@ -199,4 +244,6 @@ def _workflow(row: TupleRow) -> Workflow:
         steps=tuple(steps),
         created_at=created_at.astimezone(UTC),
         updated_at=updated_at.astimezone(UTC),
+        delivery_attempts=attempts,
+        dead_lettered_at=None if dead_lettered_at is None else dead_lettered_at.astimezone(UTC),
     )

@@ -1,0 +1,85 @@
+"""Poison workflows: an export that keeps failing is dead-lettered after N attempts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from workflows.adapters.csv_export import CsvExporter
+from workflows.domain.errors import DependencyUnavailable
+from workflows.domain.model import Workflow
+from workflows.entrypoints.container import Container
+
+
+class PoisonExporter(CsvExporter):
+    """Fails on any workflow whose data has a "poison" key."""
+
+    def __init__(self, export_dir: Path, error: Exception) -> None:
+        super().__init__(export_dir)
+        self.error = error
+
+    def render(self, workflow: Workflow) -> bytes:
+        if '"poison"' in workflow.data.text:
+            raise self.error
+        return super().render(workflow)
+
+
+@pytest.fixture
+def poisoned(container: Container, tmp_path: Path) -> PoisonExporter:
+    exporter = PoisonExporter(tmp_path / "exports", ValueError("cannot render"))
+    container.consume_workflow().exporter = exporter
+    return exporter
+
+
+async def consume_errors(client: httpx.AsyncClient, times: int) -> list[int]:
+    return [(await client.get("/workflow/consume")).status_code for _ in range(times)]
+
+
+async def test_poison_workflow_is_dead_lettered_after_five_failures(
+    client: httpx.AsyncClient, poisoned: PoisonExporter
+) -> None:
+    poison = (await client.post("/workflow", json={"data": {"poison": 1}})).json()["uuid"]
+    healthy = (await client.post("/workflow", json={"data": {"fine": 1}})).json()["uuid"]
+    assert await consume_errors(client, 5) == [500] * 5
+    after = await client.get("/workflow/consume")
+    assert after.headers["x-workflow-uuid"] == healthy
+
+    stored = (await client.get(f"/workflow/{poison}")).json()
+    assert stored["status"] == "inserted"
+    assert stored["delivery_attempts"] == 5
+    assert stored["dead_lettered_at"] is not None
+    dead = (await client.get("/workflow?dead_lettered=true")).json()
+    assert [w["uuid"] for w in dead] == [poison]
+
+
+async def test_patch_to_inserted_requeues_a_dead_letter(
+    client: httpx.AsyncClient, poisoned: PoisonExporter, container: Container, tmp_path: Path
+) -> None:
+    poison = (await client.post("/workflow", json={"data": {"poison": 1}})).json()["uuid"]
+    await consume_errors(client, 5)
+    assert (await client.get("/workflow/consume")).status_code == 204
+    container.consume_workflow().exporter = CsvExporter(tmp_path / "exports")  # fixed
+    revived = await client.patch(f"/workflow/{poison}", json={"status": "inserted"})
+    assert revived.json()["delivery_attempts"] == 0
+    assert revived.json()["dead_lettered_at"] is None
+    assert (await client.get("/workflow/consume")).headers["x-workflow-uuid"] == poison
+
+
+async def test_an_unavailable_export_directory_counts_no_attempt(
+    client: httpx.AsyncClient, container: Container, tmp_path: Path
+) -> None:
+    container.consume_workflow().exporter = PoisonExporter(
+        tmp_path, DependencyUnavailable("export directory", "disk full")
+    )
+    uuid = (await client.post("/workflow", json={"data": {"poison": 1}})).json()["uuid"]
+    assert await consume_errors(client, 7) == [503] * 7
+    stored = (await client.get(f"/workflow/{uuid}")).json()
+    assert (stored["delivery_attempts"], stored["dead_lettered_at"]) == (0, None)
+
+
+async def test_bad_dead_lettered_filter_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.get("/workflow?dead_lettered=maybe")
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["pointer"] == "/query/dead_lettered"
