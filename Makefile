@@ -37,6 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/openapi-spec-validator openapi.yaml
 	VENV=$(VENV) bash scripts/lint-infra.sh
 
 format: $(STAMP)

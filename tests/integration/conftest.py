@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.openapi_check import check_response
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.http import create_app
@@ -30,7 +31,9 @@ async def live(backend_settings: Settings) -> AsyncIterator[tuple[httpx.AsyncCli
     container = Container(settings=backend_settings)
     async with running(container):
         transport = httpx.ASGITransport(app=create_app(container))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", event_hooks={"response": [check_response]}
+        ) as client:
             yield client, container
         if backend_settings.queue_backend == "rabbitmq":
             await container.broker().delete_queue()

@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.openapi_check import check_response
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
 from workflows.entrypoints.http import create_app
@@ -25,5 +26,7 @@ def container(settings: Settings) -> Container:
 async def client(container: Container) -> AsyncIterator[httpx.AsyncClient]:
     # raise_app_exceptions=False: a 500 is an answer to check, as a client would see it.
     transport = httpx.ASGITransport(app=create_app(container), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", event_hooks={"response": [check_response]}
+    ) as client:
         yield client

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -16,21 +15,18 @@ from starlette.applications import Starlette
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.http import create_app
+from workflows.entrypoints.logs import configure_logging
+from workflows.entrypoints.observability import sampling
 
 
 def create(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("pika").setLevel(
-        max(logging.WARNING, logging.getLevelName(settings.log_level))
-    )
+    configure_logging(settings.log_level, settings.log_format)
     container = Container(settings=settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with running(container):
+        async with running(container), sampling(container):
             _on_stop_signal(container.doorbell().close)
             yield
 

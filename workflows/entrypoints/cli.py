@@ -1,17 +1,27 @@
-"""The command line: `workflows serve`, `workflows migrate`."""
+"""The command line: `workflows serve`, `migrate`, `stats`, `relay`."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 from dotenv import load_dotenv
 
+# Nothing imported here may import prometheus_client: `serve` must set
+# PROMETHEUS_MULTIPROC_DIR first (tests/unit/test_observability.py checks).
 from workflows.adapters.postgres import migrate
+from workflows.entrypoints import operations
 from workflows.entrypoints.config import ConfigError, Settings
+from workflows.entrypoints.logs import configure_logging, logging_config
+from workflows.entrypoints.security import protected_mode_refusal
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds in-flight requests get to finish on SIGTERM (default 10)",
     )
     commands.add_parser("migrate", help="apply pending database migrations and exit")
+    stats = commands.add_parser(
+        "stats", help="print queue depth, outbox backlog and workflows by status"
+    )
+    stats.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    commands.add_parser(
+        "relay",
+        help="run the outbox relay alone, until SIGTERM (rabbitmq; every API process has one too)",
+    )
     args = parser.parse_args(argv)
 
     load_dotenv(".env", override=False)
@@ -40,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"workflows: configuration error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "stats":
+        return operations.stats(_with_database(settings), as_json=args.json)
+    if args.command == "relay":
+        return operations.relay(_with_database(settings))
     if args.command == "migrate":
         applied = migrate(_database_url(settings))
         print(f"applied migrations: {', '.join(applied) or 'none (up to date)'}")
@@ -50,25 +73,41 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    host = args.host or settings.host
+    if refusal := protected_mode_refusal(host, settings):
+        print(f"workflows: {refusal}", file=sys.stderr)
+        return 2
     if settings.queue_backend != "memory":
         url = _database_url(settings)
         os.environ["DATABASE_URL"] = url
         applied = migrate(url)
-        print(f"database: {_redact(url)} (migrations applied now: {len(applied)})")
-    print(f"queue backend: {settings.queue_backend}", flush=True)
-    uvicorn.run(
-        "workflows.entrypoints.asgi:create",
-        factory=True,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers,
-        log_level=settings.log_level.lower(),
-        loop="uvloop",
-        http="httptools",
-        access_log=args.access_log,
-        timeout_graceful_shutdown=args.graceful_timeout,
-    )
+        log.info("database: %s (migrations applied now: %d)", _redact(url), len(applied))
+    log.info("queue backend: %s", settings.queue_backend)
+    log.info("API tokens: %d configured", len(settings.api_tokens))
+    # After its graceful shutdown a single-process uvicorn re-raises the signal that stopped
+    # it; under the default SIGTERM action this process would die before the metrics
+    # directory is removed. Ignored here, it ends `serve` normally: status 0, cleaned up.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: None)
+    with operations.metrics_directory():
+        uvicorn.run(
+            "workflows.entrypoints.asgi:create",
+            factory=True,
+            host=host,
+            port=args.port or settings.port,
+            workers=args.workers,
+            log_level=settings.log_level.lower(),
+            loop="uvloop",
+            http="httptools",
+            access_log=args.access_log,
+            timeout_graceful_shutdown=args.graceful_timeout,
+            log_config=logging_config(settings.log_level, settings.log_format),
+        )
     return 0
+
+
+def _with_database(settings: Settings) -> Settings:
+    return attrs.evolve(settings, database_url=_database_url(settings))
 
 
 def _database_url(settings: Settings) -> str:
@@ -76,8 +115,8 @@ def _database_url(settings: Settings) -> str:
         return settings.database_url
     from workflows.adapters.embedded_postgres import EmbeddedPostgres
 
-    print(
-        f"DATABASE_URL is not set: starting an embedded PostgreSQL in {settings.embedded_data_dir}"
+    log.info(
+        "DATABASE_URL is not set: starting an embedded PostgreSQL in %s", settings.embedded_data_dir
     )
     return EmbeddedPostgres(str(settings.embedded_data_dir)).start()
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
 
 BACKENDS = ("rabbitmq", "postgres", "memory")
+LOG_FORMATS = ("auto", "json", "text")
+TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,}=*")
+"""RFC 6750 b64token, at least 16 characters (`openssl rand -hex 32` makes a good one)."""
 
 
 class ConfigError(ValueError):
@@ -19,9 +23,9 @@ class ConfigError(ValueError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 5000
-    database_url: str | None = None
+    database_url: str | None = attrs.field(default=None, repr=False)  # may hold a password
     queue_backend: str = "postgres"
-    rabbitmq_url: str | None = None
+    rabbitmq_url: str | None = attrs.field(default=None, repr=False)
     rabbitmq_queue: str = "workflows"
     export_dir: Path = Path("var/exports")
     embedded_data_dir: Path = Path("var/postgres")
@@ -32,6 +36,11 @@ class Settings:
     idempotency_ttl: float = 24 * 3600.0
     max_delivery_attempts: int = 5
     commit: str = "unknown"
+    api_tokens: tuple[str, ...] = attrs.field(default=(), repr=False)
+    allow_unauthenticated: bool = False
+    metrics_public: bool = True
+    cors_origins: tuple[str, ...] = ()
+    log_format: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -63,6 +72,11 @@ class Settings:
                 env, "MAX_DELIVERY_ATTEMPTS", d.max_delivery_attempts, low=1, high=1000
             ),
             commit=env.get("WORKFLOWS_COMMIT", d.commit),
+            api_tokens=_tokens(env),
+            allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", False),
+            metrics_public=_bool(env, "METRICS_PUBLIC", True),
+            cors_origins=_origins(env),
+            log_format=_log_format(env),
         )
 
 
@@ -89,6 +103,45 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
     if not value >= 0:
         raise ConfigError(f"{name} must not be negative")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def _tokens(env: Mapping[str, str]) -> tuple[str, ...]:
+    tokens = tuple(token.strip() for token in env.get("API_TOKENS", "").split(",") if token.strip())
+    for position, token in enumerate(tokens, 1):
+        if not TOKEN.fullmatch(token):  # the message never shows the token itself
+            raise ConfigError(
+                f"API_TOKENS: token {position} must be at least 16 characters of "
+                f"A-Z a-z 0-9 - . _ ~ + / (e.g. from `openssl rand -hex 32`)"
+            )
+    return tokens
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    origins = tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com or *"
+            )
+    return origins
+
+
+def _log_format(env: Mapping[str, str]) -> str:
+    value = env.get("LOG_FORMAT", "auto").strip().lower() or "auto"
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
     return value
 
 

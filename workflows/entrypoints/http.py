@@ -12,6 +12,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -23,8 +24,9 @@ from workflows.domain.errors import (
     WorkflowNotFound,
 )
 from workflows.domain.model import WorkflowStatus
-from workflows.entrypoints import schemas
+from workflows.entrypoints import observability, schemas, security
 from workflows.entrypoints.container import Container
+from workflows.entrypoints.docs import docs_routes
 from workflows.entrypoints.problems import Problem, invalid
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,9 @@ class WorkflowCollection(HTTPEndpoint):
             query = {"limit": str(limit), "after": str(found[-1].uuid)}
             if status is not None:
                 query["status"] = status.value
-            headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
             if dead is not None:
                 query["dead_lettered"] = str(dead).lower()
+            headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
         return json_response(schemas.render_workflows(found), headers=headers)
 
 
@@ -278,12 +280,15 @@ def create_app(
     container: Container,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
+    settings = container.settings()
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", observability.metrics, methods=["GET"]),
             *workflow_routes(""),
             *workflow_routes("/v1"),
+            *docs_routes(),
         ],
         exception_handlers={
             Problem: problem_handler,
@@ -293,10 +298,18 @@ def create_app(
             DependencyUnavailable: unavailable_handler,
             Exception: error_handler,
         },
+        # Outermost first: headers on every response, the 500s too (which the request
+        # middleware renders, so that they carry the request id), then CORS and tokens.
+        middleware=[
+            Middleware(security.SecurityHeadersMiddleware),
+            Middleware(observability.RequestMiddleware),
+            *security.access_control(settings),
+        ],
         lifespan=lifespan or _no_lifespan,
     )
+    app.router.redirect_slashes = False  # /workflow/ is an unknown path: 404, not a 307
     app.state.container = container
-    app.state.settings = container.settings()
+    app.state.settings = settings
     return app
 
 

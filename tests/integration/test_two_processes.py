@@ -1,0 +1,270 @@
+"""Real `workflows` processes on one database and broker, as N replicas would run.
+
+Each test starts servers with the console script (`workflows serve`), talks to them over
+TCP, and stops them (SIGTERM, then SIGKILL of their own process group) however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import orjson
+import pika
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from workflows.adapters.postgres import PostgresDatabase, PostgresWorkflowRepository
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow
+from workflows.entrypoints.container import utc_now
+
+WORKFLOWS = 100
+CONSUMERS = 8
+DEADLINE = 60.0
+TOKEN = "two-processes-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WORKFLOWS_BIN = Path(sys.executable).with_name("workflows")
+OUR_VARIABLES = (
+    "API_TOKENS",
+    "ALLOW_UNAUTHENTICATED",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "QUEUE_BACKEND",
+    "RABBITMQ_URL",
+    "RABBITMQ_QUEUE",
+    "HOST",
+    "PORT",
+)
+
+
+@pytest.fixture(params=["postgres", "rabbitmq"])
+def server_env(
+    request: pytest.FixtureRequest, database_url: str, pg: PostgresDatabase, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    """The environment of every server of one test: one database (emptied by `pg`), one
+    queue of its own, one export directory, a token; no .env (they run in tmp_path), and a
+    TMPDIR of their own (the metrics directories)."""
+    env = {k: v for k, v in os.environ.items() if k not in OUR_VARIABLES}
+    (tmp_path / "tmp").mkdir()
+    env |= {
+        "TMPDIR": str(tmp_path / "tmp"),
+        "DATABASE_URL": database_url,
+        "QUEUE_BACKEND": request.param,
+        "EXPORT_DIR": str(tmp_path / "exports"),
+        "API_TOKENS": TOKEN,
+        "LOG_FORMAT": "json",
+        "DB_POOL_SIZE": "4",
+    }
+    if request.param == "rabbitmq":
+        rabbitmq_url = request.getfixturevalue("rabbitmq_url")
+        queue = request.getfixturevalue("queue_name")
+        env |= {"RABBITMQ_URL": rabbitmq_url, "RABBITMQ_QUEUE": queue}
+    yield env
+    if request.param == "rabbitmq":
+        connection = pika.BlockingConnection(pika.URLParameters(env["RABBITMQ_URL"]))
+        connection.channel().queue_delete(env["RABBITMQ_QUEUE"])
+        connection.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def running(
+    env: dict[str, str], cwd: Path, *arguments: str, name: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A `workflows` process in a process group of its own, stopped on the way out."""
+    log = (cwd / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        [str(WORKFLOWS_BIN), *arguments],
+        env=env,
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+@contextmanager
+def served(env: dict[str, str], cwd: Path, name: str, workers: int = 1) -> Iterator[str]:
+    """`workflows serve` on a free port; its base URL once /readyz answers 200."""
+    port = free_port()
+    arguments = ("serve", "--port", str(port), "--workers", str(workers))
+    with running(env, cwd, *arguments, name=name) as process:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                log = (cwd / f"{name}.log").read_text()
+                pytest.fail(f"{name} exited with {process.returncode}:\n{log}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{name} not ready in 30 s"
+            time.sleep(0.1)
+        yield url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(headers=AUTH, timeout=30) as client:
+        yield client
+
+
+async def test_two_api_processes_hand_each_workflow_to_exactly_one_consumer(
+    server_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient, database_url: str
+) -> None:
+    with served(server_env, tmp_path, "api-a") as a, served(server_env, tmp_path, "api-b") as b:
+        urls = (a, b)
+        posted = await post_all(http, urls)
+        consumed = await consume_all(http, urls)
+
+    uuids = [uuid for uuid, _ in consumed]
+    assert len(uuids) == len(set(uuids)), "a workflow was consumed twice"
+    assert set(uuids) == posted, "a workflow was lost"
+    assert {url for _, url in consumed} == set(urls), "both processes served consumes"
+    exports = {path.stem for path in (tmp_path / "exports").glob("*.csv")}
+    assert exports == {str(uuid) for uuid in posted}
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT status::text, count(*) FROM workflows GROUP BY 1").fetchall()
+    assert dict(rows) == {"consumed": WORKFLOWS}
+
+    stats = await asyncio.to_thread(
+        subprocess.run,
+        [str(WORKFLOWS_BIN), "stats", "--json"],
+        env=server_env,
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
+    report = orjson.loads(stats.stdout)
+    assert (report["queue_depth"], report["dead_letters"]) == (0, 0)
+    assert report["workflows"] == {"consumed": WORKFLOWS}
+    if server_env["QUEUE_BACKEND"] == "rabbitmq":
+        assert report["outbox"]["entries"] == 0
+
+
+async def post_all(http: httpx.AsyncClient, urls: tuple[str, str]) -> set[UUID]:
+    limit = asyncio.Semaphore(16)
+
+    async def post(n: int) -> UUID:
+        async with limit:
+            response = await http.post(f"{urls[n % 2]}/workflow", json={"data": {"n": n}})
+        assert response.status_code == 201, response.text
+        return UUID(response.json()["uuid"])
+
+    posted = set(await asyncio.gather(*(post(n) for n in range(WORKFLOWS))))
+    assert len(posted) == WORKFLOWS
+    return posted
+
+
+async def consume_all(http: httpx.AsyncClient, urls: tuple[str, str]) -> list[tuple[UUID, str]]:
+    """CONSUMERS clients, each alternating between the processes, until every workflow
+    has been handed out (or the deadline passes: then one was lost)."""
+    consumed: list[tuple[UUID, str]] = []
+    deadline = time.monotonic() + DEADLINE
+
+    async def consumer(n: int) -> None:
+        while len(consumed) < WORKFLOWS and time.monotonic() < deadline:
+            url = urls[n % 2]
+            n += 1
+            response = await http.post(f"{url}/workflow/consume")
+            if response.status_code == 200:
+                consumed.append((UUID(response.headers["x-workflow-uuid"]), url))
+            else:
+                assert response.status_code == 204, response.text
+                await asyncio.sleep(0.05)  # the rabbitmq outbox may still be delivering
+
+    await asyncio.gather(*(consumer(n) for n in range(CONSUMERS)))
+    return consumed
+
+
+@pytest.mark.parametrize("server_env", ["postgres"], indirect=True)
+async def test_metrics_add_up_the_workers_of_one_server(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    requests = 40
+    with served(server_env, tmp_path, "api-2-workers", workers=2) as url:
+        for _ in range(requests):  # a connection each, so both workers take some
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"{url}/healthz")).status_code == 200
+        deadline = time.monotonic() + 15
+        while True:
+            samples = await scrape(url)
+            both_sampled = samples.get(("workflows_db_pool_max_connections", ())) == 2 * 4
+            if both_sampled or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    assert both_sampled, "the pool gauges of the two workers add up (DB_POOL_SIZE=4 each)"
+    healthz = (("method", "GET"), ("route", "/healthz"), ("status", "200"))
+    assert samples[("workflows_http_requests_total", healthz)] == requests
+    assert samples[("workflows_queue_depth", (("backend", "postgres"),))] == 0
+    assert samples[("workflows_dead_letters", ())] == 0
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{url}/metrics")  # public by default, even with tokens
+    assert response.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+@pytest.mark.parametrize("server_env", ["rabbitmq"], indirect=True)
+async def test_the_relay_command_delivers_the_outbox_with_no_api_running(
+    server_env: dict[str, str], tmp_path: Path, pg: PostgresDatabase
+) -> None:
+    repository = PostgresWorkflowRepository(pg.pool, outbox=True)
+    for n in range(3):
+        await repository.add(Workflow.new(uuid7(), JsonDocument(f'{{"n": {n}}}'), (), utc_now()))
+
+    async def outbox_size() -> int:
+        async with pg.pool.connection() as conn:
+            row = await (await conn.execute("SELECT count(*) FROM outbox")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    assert await outbox_size() == 3
+    with running(server_env, tmp_path, "relay", name="relay") as relay:
+        deadline = time.monotonic() + 20
+        while await outbox_size() and time.monotonic() < deadline:
+            assert relay.poll() is None, (tmp_path / "relay.log").read_text()
+            await asyncio.sleep(0.2)
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(timeout=15) == 0
+    assert await outbox_size() == 0
+    connection = pika.BlockingConnection(pika.URLParameters(server_env["RABBITMQ_URL"]))
+    declared = connection.channel().queue_declare(server_env["RABBITMQ_QUEUE"], passive=True)
+    connection.close()
+    assert declared.method.message_count == 3

@@ -1,0 +1,120 @@
+"""Logging: one JSON object per line for machines, plain lines for a terminal.
+
+Every line written while a request is handled carries that request's id (a context
+variable the request middleware sets). Passwords in URLs and bearer tokens are masked in
+every message and traceback, whoever logged them.
+
+Deliberately free of prometheus_client: the CLI imports this module before it sets
+PROMETHEUS_MULTIPROC_DIR, which must happen before that library is first imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import re
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+SECRETS = (
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^@\s]*@", re.IGNORECASE), r"\1***@"),
+    (re.compile(r"(\bbearer\s+)[^\s,;\"']+", re.IGNORECASE), r"\1***"),
+    (re.compile(r"(\bpassword\s*=\s*)[^\s&;]+", re.IGNORECASE), r"\1***"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords, bearer tokens and `password=` values masked."""
+    for pattern, replacement in SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` (None outside a request) to every record it sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        if (rid := getattr(record, "request_id", None)) is not None:
+            entry["request_id"] = rid
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            client, method, path, _, status = args  # as uvicorn logs them
+            entry |= {"client": client, "method": method, "path": redact(str(path))}
+            entry["status"] = status
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        elif record.exc_text:
+            entry["exception"] = redact(record.exc_text)
+        return orjson.dumps(entry).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s%(rid)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = getattr(record, "request_id", None)
+        record.rid = f" [{rid}]" if rid else ""
+        return redact(super().format(record))
+
+
+def use_json(log_format: str, stream: Any = None) -> bool:
+    """JSON unless told `text`, or told `auto` and writing to a terminal."""
+    if log_format != "auto":
+        return log_format == "json"
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return not (isatty is not None and isatty())
+
+
+def logging_config(level: str, log_format: str = "auto") -> dict[str, Any]:
+    """A dictConfig for the root logger, uvicorn's loggers and pika, all to stdout.
+
+    Given to uvicorn as `log_config`, so its own lines (and every worker's) look the same.
+    """
+    formatter = JsonFormatter if use_json(log_format) else TextFormatter
+    quiet = logging.getLevelName(max(logging.WARNING, logging.getLevelName(level)))
+    routed = {"handlers": [], "propagate": True}  # uvicorn's loggers, through root
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": RequestIdFilter}},
+        "formatters": {"default": {"()": formatter}},
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "default",
+                "filters": ["request_id"],
+            }
+        },
+        "root": {"level": level, "handlers": ["stdout"]},
+        "loggers": {
+            "uvicorn": {"level": level, **routed},
+            "uvicorn.error": {"level": level, **routed},
+            "uvicorn.access": {"level": level, **routed},
+            "pika": {"level": quiet},
+        },
+    }
+
+
+def configure_logging(level: str, log_format: str = "auto") -> None:
+    logging.config.dictConfig(logging_config(level, log_format))

@@ -1,0 +1,174 @@
+"""What operating the service needs beyond serving: `workflows stats`, `workflows relay`,
+the figures /metrics reads at scrape time, and the metrics directory of `serve`.
+
+Free of prometheus_client, like everything the CLI imports (see observability.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import Iterator, Sized
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+
+from workflows.adapters.postgres.stats import OutboxBacklog, PostgresStats
+from workflows.domain.errors import DependencyUnavailable
+from workflows.entrypoints.config import Settings
+from workflows.entrypoints.container import Container, running
+
+log = logging.getLogger(__name__)
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+STATS_TIMEOUT = 4.0
+
+
+@attrs.frozen
+class Snapshot:
+    """Global figures, whichever process reads them; None for one that could not be read."""
+
+    backend: str
+    queue_depth: int | None
+    outbox: OutboxBacklog | None
+    dead_letters: int | None = None
+
+
+async def snapshot(container: Any) -> Snapshot:
+    """Queue depth (rabbitmq: messages ready in the broker; postgres: queued rows;
+    memory: this process's queue), dead letters and, with rabbitmq, the outbox backlog."""
+    backend: str = container.settings().queue_backend
+    depth: int | None = None
+    outbox: OutboxBacklog | None = None
+    dead: int | None = None
+    with _unless_unavailable("queue depth"):
+        if backend == "memory":
+            queue = container.queue()
+            depth = len(queue) if isinstance(queue, Sized) else None
+        elif backend == "postgres":
+            depth = await asyncio.wait_for(_stats(container).queue_depth(), STATS_TIMEOUT)
+        else:
+            depth = await asyncio.wait_for(container.broker().depth(), STATS_TIMEOUT)
+    if backend != "memory":
+        with _unless_unavailable("dead letters"):
+            dead = await asyncio.wait_for(_stats(container).dead_letters(), STATS_TIMEOUT)
+    if backend == "rabbitmq":
+        with _unless_unavailable("outbox backlog"):
+            outbox = await asyncio.wait_for(_stats(container).outbox(), STATS_TIMEOUT)
+    return Snapshot(backend, depth, outbox, dead)
+
+
+def _stats(container: Any) -> PostgresStats:
+    return PostgresStats(container.pool())
+
+
+@contextlib.contextmanager
+def _unless_unavailable(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (DependencyUnavailable, TimeoutError) as error:
+        log.warning("%s could not be read: %s", what, error or "timed out")
+
+
+def stats(settings: Settings, *, as_json: bool) -> int:
+    """Print queue depth, outbox backlog and workflows by status."""
+    if settings.queue_backend == "memory":
+        print("workflows stats: QUEUE_BACKEND=memory keeps its queue inside the serving process")
+        return 2
+    report = asyncio.run(_gather_stats(settings))
+    if as_json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    outbox = report["outbox"]
+    by_status = ", ".join(f"{status} {n}" for status, n in report["workflows"].items())
+    print(f"queue backend   {report['backend']}")
+    print(f"queue depth     {_or_unknown(report['queue_depth'])}")
+    print(f"dead letters    {_or_unknown(report['dead_letters'])}")
+    if report["backend"] == "rabbitmq":
+        backlog = (
+            "unknown"
+            if outbox is None
+            else (f"{outbox['entries']} (oldest {outbox['oldest_age_seconds']:.1f} s)")
+        )
+        print(f"outbox backlog  {backlog}")
+    print(f"workflows       {by_status or 'none'}")
+    return 0
+
+
+async def _gather_stats(settings: Settings) -> dict[str, Any]:
+    container = Container(settings=settings)
+    async with AsyncExitStack() as stack:  # the adapters only: no relay, no housekeeping
+        database = container.database()
+        stack.push_async_callback(database.stop)
+        await database.start()
+        if settings.queue_backend == "rabbitmq":
+            broker = container.broker()
+            stack.push_async_callback(broker.stop)
+            with _unless_unavailable("rabbitmq"):
+                await broker.start()
+        snap = await snapshot(container)
+        by_status = await _stats(container).counts_by_status()
+    outbox = None if snap.outbox is None else attrs.asdict(snap.outbox)
+    return {
+        "backend": snap.backend,
+        "queue_depth": snap.queue_depth,
+        "dead_letters": snap.dead_letters,
+        "outbox": outbox,
+        "workflows": by_status,
+    }
+
+
+def _or_unknown(value: object) -> str:
+    return "unknown" if value is None else str(value)
+
+
+def relay(settings: Settings) -> int:
+    """Run the outbox relay alone until SIGINT or SIGTERM."""
+    if settings.queue_backend != "rabbitmq":
+        print(
+            f"workflows relay: only QUEUE_BACKEND=rabbitmq has an outbox "
+            f"(this one is {settings.queue_backend})"
+        )
+        return 2
+    asyncio.run(_relay(settings))
+    return 0
+
+
+async def _relay(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with running(Container(settings=settings)):
+        log.info(
+            "outbox relay running on queue %r; SIGINT or SIGTERM stops it", settings.rabbitmq_queue
+        )
+        await stop.wait()
+    log.info("outbox relay stopped")
+
+
+@contextlib.contextmanager
+def metrics_directory() -> Iterator[Path]:
+    """PROMETHEUS_MULTIPROC_DIR for the workers of `serve`: the one configured, emptied of
+    a previous run's files, or else a new temporary one, removed afterwards. Set in the
+    environment before any worker starts (and before prometheus_client is imported)."""
+    configured = os.environ.get(MULTIPROC_DIR)
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="workflows-metrics-") as created:
+        os.environ[MULTIPROC_DIR] = created
+        try:
+            yield Path(created)
+        finally:
+            os.environ.pop(MULTIPROC_DIR, None)

@@ -1,0 +1,149 @@
+"""Bearer tokens, protected mode, security headers and CORS: pure ASGI middleware."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from workflows.entrypoints.config import Settings
+from workflows.entrypoints.problems import Problem
+
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/version", "/v1/version", "/docs", "/openapi.json", "/openapi.yaml"}
+)
+PUBLIC_PREFIXES = ("/docs/",)
+# For API responses (JSON, CSV): nothing may be loaded, framed or submitted. The /docs page
+# sets a CSP of its own (docs.py), which this one does not replace.
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", API_CSP.encode()),
+)
+NO_STORE = ((b"cache-control", b"no-store"),)
+CACHEABLE_PREFIXES = ("/docs/assets/",)
+
+
+def access_control(settings: Settings) -> list[Middleware]:
+    """CORS when configured, then bearer tokens when configured: CORS first, because a
+    preflight carries no credentials and must be answered all the same."""
+    stack: list[Middleware] = []
+    if settings.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PATCH"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+                expose_headers=[
+                    "Location",
+                    "Link",
+                    "Retry-After",
+                    "X-Request-ID",
+                    "X-Workflow-UUID",
+                ],
+                max_age=600,
+            )
+        )
+    if settings.api_tokens:
+        public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
+        stack.append(Middleware(BearerAuthMiddleware, tokens=settings.api_tokens, public=public))
+    return stack
+
+
+class SecurityHeadersMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        defaults = HEADERS if scope["path"].startswith(CACHEABLE_PREFIXES) else HEADERS + NO_STORE
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Raw headers (lower-case names, as Starlette sends them): a response's own
+                # value wins, e.g. the /docs page's Content-Security-Policy.
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(h for h in defaults if h[0] not in present)
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class BearerAuthMiddleware:
+    """Every path but the public ones needs `Authorization: Bearer <one of the tokens>`.
+
+    Deny by default: a route added later is protected without anyone remembering to.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: tuple[str, ...], public: frozenset[str]) -> None:
+        self.app = app
+        self.tokens = [token.encode() for token in tokens]
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.is_public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        authorization = Headers(scope=scope).get("authorization")
+        if authorization is None:
+            problem = unauthorized("send 'Authorization: Bearer <token>' (one of API_TOKENS)")
+        elif not self.accepts(authorization):
+            problem = unauthorized("the bearer token is not valid", error="invalid_token")
+        else:
+            await self.app(scope, receive, send)
+            return
+        await problem.response()(scope, receive, send)
+
+    def is_public(self, path: str) -> bool:
+        return path in self.public or path.startswith(PUBLIC_PREFIXES)
+
+    def accepts(self, authorization: str) -> bool:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = credentials.strip().encode("utf-8", "surrogateescape")
+        # Compare with every token, whatever matches: the time taken says nothing about
+        # which token (or how much of one) is right.
+        matched = False
+        for token in self.tokens:
+            matched |= hmac.compare_digest(given, token)
+        return matched
+
+
+def unauthorized(detail: str, error: str | None = None) -> Problem:
+    challenge = 'Bearer realm="workflows"' + (f', error="{error}"' if error else "")
+    return Problem(401, detail, headers={"WWW-Authenticate": challenge})
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and `localhost`; anything else (0.0.0.0, ::, a name) is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def protected_mode_refusal(host: str, settings: Settings) -> str | None:
+    """Why `serve` must not listen on `host`; None when it may."""
+    if settings.api_tokens or settings.allow_unauthenticated or is_loopback(host):
+        return None
+    return (
+        f"refusing to listen on {host}: no API_TOKENS are set, so anyone who can reach this "
+        f"address could read and consume every workflow. Either set API_TOKENS "
+        f"(comma-separated; clients send 'Authorization: Bearer <token>'), listen on a "
+        f"loopback address (--host 127.0.0.1), or, if something in front of this service "
+        f"authenticates requests, set ALLOW_UNAUTHENTICATED=true."
+    )
