@@ -1,9 +1,9 @@
 #!/bin/sh
-# Image entrypoint: export DATABASE_URL and RABBITMQ_URL from Docker secrets, then run
-# `workflows "$@"`. The app reads plain environment variables only; Swarm hands secrets
-# over as files, so this bridges the two.
+# Image entrypoint: export DATABASE_URL, RABBITMQ_URL and API_TOKENS from Docker secrets,
+# then run `workflows "$@"`. The app reads plain environment variables only; Swarm hands
+# secrets over as files, so this bridges the two.
 #
-# For each NAME in DATABASE_URL, RABBITMQ_URL the value comes from, first found:
+# For each NAME in DATABASE_URL, RABBITMQ_URL, API_TOKENS the value comes from, first found:
 #   1. the file named by NAME_FILE (an error if it is set but unreadable);
 #   2. /run/secrets/<name in lower case>, e.g. /run/secrets/database_url;
 #   3. NAME itself, as given to the container.
@@ -27,6 +27,7 @@ load_secret() {  # load_secret NAME EXPLICIT_FILE DEFAULT_FILE
 
 load_secret DATABASE_URL "${DATABASE_URL_FILE:-}" /run/secrets/database_url
 load_secret RABBITMQ_URL "${RABBITMQ_URL_FILE:-}" /run/secrets/rabbitmq_url
-unset DATABASE_URL_FILE RABBITMQ_URL_FILE value
+load_secret API_TOKENS "${API_TOKENS_FILE:-}" /run/secrets/api_tokens
+unset DATABASE_URL_FILE RABBITMQ_URL_FILE API_TOKENS_FILE value
 
 exec workflows "$@"

@@ -12,8 +12,9 @@ usage() {
   cat <<EOF
 usage: infra/stack.sh COMMAND
 
-  deploy          join or start a swarm, create .env and the secrets if missing,
-                  build the API image (unless API_IMAGE is set), deploy or update
+  deploy          join or start a swarm, create .env, its passwords and API token and
+                  the secrets if missing, build the API image (unless API_IMAGE is
+                  set), deploy or update
   rm              remove the stack; volumes (the data) and secrets are kept
   status          the stack's services and tasks
   logs [SERVICE]  follow the logs of api (default), postgres or rabbitmq
@@ -95,6 +96,26 @@ password() {  # password NAME: its value, generated into .env when empty
   printf '%s' "$value"
 }
 
+api_tokens() {  # API_TOKENS: its value, one token generated into .env when it has none
+  local value token position=0 valid='^[A-Za-z0-9._~+/-]{16,}=*$' any=
+  value=$(env_value API_TOKENS)
+  [[ $value != *$'\n'* ]] || die "API_TOKENS: comma-separated on one line, not one token a line"
+  while IFS= read -r token; do  # as the API does: comma-separated, blanks around ignored
+    token=${token#"${token%%[![:space:]]*}"}
+    token=${token%"${token##*[![:space:]]}"}
+    [ -n "$token" ] || continue
+    position=$((position + 1)) any=1
+    [[ $token =~ $valid ]] ||  # never show the token itself
+      die "API_TOKENS: token $position must be at least 16 characters of A-Z a-z 0-9 - . _ ~ + / (e.g. from openssl rand -hex 32)"
+  done < <(printf '%s\n' "$value" | tr , '\n')
+  if [ -z "$any" ]; then
+    value=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')  # 64 hex digits, as openssl rand -hex 32
+    set_env_value API_TOKENS "$value"
+    say "generated API_TOKENS (the API's bearer token) and wrote it to .env" >&2
+  fi
+  printf '%s' "$value"
+}
+
 ensure_secret() {  # ensure_secret NAME VALUE: create the swarm secret unless it exists
   if docker secret inspect "$1" >/dev/null 2>&1; then
     return 0
@@ -104,17 +125,35 @@ ensure_secret() {  # ensure_secret NAME VALUE: create the swarm secret unless it
 }
 
 ensure_secrets() {
-  local pg_user pg_db pg_pass mq_user mq_pass version
+  local pg_user pg_db pg_pass mq_user mq_pass tokens version tokens_version
   pg_user=$(env_value POSTGRES_USER); pg_user=${pg_user:-workflows}
   pg_db=$(env_value POSTGRES_DB); pg_db=${pg_db:-workflows}
   mq_user=$(env_value RABBITMQ_USER); mq_user=${mq_user:-workflows}
   pg_pass=$(password POSTGRES_PASSWORD)
   mq_pass=$(password RABBITMQ_PASSWORD)
+  tokens=$(api_tokens)
   version=$(env_value SECRETS_VERSION); version=${version:-1}
+  tokens_version=$(env_value API_TOKENS_VERSION); tokens_version=${tokens_version:-1}
   ensure_secret "workflows_postgres_password_v$version" "$pg_pass"
   ensure_secret "workflows_rabbitmq_password_v$version" "$mq_pass"
   ensure_secret "workflows_database_url_v$version" "postgresql://$pg_user:$pg_pass@postgres:5432/$pg_db"
   ensure_secret "workflows_rabbitmq_url_v$version" "amqp://$mq_user:$mq_pass@rabbitmq:5672/%2F"
+  ensure_secret "workflows_api_tokens_v$tokens_version" "$tokens"
+}
+
+usage_hint() {  # how to call the API; the token stays where it is, never in this output
+  local where=$1 env_file
+  env_file=$(printf '%q' "$ENV_FILE")
+  say "the API wants 'Authorization: Bearer <token>', a token of API_TOKENS ($where), e.g.:"
+  if [ "$where" = "in .env" ]; then
+    # shellcheck disable=SC2016 # printed for the operator to run, not expanded here
+    printf '  curl -H "Authorization: Bearer $(sed -n %s %s | tail -n 1 | cut -d, -f1)" http://127.0.0.1:%s/workflow\n' \
+      "'s/^API_TOKENS=//p'" "$env_file" "${API_PORT:-5000}"
+  else
+    # shellcheck disable=SC2016
+    printf '  curl -H "Authorization: Bearer ${API_TOKENS%%%%,*}" http://127.0.0.1:%s/workflow\n' "${API_PORT:-5000}"
+  fi
+  say "changing API_TOKENS takes a new secret: raise API_TOKENS_VERSION, deploy (docs/deploy.md)"
 }
 
 export_env_file() {  # every NAME=value of .env not already in the environment, for interpolation
@@ -146,6 +185,8 @@ deploy() {
   require_engine
   ensure_swarm
   ensure_env_file
+  local tokens_from="in .env"
+  [ -z "${API_TOKENS:-}" ] || tokens_from="from the environment"
   ensure_secrets
   export_env_file
   local args=(--compose-file "$STACK_FILE" --prune)
@@ -161,6 +202,7 @@ deploy() {
   say "deploying stack $STACK with $API_IMAGE"
   docker stack deploy "${args[@]}" "$STACK"
   docker stack services "$STACK"
+  usage_hint "$tokens_from"
 }
 
 main() {

@@ -118,10 +118,24 @@ check_compose_schema() {
 }
 
 # `config` resolves interpolation, env files and references (services, volumes,
-# secrets, networks) exactly as `docker compose up` would, without an engine.
+# secrets, networks) exactly as `docker compose up` would, without an engine. The compose
+# file requires API_TOKENS (from .env): a placeholder stands in for it, and a run without
+# it must fail naming it, or `up` would start an API that refuses to listen (protected
+# mode) and restarts forever.
 check_compose_config() {
-  docker_compose -f infra/docker-compose.yml config --quiet &&
-    docker_compose -f infra/docker-stack.yml config --quiet
+  API_TOKENS=lint-placeholder-token docker_compose -f infra/docker-compose.yml config --quiet &&
+    docker_compose -f infra/docker-stack.yml config --quiet &&
+    check_compose_requires_tokens
+}
+
+check_compose_requires_tokens() {
+  local message
+  if message=$(unset API_TOKENS COMPOSE_ENV_FILES
+    docker_compose --env-file /dev/null -f infra/docker-compose.yml config --quiet 2>&1); then
+    echo "infra/docker-compose.yml: accepted without API_TOKENS; it must require it (\${API_TOKENS:?...})" >&2
+    return 1
+  fi
+  [[ $message == *"required variable API_TOKENS is missing"* ]] || { echo "$message" >&2; return 1; }
 }
 
 # The swarm loader is stricter than compose in places (it knows only the keys Swarm
