@@ -176,7 +176,15 @@ async def test_every_operation_answers_as_documented(checked: httpx.AsyncClient)
 
 
 def _response(request: httpx.Request, status: int, body: bytes, **headers: str) -> httpx.Response:
+    """A response as the app would send it: with an `X-Request-ID` unless one is given."""
+    headers = {"x-request-id": "0123456789abcdef0123456789abcdef", **headers}
     return httpx.Response(status, content=body, headers=headers, request=request)
+
+
+PROBLEM = {"content-type": "application/problem+json"}
+UNAUTHORIZED = (
+    b'{"type": "/problems/unauthorized", "title": "Unauthorized", "status": 401, "detail": "d"}'
+)
 
 
 @pytest.mark.parametrize(
@@ -189,6 +197,26 @@ def _response(request: httpx.Request, status: int, body: bytes, **headers: str) 
         ("GET", "/healthz", 200, b'{"status": "up"}', {"content-type": "application/json"}, "'ok'"),
         ("GET", "/nowhere", 200, b"{}", {"content-type": "application/json"}, "no path"),
         ("PUT", "/workflow", 405, b"{}", {"allow": "GET, PUT"}, "Allow says"),
+        ("GET", "/healthz", 200, b"{}", {"x-request-id": "has space"}, "header X-Request-ID"),
+        ("GET", "/workflow", 401, UNAUTHORIZED, PROBLEM, "WWW-Authenticate is missing"),
+        (
+            "GET",
+            "/workflow",
+            401,
+            UNAUTHORIZED,
+            {**PROBLEM, "www-authenticate": "Basic realm=x"},
+            "header WWW-Authenticate",
+        ),
+        (
+            "GET",
+            "/v1/workflow/consume",
+            401,
+            UNAUTHORIZED.replace(b"unauthorized", b"forbidden"),
+            {**PROBLEM, "www-authenticate": 'Bearer realm="workflows"'},
+            "/type",
+        ),
+        ("GET", "/healthz", 401, UNAUTHORIZED, PROBLEM, "status 401 is not documented"),
+        ("GET", "/openapi.json", 401, UNAUTHORIZED, PROBLEM, "status 401 is not documented"),
     ],
 )
 def test_a_response_the_document_does_not_describe_is_refused(
@@ -197,6 +225,15 @@ def test_a_response_the_document_does_not_describe_is_refused(
     request = httpx.Request(method, f"http://test{path}")
     with pytest.raises(AssertionError, match=re.escape(complaint)):
         assert_conforms(_response(request, status, body, **headers))
+
+
+def test_a_response_without_x_request_id_is_refused() -> None:
+    request = httpx.Request("GET", "http://test/healthz")
+    response = httpx.Response(200, json={"status": "ok"}, request=request)
+    with pytest.raises(AssertionError, match="required header X-Request-ID is missing"):
+        assert_conforms(response)
+    response.headers["x-request-id"] = "abc"
+    assert_conforms(response)
 
 
 class _Assets(HTMLParser):

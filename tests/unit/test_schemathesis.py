@@ -13,6 +13,11 @@ input accepted, 405 with `Allow` for undocumented methods. Two adjustments, each
 explained where it is made: `shorten_wait`, and the stateful test's exact check of
 `Idempotency-Key` reuse in place of "valid input accepted" for that one answer.
 
+The app runs without API_TOKENS, as a server on a loopback address does: every rule but
+the bearer token is tested here, and as the document's `security` allows `{}` (no
+credentials), schemathesis sends none. test_openapi_security.py tests the 401s request
+by request, and runs a small schemathesis pass with API_TOKENS set and the token sent.
+
 Every example and every sequence starts on an empty app: a failure then replays the
 same way when Hypothesis shrinks it, and an Idempotency-Key generated twice cannot make
 one example's valid request depend on another's.
