@@ -3,7 +3,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-export RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/%2F
+# The tests' broker (make run uses RabbitMQ only when RABBITMQ_URL is set).
+TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/%2F
 
 .PHONY: help install run migrate test test-unit lint format bench bench-smoke clean
 
@@ -27,7 +28,7 @@ migrate: $(STAMP)
 	$(BIN)/workflows migrate
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	RABBITMQ_URL="$${RABBITMQ_URL:-$(TEST_RABBITMQ_URL)}" $(BIN)/pytest -q
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

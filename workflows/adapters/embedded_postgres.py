@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ class EmbeddedPostgres:
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
             from pgserver.postgres_server import get_server
 
+        logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every command
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._server = get_server(self._data_dir, cleanup_mode="stop")
         return self._server.get_uri()
