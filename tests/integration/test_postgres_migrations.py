@@ -29,7 +29,7 @@ def empty_database(postgres_server_url: str) -> Iterator[str]:
         )
 
 
-VERSIONS = ["0001_init", "0002_idempotency_keys", "0003_dead_letters"]
+VERSIONS = ["0001_init", "0002_idempotency_keys", "0003_dead_letters", "0004_queue_index"]
 
 
 def recorded_versions(url: str) -> list[str]:

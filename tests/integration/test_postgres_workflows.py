@@ -92,5 +92,6 @@ async def test_consume_finds_the_oldest_inserted_row_by_index_among_many_consume
         cursor = await conn.execute(f"EXPLAIN {LOCK_OLDEST_INSERTED}")
         plan = "\n".join(line for (line,) in await cursor.fetchall())
     # Either index reaches the INSERTED rows directly; neither scans the consumed ones.
+    # (Which one the planner takes depends on its statistics.)
     assert "Seq Scan" not in plan, plan
-    assert "workflows_inserted_idx" in plan or "workflows_status_uuid_idx" in plan, plan
+    assert "workflows_queue_idx" in plan or "workflows_status_uuid_idx" in plan, plan

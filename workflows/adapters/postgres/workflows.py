@@ -62,7 +62,7 @@ GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
 LOCK = f"{GET} FOR UPDATE"
 LOCK_IF_QUEUED = f"{GET} AND {QUEUED} FOR UPDATE"
 # 'inserted' is a literal, not a parameter, so even a generic (prepared) plan can use
-# the index workflows_status_uuid_idx.
+# the partial index workflows_queue_idx.
 LOCK_OLDEST_INSERTED = f"""
 SELECT {COLUMNS} FROM workflows
 WHERE {QUEUED}
