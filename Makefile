@@ -47,3 +47,15 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (bench/, docs/benchmarks.md): the service beside the raw limits of PostgreSQL
+# and RabbitMQ, measured in the same run. Needs DATABASE_URL's server (it creates and drops
+# a database of its own) and RABBITMQ_URL; installs wrk and matplotlib when missing.
+bench: $(STAMP)
+	VENV=$(VENV) bash bench/setup.sh
+	$(BIN)/python bench/bench.py
+
+# Seconds-long: proves the harness end to end (CI); never asserts a timing.
+bench-smoke: $(STAMP)
+	VENV=$(VENV) bash bench/setup.sh
+	$(BIN)/python bench/bench.py --smoke

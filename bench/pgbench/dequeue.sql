@@ -1,0 +1,13 @@
+-- Raw dequeue: claim the oldest queued workflow no one else holds and mark it consumed,
+-- returning the row, in one autocommit statement (the service needs four round trips:
+-- BEGIN, the claim, the UPDATE, COMMIT). The WHERE and ORDER BY are the service's
+-- (LOCK_OLDEST_INSERTED in workflows/adapters/postgres/workflows.py).
+WITH claimed AS (
+    SELECT uuid FROM workflows
+    WHERE status = 'inserted' AND dead_lettered_at IS NULL
+    ORDER BY uuid
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED)
+UPDATE workflows w SET status = 'consumed', updated_at = now()
+FROM claimed WHERE w.uuid = claimed.uuid
+RETURNING w.uuid, w.status, w.data_text::text, w.steps, w.created_at, w.updated_at;

@@ -1,0 +1,154 @@
+"""The verdict of one run: the table's rows (each with its raw limit), the targets of
+issue 5, how the run was set up, and the results as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import report
+from phases import BODY, CONSUME_CONNECTIONS, LIST_SCALE_CONNECTIONS, POST_CONNECTIONS
+from psycopg.conninfo import conninfo_to_dict
+
+if TYPE_CHECKING:
+    from bench import Context
+
+# The raw limit each scenario is divided by (a scenario's name up to " [").
+BASIS = {
+    "POST /workflow": "raw insert (pgbench)",
+    "GET /workflow/{uuid}": "raw get one (pgbench)",
+    "GET /workflow?limit=100": "raw list page (pgbench)",
+    "consume [postgres]": "raw dequeue SKIP LOCKED + queue index (pgbench)",
+    "consume [rabbitmq]": "raw get+ack (pika)",
+}
+
+
+def rows(ctx: Context) -> list[report.Row]:
+    out = []
+    for result in ctx.results.values():
+        key = result.name if result.name.startswith("consume") else result.name.split(" [")[0]
+        basis = ctx.results.get(BASIS.get(key, "")) if result.kind == "http" else None
+        out.append(report.Row(result, basis))
+    return out
+
+
+def targets(ctx: Context) -> list[report.Target]:
+    r = {row.result.name: row for row in rows(ctx)}
+    out = []
+
+    def ratio_target(scenario: str, wanted: float, extra: str = "", ok: bool = True) -> None:
+        row = r.get(scenario)
+        ratio = row.ratio if row else None
+        measured = "—" if ratio is None else f"{ratio:.2f} x {row.basis.name}"  # type: ignore[union-attr]
+        met = None if ratio is None else (ratio >= wanted and ok)
+        out.append(report.Target(scenario, f"≥ {wanted} x raw{extra}", measured, met))
+
+    ratio_target("POST /workflow [postgres]", 0.5)
+    drained = ctx.drain_seconds
+    drain_ok = drained is not None and drained <= 2.0
+    ratio_target("POST /workflow [rabbitmq]", 0.35, ", outbox drained ≤ 2 s", drain_ok)
+    if out[-1].met is not None:
+        out[-1].measured += f"; drained in {'—' if drained is None else f'{drained:.2f} s'}"
+    ratio_target("consume [postgres]", 0.5)
+    ratio_target("consume [rabbitmq]", 0.5)
+    small = r.get(f"list first page @ {ctx.mode.rows_small:,} rows")
+    big = r.get(f"list first page @ {ctx.mode.rows_big:,} rows")
+    if small and big and small.result.p50_ms and big.result.p50_ms:
+        q = big.result.p50_ms / small.result.p50_ms
+        out.append(
+            report.Target(
+                f"list p50 @ {ctx.mode.rows_big:,} vs {ctx.mode.rows_small:,} rows",
+                "≤ 1.5 x",
+                f"{big.result.p50_ms:.2f} / {small.result.p50_ms:.2f} ms = {q:.2f} x",
+                q <= 1.5,
+            )
+        )
+    tails = [
+        (row.result.name, row.result.p99_ms / row.result.p50_ms)
+        for row in r.values()
+        if row.result.kind == "http" and row.result.p50_ms and row.result.p99_ms
+    ]
+    worst = [f"{name}: {q:.1f}x" for name, q in tails if q > 5]
+    out.append(
+        report.Target(
+            "tail: p99 ≤ 5 x p50, every HTTP scenario",
+            "all ≤ 5 x",
+            f"{len(tails) - len(worst)}/{len(tails)} met"
+            + (f"; over: {', '.join(worst)}" if worst else ""),
+            not worst if tails else None,
+        )
+    )
+    growths = {b: max(v["growth"].values(), default=0.0) for b, v in ctx.rss.items()}  # type: ignore[attr-defined]
+    out.append(
+        report.Target(
+            "worker RSS growth, 2 min mixed load after warm-up",
+            "≤ 10 %",
+            ", ".join(f"{b}: {g:+.1%}" for b, g in growths.items()) or "—",
+            all(g <= 0.10 for g in growths.values()) if growths else None,
+        )
+    )
+    return out
+
+
+def setup_lines(ctx: Context, elapsed: float) -> list[str]:
+    m = ctx.mode
+    return [
+        f"1-minute load average {' at start, '.join(f'{x:.1f}' for x in ctx.load_average)}"
+        " at end (above ~1 before the run, other work shared the machine)",
+        f"PostgreSQL at {_where(ctx.db.url)}, RabbitMQ at {_where(ctx.rabbitmq_url)}; the "
+        f"benchmark's own database {ctx.db.name} (dropped after) and queues bench-{ctx.run_id}-*",
+        f"mode {m.name}, {elapsed:.0f} s in all; {ctx.workers} uvicorn workers "
+        "(`workflows serve --workers N`: uvloop, httptools, no access log), DB_POOL_SIZE "
+        "default (10 per worker), LOG_LEVEL=WARNING",
+        f"pinned with taskset: service (uvicorn master and workers) on cpu {ctx.server_cpus}; "
+        f"every load generator (wrk -t1, pgbench -j1, broker.py) on cpu {ctx.load_cpus}; "
+        "the PostgreSQL and RabbitMQ servers (not started by the harness) are unpinned "
+        "(they use both cores)",
+        f"raw runs {m.raw_seconds:g} s, HTTP runs {m.http_seconds:g} s after {m.warmup:g} s "
+        f"of warm-up; POST, GET and list at {POST_CONNECTIONS} connections, consume at "
+        f"{CONSUME_CONNECTIONS}; list scale at {LIST_SCALE_CONNECTIONS} for {m.list_seconds:g} s",
+        f"body: bench/body.json ({BODY.stat().st_size} bytes: a nested object, 3 lines, "
+        "3 steps); pgbench inserts the same row (json data, text[] steps, UUIDv7 key)",
+        f"prefilled with SQL (generate_series): {m.rows_small:,} rows for GET; "
+        f"{m.dequeue_prefill:,} for the raw dequeue; {m.consume_prefill:,} more for consume "
+        "(their uuids also published to the queue for rabbitmq); VACUUM ANALYZE and CHECKPOINT "
+        "before each run",
+        "raw p50/p99: pgbench per-transaction log; pika: per operation; the prefetching "
+        "consumer reports a rate only",
+        f"mixed: 35 % POST, 30 % GET one, 10 % list, 25 % consume, {POST_CONNECTIONS} "
+        f"connections, {m.mixed_seconds:g} s"
+        + (
+            f" after {m.rss_warmup:g} s of warm-up, RSS of each worker sampled every 5 s"
+            if m.rss_warmup
+            else ""
+        ),
+    ]
+
+
+def _where(url: str) -> str:
+    """host:port of a URL or libpq conninfo, nothing else (no credentials)."""
+    if "://" in url:
+        parsed = urlsplit(url)
+        return f"{parsed.hostname}:{parsed.port}"
+    params = conninfo_to_dict(url)
+    return f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+
+
+def save_json(
+    ctx: Context,
+    rows_: list[report.Row],
+    targets_: list[report.Target],
+    info: dict[str, str],
+    path: Path,
+) -> None:
+    data: dict[str, Any] = {
+        "rows": [report.as_dict(row) for row in rows_],
+        "targets": [t.__dict__ for t in targets_],
+        "machine": info,
+        "rss": ctx.rss,
+        "drain_seconds": ctx.drain_seconds,
+        "problems": ctx.problems,
+    }
+    path.write_text(json.dumps(data, indent=1, default=str))
