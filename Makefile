@@ -59,3 +59,13 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	VENV=$(VENV) bash bench/setup.sh
 	$(BIN)/python bench/bench.py --smoke
+
+# Fault-injection suite (docs/chaos.md): kill -9 of API workers, a RabbitMQ outage, a
+# PostgreSQL restart and dropped consume calls, under load, for both queue backends. It
+# restarts the machine's PostgreSQL and RabbitMQ (and always brings them back).
+.PHONY: chaos chaos-short
+chaos: $(STAMP)
+	$(BIN)/python -m scripts.chaos
+
+chaos-short: $(STAMP)
+	$(BIN)/python -m scripts.chaos --short

@@ -1,0 +1,217 @@
+"""One target of a scenario: a fresh database, a queue name, an export directory, and the
+API serving them under uvicorn with two workers, in a process group of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from scripts.chaos.services import AMQP_URL, HOST, PG_PORT, broker_queue_depth_and_delete
+
+log = logging.getLogger("chaos")
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_URL = f"postgresql://postgres@{HOST}:{PG_PORT}/postgres"
+START_TIMEOUT = 90.0
+
+_groups: set[int] = set()  # process groups of API servers still to end
+_databases: set[str] = set()  # databases still to drop
+
+
+def database_url(name: str) -> str:
+    return f"postgresql://postgres@{HOST}:{PG_PORT}/{name}"
+
+
+def _admin(statement: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(statement)  # names are ours ([a-z0-9_]), never user input
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Target:
+    """One backend under test in one scenario, with everything it owns."""
+
+    scenario: str
+    backend: str
+    workdir: Path
+    keep: bool = False
+    name: str = field(init=False)
+    port: int = field(init=False, default=0)
+    process: subprocess.Popen[bytes] | None = field(init=False, default=None)
+    broker_left: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.name = f"chaos_{secrets.token_hex(4)}_{self.backend[:2]}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.scenario}/{self.backend}"
+
+    @property
+    def database(self) -> str:
+        return database_url(self.name)
+
+    @property
+    def queue(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def export_dir(self) -> Path:
+        return self.workdir / f"{self.name}-exports"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.scenario}-{self.backend}.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    async def start(self) -> None:
+        if not self.keep:
+            _databases.add(self.name)  # dropped at exit whatever happens
+        await asyncio.to_thread(_admin, f"CREATE DATABASE {self.name}")
+        self.export_dir.mkdir(parents=True)
+        self.port = _free_port()
+        env = os.environ | {
+            "DATABASE_URL": self.database,
+            "RABBITMQ_URL": AMQP_URL,
+            "RABBITMQ_QUEUE": self.queue,
+            "QUEUE_BACKEND": self.backend,
+            "EXPORT_DIR": str(self.export_dir),
+            "HOST": HOST,
+        }
+        command = [str(Path(sys.executable).with_name("workflows")), "serve"]
+        command += ["--port", str(self.port), "--workers", "2"]
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: we end it whole
+            )
+        _groups.add(self.process.pid)
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        async with httpx.AsyncClient(base_url=self.base_url, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.label}: the API exited; see {self.log_path}")
+                try:
+                    ready = (await client.get("/readyz", timeout=5)).status_code == 200
+                    if ready and len(self.worker_pids()) == 2:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.25)
+        raise RuntimeError(f"{self.label}: the API was not ready in {START_TIMEOUT:.0f}s")
+
+    def worker_pids(self) -> list[int]:
+        """uvicorn's worker processes: the parent's children that run spawn_main."""
+        if self.process is None:
+            return []
+        parent = self.process.pid
+        return [pid for pid, ppid, worker in _processes() if ppid == parent and worker]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            end_group(self.process.pid)
+            self.process.wait()
+
+    def cleanup(self, *, keep_files: bool) -> None:
+        """Drop the database, delete the queue, and remove the exports and the API's log
+        (unless kept: a failing scenario keeps them as evidence)."""
+        self.broker_left = broker_queue_depth_and_delete(self.queue)
+        if not self.keep:
+            drop_database(self.name)
+        if not keep_files:
+            shutil.rmtree(self.export_dir, ignore_errors=True)
+            self.log_path.unlink(missing_ok=True)
+
+
+def _processes() -> list[tuple[int, int, bool]]:
+    """(pid, ppid, is a uvicorn worker) for every process, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        found.append((int(entry), ppid, b"spawn_main" in cmdline))
+    return found
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def end_group(pgid: int, grace: float = 8.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _group_members(pgid):
+            break
+    _groups.discard(pgid)
+
+
+def drop_database(name: str) -> None:
+    try:
+        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        _databases.discard(name)
+    except psycopg.Error as error:
+        log.warning("could not drop database %s: %s", name, error)
+
+
+def end_everything(*, drop: bool = True) -> None:
+    """At exit: end every API process group still running, drop every database left."""
+    for pgid in list(_groups):
+        end_group(pgid, grace=3.0)
+    if drop:
+        for name in list(_databases):
+            drop_database(name)
