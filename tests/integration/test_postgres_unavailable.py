@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
-import psycopg
 import pytest
 
+from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.postgres import (
     PostgresDatabase,
     PostgresOutbox,
@@ -27,69 +25,6 @@ from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
 pytestmark = pytest.mark.postgres
 
 
-class Outage:
-    """A TCP relay in front of the database that a test can take down and bring back."""
-
-    def __init__(self, database_url: str) -> None:
-        params = psycopg.conninfo.conninfo_to_dict(database_url)
-        self._host = str(params.get("host") or "localhost")
-        self._port = int(str(params.get("port") or 5432))
-        self._listen_port = free_port()
-        self.url = psycopg.conninfo.make_conninfo(
-            database_url, host="127.0.0.1", port=self._listen_port
-        )
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self._listen_port)
-
-    async def down(self) -> None:
-        """Refuse new connections and cut the open ones."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        await self.cut()
-
-    async def cut(self) -> None:
-        """Close every open connection, as a server restart does."""
-        writers, self._writers = list(self._writers), set()
-        for writer in writers:
-            writer.close()
-        for writer in writers:
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            if self._host.startswith("/"):
-                upstream = await asyncio.open_unix_connection(f"{self._host}/.s.PGSQL.{self._port}")
-            else:
-                upstream = await asyncio.open_connection(self._host, self._port)
-        except OSError:
-            writer.close()
-            return
-        self._writers.add(upstream[1])
-        await asyncio.gather(pipe(reader, upstream[1]), pipe(upstream[0], writer))
-
-
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def eventually(call: Callable[[], Awaitable[object]], *, within: float) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while True:
@@ -102,9 +37,9 @@ async def eventually(call: Callable[[], Awaitable[object]], *, within: float) ->
 
 
 @pytest.fixture
-async def outage(database_url: str) -> AsyncIterator[Outage]:
+async def outage(database_url: str) -> AsyncIterator[TcpProxy]:
     """The test database behind a relay, initially down."""
-    outage = Outage(database_url)
+    outage = TcpProxy.to_postgres(database_url)
     yield outage
     await outage.down()
 
@@ -145,7 +80,7 @@ CALLS: dict[
 
 @pytest.mark.usefixtures("impatient")
 async def test_start_raises_dependency_unavailable_while_the_database_is_down(
-    outage: Outage,
+    outage: TcpProxy,
 ) -> None:
     database = PostgresDatabase(outage.url)
     with pytest.raises(DependencyUnavailable) as caught:
@@ -157,7 +92,7 @@ async def test_start_raises_dependency_unavailable_while_the_database_is_down(
 @pytest.mark.usefixtures("impatient")
 @pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
 async def test_every_adapter_method_raises_dependency_unavailable_while_the_database_is_down(
-    outage: Outage,
+    outage: TcpProxy,
     call: Callable[[PostgresWorkflowRepository, PostgresQueue, PostgresOutbox], Awaitable[object]],
 ) -> None:
     database = PostgresDatabase(outage.url)
@@ -176,7 +111,7 @@ async def test_every_adapter_method_raises_dependency_unavailable_while_the_data
 
 
 def test_migrate_raises_dependency_unavailable_while_the_database_is_down(
-    outage: Outage,
+    outage: TcpProxy,
 ) -> None:
     with pytest.raises(DependencyUnavailable):
         migrate(outage.url)
@@ -184,7 +119,7 @@ def test_migrate_raises_dependency_unavailable_while_the_database_is_down(
 
 @pytest.mark.usefixtures("impatient")
 async def test_service_started_while_the_database_is_down_recovers_when_it_returns(
-    outage: Outage,
+    outage: TcpProxy,
 ) -> None:
     database = PostgresDatabase(outage.url)
     await database.start(wait=False)
@@ -199,7 +134,7 @@ async def test_service_started_while_the_database_is_down_recovers_when_it_retur
         await database.stop()
 
 
-async def test_a_restart_fails_one_call_and_the_next_one_reconnects(outage: Outage) -> None:
+async def test_a_restart_fails_one_call_and_the_next_one_reconnects(outage: TcpProxy) -> None:
     await outage.up()
     database = PostgresDatabase(outage.url, min_size=3)
     await database.start()

@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
+from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.rabbitmq import Delivery, RabbitMqBroker
 from workflows.domain.errors import DependencyUnavailable
 
@@ -38,64 +39,9 @@ async def broker(rabbitmq_url: str, queue_name: str) -> AsyncIterator[RabbitMqBr
     await broker.stop()
 
 
-class Proxy:
-    """A TCP proxy to the broker that a test can cut or take down, as a network would."""
-
-    def __init__(self, url: str) -> None:
-        rest = url.split("@", 1)[1]
-        self.target_host, port_and_vhost = rest.split(":", 1)
-        self.target_port = int(port_and_vhost.split("/", 1)[0])
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    def url(self, credentials: str = "guest:guest") -> str:
-        return f"amqp://{credentials}@127.0.0.1:{self.port}/%2F"
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def down(self) -> None:
-        """Refuse new connections and cut the open ones."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        await self.cut()
-
-    async def cut(self) -> None:
-        for pipe in list(self._pipes):
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._pipes.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
-            try:
-                await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-            finally:
-                up_writer.close()
-        except (asyncio.CancelledError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            self._pipes.discard(task)
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-
 @pytest.fixture
-async def proxy(rabbitmq_url: str) -> AsyncIterator[Proxy]:
-    proxy = Proxy(rabbitmq_url)
+async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy.to_amqp(rabbitmq_url)
     await proxy.up()
     yield proxy
     await proxy.down()
@@ -224,9 +170,9 @@ async def test_unreachable_broker_raises_dependency_unavailable() -> None:
 
 
 async def test_calls_fail_while_broker_is_down_and_work_once_it_is_back(
-    proxy: Proxy, queue_name: str
+    proxy: TcpProxy, queue_name: str
 ) -> None:
-    broker = RabbitMqBroker(proxy.url(), queue=queue_name, timeout=2.0)
+    broker = RabbitMqBroker(proxy.url, queue=queue_name, timeout=2.0)
     await broker.start()
     try:
         await proxy.down()
@@ -245,9 +191,9 @@ async def test_calls_fail_while_broker_is_down_and_work_once_it_is_back(
 
 
 async def test_messages_taken_before_a_network_cut_are_delivered_again(
-    proxy: Proxy, queue_name: str
+    proxy: TcpProxy, queue_name: str
 ) -> None:
-    broker = RabbitMqBroker(proxy.url(), queue=queue_name, timeout=2.0)
+    broker = RabbitMqBroker(proxy.url, queue=queue_name, timeout=2.0)
     await broker.start()
     try:
         published = [uuid4(), uuid4()]

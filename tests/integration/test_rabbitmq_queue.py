@@ -11,7 +11,8 @@ from uuid import UUID, uuid4
 import pika
 import pytest
 
-from tests.integration.test_rabbitmq_broker import Proxy, broker_threads, left_after_reconnecting
+from tests.integration.test_rabbitmq_broker import broker_threads, left_after_reconnecting
+from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.memory import InMemoryWorkflowRepository
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 from workflows.application.ports import Outbox, OutboxEntry
@@ -154,9 +155,9 @@ async def test_cancelled_consume_leaves_the_workflow_queued(setup: Setup) -> Non
 async def test_workflow_enqueued_while_broker_is_down_is_consumable_once_it_is_back(
     queue_name: str, rabbitmq_url: str
 ) -> None:
-    proxy = Proxy(rabbitmq_url)
+    proxy = TcpProxy.to_amqp(rabbitmq_url)
     await proxy.up()
-    async with running(proxy.url(), queue_name) as setup:
+    async with running(proxy.url, queue_name) as setup:
         await proxy.down()
         workflow = await setup.submit()  # returns: the outbox keeps the message
         assert await setup.outbox.size() == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,9 @@ from workflows.entrypoints.observability import sampling
 
 def create(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    configure_logging(settings.log_level, settings.log_format)
+    # `workflows serve --access-log` sets WORKFLOWS_ACCESS_LOG for its workers.
+    access_log = os.environ.get("WORKFLOWS_ACCESS_LOG") == "1"
+    configure_logging(settings.log_level, settings.log_format, access_log)
     container = Container(settings=settings)
 
     @asynccontextmanager
@@ -44,7 +47,26 @@ def _on_stop_signal(callback: Callable[[], None]) -> None:
 
         def handler(number: int, frame: FrameType | None, previous: Any = previous) -> None:
             loop.call_soon_threadsafe(callback)
-            if callable(previous):
+            servers = getattr(getattr(previous, "__self__", None), "servers", None)
+            if servers:  # uvicorn's Server.handle_exit
+                loop.call_soon_threadsafe(_stop_accepting, loop, servers, previous, number)
+            elif callable(previous):
                 previous(number, frame)
 
         signal.signal(signum, handler)
+
+
+ACCEPTED_GRACE = 0.5
+"""Seconds between refusing new connections and starting uvicorn's graceful shutdown."""
+
+
+def _stop_accepting(
+    loop: asyncio.AbstractEventLoop, servers: list[asyncio.Server], stop: Any, number: int
+) -> None:
+    """Stop accepting now (other workers take new connections on the shared socket), and
+    let uvicorn begin its shutdown ACCEPTED_GRACE s later. Its shutdown closes at once
+    every connection whose request it has not read yet; one accepted just before the
+    signal has its request on the way, and would be closed unanswered."""
+    for server in servers:
+        server.close()
+    loop.call_later(ACCEPTED_GRACE, stop, number, None)

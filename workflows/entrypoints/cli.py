@@ -89,6 +89,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # directory is removed. Ignored here, it ends `serve` normally: status 0, cleaned up.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: None)
+    os.environ["WORKFLOWS_ACCESS_LOG"] = "1" if args.access_log else "0"
     with operations.metrics_directory():
         uvicorn.run(
             "workflows.entrypoints.asgi:create",
@@ -101,7 +102,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             http="httptools",
             access_log=args.access_log,
             timeout_graceful_shutdown=args.graceful_timeout,
-            log_config=logging_config(settings.log_level, settings.log_format),
+            log_config=logging_config(settings.log_level, settings.log_format, args.access_log),
         )
     return 0
 

@@ -267,7 +267,10 @@ async def key_reused_handler(request: Request, exc: Exception) -> Response:
 async def unavailable_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DependencyUnavailable)
     log.warning("answering 503: %s", exc)
-    detail = f"the {exc.dependency} is unavailable; nothing was changed, retry later"
+    detail = (
+        f"the {exc.dependency} is unavailable; retry later (a POST retried with the same "
+        "Idempotency-Key is never stored twice)"
+    )
     return Problem(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS}).response()
 
 

@@ -1,0 +1,112 @@
+"""A TCP relay in front of a real service, which a test takes down and brings back as a
+network failure or a server restart would, without touching the service itself."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+Target = tuple[str, int] | str
+"""Where the relay forwards to: (host, port), or the path of a unix socket."""
+
+
+class TcpProxy:
+    """Listens on 127.0.0.1:`port` (the same port for its whole life, up or down) and
+    relays every connection to `target`. It starts down; `url` is the service's URL
+    through the relay, for the constructors that take one."""
+
+    def __init__(self, target: Target, url: str = "") -> None:
+        self.target = target
+        self.port = free_port()
+        self.url = url
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def to_postgres(cls, database_url: str) -> TcpProxy:
+        """A relay to the server of `database_url` (TCP or unix socket); `url` goes through it."""
+        params = psycopg.conninfo.conninfo_to_dict(database_url)
+        host = str(params.get("host") or "localhost")
+        port = int(str(params.get("port") or 5432))
+        target: Target = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
+        proxy = cls(target)
+        proxy.url = psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=proxy.port)
+        return proxy
+
+    @classmethod
+    def to_amqp(cls, amqp_url: str) -> TcpProxy:
+        """A relay to the broker of `amqp_url`; `url` keeps its credentials, vhost and query."""
+        parts = urlsplit(amqp_url)
+        proxy = cls((parts.hostname or "localhost", parts.port or 5672))
+        credentials, at, _ = parts.netloc.rpartition("@")
+        netloc = f"{credentials}{at}127.0.0.1:{proxy.port}"
+        proxy.url = urlunsplit(parts._replace(netloc=netloc))
+        return proxy
+
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None
+
+    async def up(self) -> None:
+        """Accept connections again (a no-op when already up)."""
+        if self._server is None:
+            self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def down(self) -> None:
+        """Refuse new connections and cut the open ones: the service is gone."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.cut()
+
+    async def cut(self) -> None:
+        """Close every open connection, as a server restart does; new ones are accepted."""
+        connections = list(self._connections)
+        for connection in connections:
+            connection.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            if isinstance(self.target, str):
+                up_reader, upstream = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, upstream = await asyncio.open_connection(*self.target)
+            await asyncio.gather(_pump(reader, upstream), _pump(up_reader, writer))
+        except (OSError, asyncio.CancelledError):
+            # Cancelled by `cut()`, which awaits us: returning (not re-raising) keeps
+            # asyncio's server from reporting the cancellation as an unhandled error.
+            pass
+        finally:
+            for stream in (writer, upstream):
+                if stream is not None:
+                    stream.close()
+            self._connections.discard(task)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until end of stream, then close the other side, so each sees the other go."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
