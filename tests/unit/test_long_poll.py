@@ -13,7 +13,8 @@ from workflows.adapters.memory import InMemoryQueue, InMemoryWorkflowRepository
 from workflows.application.doorbell import Doorbell
 from workflows.application.ports import ClaimHandler
 from workflows.application.use_cases import ConsumeWorkflow
-from workflows.domain.model import Workflow
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow
 from workflows.entrypoints.container import Container, utc_now
 
 
@@ -71,7 +72,8 @@ async def test_bad_wait_is_422(client: httpx.AsyncClient, wait: str) -> None:
 
 class CountingQueue(InMemoryQueue):
     def __init__(self) -> None:
-        super().__init__(InMemoryWorkflowRepository())
+        self.repository = InMemoryWorkflowRepository()
+        super().__init__(self.repository)
         self.attempts = 0
 
     async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
@@ -94,3 +96,21 @@ async def test_closing_the_doorbell_answers_every_waiter_now(tmp_path: object) -
     await asyncio.sleep(0.1)
     doorbell.close()
     assert await asyncio.wait_for(waiters, 2) == [None] * 10
+
+
+async def test_a_client_that_has_gone_takes_nothing(tmp_path: object) -> None:
+    queue, doorbell = CountingQueue(), Doorbell()
+    repository = queue.repository
+    workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), (), utc_now())
+    await repository.add(workflow)
+    await queue.enqueued(workflow)
+    consume = ConsumeWorkflow(queue, CsvExporter(str(tmp_path)), utc_now, doorbell)
+
+    async def gone() -> bool:
+        return False
+
+    assert await consume(wait=0, still_wanted=gone) is None
+    assert queue.attempts == 0
+    stored = await repository.get(workflow.uuid)
+    assert stored is not None
+    assert stored.queued

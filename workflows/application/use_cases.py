@@ -116,8 +116,8 @@ class ConsumeWorkflow:
     """Take the oldest queued workflow, write its export, mark it consumed.
 
     With `wait`, a call that finds nothing waits up to that many seconds for the doorbell
-    and tries again when it rings; `still_wanted` is asked before each new try, so a
-    client that has gone away takes nothing."""
+    and tries again when it rings; `still_wanted` is asked before every try, so a client
+    that has gone away takes nothing."""
 
     queue: WorkflowQueue
     exporter: Exporter
@@ -134,6 +134,8 @@ class ConsumeWorkflow:
     ) -> Consumed | None:
         deadline = time.monotonic() + wait
         while True:
+            if still_wanted is not None and not await still_wanted():
+                return None  # the client has gone: take nothing it could not receive
             ticket = self.doorbell.ticket()
             consumed = await self._once()
             remaining = deadline - time.monotonic()
@@ -141,8 +143,6 @@ class ConsumeWorkflow:
                 return consumed
             rung = await self.doorbell.wait(ticket, min(remaining, self.recheck_every))
             if not rung and time.monotonic() >= deadline:
-                return None
-            if still_wanted is not None and not await still_wanted():
                 return None
 
     async def _once(self) -> Consumed | None:
