@@ -84,11 +84,14 @@ def _ms(value: float | None) -> str:
 
 
 def cpus() -> tuple[str | None, str | None]:
-    """(server cores, load generator cores): on 2+ cores the load generators get the last
-    core and the service the others; PostgreSQL and RabbitMQ are system services and stay
-    unpinned. BENCH_SERVER_CPUS / BENCH_LOAD_CPUS override ('' = unpinned)."""
+    """(server cores, load generator cores). The load generators get the last core. On
+    3+ cores the service gets the others; on 2 it is left unpinned, like PostgreSQL and
+    RabbitMQ: the raw runs give the database both cores, so the service and its database
+    get both too (pinned to one core, the service would be measured against a database
+    that had twice its CPU). BENCH_SERVER_CPUS / BENCH_LOAD_CPUS override ('' =
+    unpinned)."""
     n = os.cpu_count() or 1
-    server = f"0-{n - 2}" if n > 2 else ("0" if n == 2 else None)
+    server = f"0-{n - 2}" if n > 2 else None
     load = str(n - 1) if n >= 2 else None
     server = os.environ.get("BENCH_SERVER_CPUS", server or "") or None
     load = os.environ.get("BENCH_LOAD_CPUS", load or "") or None

@@ -102,10 +102,16 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
         f"mode {m.name}, {elapsed:.0f} s in all; {ctx.workers} uvicorn workers "
         "(`workflows serve --workers N`: uvloop, httptools, no access log), DB_POOL_SIZE "
         "default (10 per worker), LOG_LEVEL=WARNING",
-        f"pinned with taskset: service (uvicorn master and workers) on cpu {ctx.server_cpus}; "
-        f"every load generator (wrk -t1, pgbench -j1, broker.py) on cpu {ctx.load_cpus}; "
-        "the PostgreSQL and RabbitMQ servers (not started by the harness) are unpinned "
-        "(they use both cores)",
+        "pinned with taskset: every load generator (wrk -t1, pgbench -j1, broker.py) on cpu "
+        f"{ctx.load_cpus}; "
+        + (
+            f"the service (uvicorn master and workers) on cpu {ctx.server_cpus}; "
+            if ctx.server_cpus
+            else "the service unpinned, like "
+        )
+        + "the PostgreSQL and RabbitMQ servers (not started by the harness; unpinned, they "
+        "use every core): the raw runs give the database all the cores, and the HTTP runs "
+        "give the service and its database the same",
         f"raw runs {m.raw_seconds:g} s, HTTP runs {m.http_seconds:g} s after {m.warmup:g} s "
         f"of warm-up; POST, GET and list at {POST_CONNECTIONS} connections, consume at "
         f"{CONSUME_CONNECTIONS}; list scale at {LIST_SCALE_CONNECTIONS} for {m.list_seconds:g} s",

@@ -89,7 +89,7 @@ async def test_consume_finds_the_oldest_inserted_row_by_index_among_many_consume
             " FROM generate_series(1, 20000)"
         )
         await conn.execute("ANALYZE workflows")
-        cursor = await conn.execute(f"EXPLAIN {LOCK_OLDEST_INSERTED}")
+        cursor = await conn.execute(f"EXPLAIN {LOCK_OLDEST_INSERTED}", (1,))
         plan = "\n".join(line for (line,) in await cursor.fetchall())
     # Either index reaches the INSERTED rows directly; neither scans the consumed ones.
     # (Which one the planner takes depends on its statistics.)

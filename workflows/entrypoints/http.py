@@ -84,7 +84,8 @@ class WorkflowCollection(HTTPEndpoint):
         data, steps = schemas.parse_new_workflow(await read_json_body(request))
         created = await container_of(request).create_workflow()(data, steps, key)
         workflow = created.workflow
-        headers = {"Location": f"{request.url.path.rstrip('/')}/{workflow.uuid}"}
+        # The scope's path, not request.url: building a URL object costs more than the rest.
+        headers = {"Location": f"{request.scope['path'].rstrip('/')}/{workflow.uuid}"}
         if created.replayed:
             headers["Idempotent-Replayed"] = "true"
         return json_response(schemas.render_workflow(workflow), 201, headers)

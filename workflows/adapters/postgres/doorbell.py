@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import psycopg
 
@@ -16,12 +17,15 @@ log = logging.getLogger(__name__)
 CHANNEL = "workflows_ready"
 NOTIFY = f"NOTIFY {CHANNEL}"
 LISTEN = f"LISTEN {CHANNEL}"
+NOTIFY_EVERY = 0.005
+"""Seconds between two NOTIFYs of one process at most: a burst of POSTs costs one NOTIFY
+per interval, not one per round trip (a waiter elsewhere wakes at most this much later)."""
 
 
 class PostgresDoorbell(Doorbell):
     """Each process listens on one connection of its own; a ring wakes local waiters at
-    once and sends a NOTIFY for the others. Rings that come while a NOTIFY is on its way
-    share it, so a burst of POSTs costs one NOTIFY, not one each. After the listening
+    once and sends a NOTIFY for the others. Rings that come while a NOTIFY is on its way,
+    or within NOTIFY_EVERY of the last one, share the next one. After the listening
     connection is lost and regained, local waiters are woken to look again."""
 
     def __init__(self, url: str, pool: Pool) -> None:
@@ -30,6 +34,7 @@ class PostgresDoorbell(Doorbell):
         self._pool = pool
         self._listener: asyncio.Task[None] | None = None
         self._pending_notify = False
+        self._last_notify = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -53,6 +58,8 @@ class PostgresDoorbell(Doorbell):
 
     async def _notify(self) -> None:
         try:
+            await asyncio.sleep(self._last_notify + NOTIFY_EVERY - time.monotonic())
+            self._last_notify = time.monotonic()
             async with connection(self._pool) as conn:
                 self._pending_notify = False  # a ring from now on needs a NOTIFY of its own
                 await conn.execute(NOTIFY)

@@ -1,0 +1,127 @@
+"""Consumes grouped into shared transactions (GroupClaim) keep the meaning of lone ones."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from workflows.adapters.postgres import PostgresDatabase, PostgresQueue, PostgresWorkflowRepository
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def make(n: int) -> Workflow:
+    return Workflow.new(uuid7(), JsonDocument(f'{{"n":{n}}}'), (), T0)
+
+
+async def stored(repository: PostgresWorkflowRepository, workflows: list[Workflow]) -> list[str]:
+    found = [await repository.get(w.uuid) for w in workflows]
+    return [w.status.value if w else "missing" for w in found]
+
+
+async def test_concurrent_consumes_share_transactions_and_take_each_row_once(
+    pg: PostgresDatabase,
+) -> None:
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    workflows = [make(n) for n in range(60)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    seen: list[Workflow] = []
+
+    async def handle(workflow: Workflow) -> None:
+        seen.append(workflow)
+        await asyncio.sleep(0.001)
+
+    batches: list[int] = []
+    run = queue._claims.run
+
+    async def counted(batch: list) -> None:  # type: ignore[type-arg]
+        batches.append(len(batch))
+        await run(batch)
+
+    queue._claims.run = counted  # type: ignore[method-assign]
+    results = await asyncio.gather(*(queue.consume(handle, T0) for _ in range(80)))
+    taken = [w.uuid for w in results if w is not None]
+    assert sorted(taken) == sorted(w.uuid for w in workflows)  # each once, none left out
+    assert sum(result is None for result in results) == 20
+    assert sorted(w.uuid for w in seen) == sorted(taken)
+    assert len(batches) < 40, f"{len(batches)} transactions for 80 concurrent consumes"
+    assert set(await stored(repository, workflows)) == {"consumed"}
+
+
+async def test_a_failing_handler_leaves_only_its_own_row_queued(pg: PostgresDatabase) -> None:
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    workflows = [make(n) for n in range(6)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    bad = workflows[2].uuid
+
+    async def handle(workflow: Workflow) -> None:
+        await asyncio.sleep(0.001)
+        if workflow.uuid == bad:
+            raise RuntimeError("export failed")
+
+    results = await asyncio.gather(
+        *(queue.consume(handle, T0) for _ in range(6)), return_exceptions=True
+    )
+    assert sum(isinstance(r, RuntimeError) for r in results) == 1
+    assert sorted(r.uuid for r in results if isinstance(r, Workflow)) == sorted(
+        w.uuid for w in workflows if w.uuid != bad
+    )
+    assert await stored(repository, workflows) == ["consumed"] * 2 + ["inserted"] + ["consumed"] * 3
+
+    async def fine(w: Workflow) -> None:
+        pass
+
+    again = await queue.consume(fine, T0)
+    assert again is not None
+    assert again.uuid == bad
+
+
+async def test_claims_of_one_uuid_in_one_batch_give_it_to_one_claimant(
+    pg: PostgresDatabase,
+) -> None:
+    repository = PostgresWorkflowRepository(pg.pool, outbox=True)
+    workflow = make(1)
+    await repository.add(workflow)
+    handled: list[Workflow] = []
+
+    async def handle(w: Workflow) -> None:
+        handled.append(w)
+
+    results = await asyncio.gather(*(repository.claim(workflow.uuid, handle, T0) for _ in range(5)))
+    assert [r.uuid for r in results if r is not None] == [workflow.uuid]
+    assert len(handled) == 1
+    assert await stored(repository, [workflow]) == ["consumed"]
+
+
+async def test_a_caller_that_leaves_during_its_handler_leaves_its_row_queued(
+    pg: PostgresDatabase,
+) -> None:
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    workflow = make(1)
+    await repository.add(workflow)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(w: Workflow) -> None:
+        started.set()
+        await release.wait()
+
+    leaving = asyncio.create_task(queue.consume(slow, T0))
+    await started.wait()
+    leaving.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await asyncio.sleep(0.05)  # the batch finishes on its own
+    assert await stored(repository, [workflow]) == ["inserted"]
+    again = await queue.consume(slow, T0)
+    assert again is not None
+    assert again.uuid == workflow.uuid
+    assert again.status is WorkflowStatus.CONSUMED

@@ -1,0 +1,136 @@
+"""Concurrent writes and claims share one statement, one round trip and one commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import TypeVar
+from uuid import UUID
+
+import attrs
+import psycopg
+
+from workflows.adapters.grouping import Group, settle
+from workflows.adapters.postgres.database import Connection, Pool, transaction
+from workflows.application.ports import ClaimHandler
+from workflows.domain.model import Workflow, WorkflowStatus
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+
+# The consumed state is known in advance (Workflow.with_status): nothing to read back.
+MARK_CONSUMED = """
+UPDATE workflows
+SET status = 'consumed', updated_at = consumed.at, dead_lettered_at = NULL
+FROM unnest(%b::uuid[], %b::timestamptz[]) AS consumed (uuid, at)
+WHERE workflows.uuid = consumed.uuid
+"""
+
+
+class GroupCommit(Group[In, None]):
+    """Rows handed to `add` go to the database together; `add` returns once its row has
+    committed.
+
+    `write_many` must be atomic (one autocommit statement, say). When it fails with a
+    data or integrity error (which one row could cause), each row is written alone so that
+    only the guilty one fails; any other error fails the whole batch. A caller cancelled
+    before its batch goes is left out; after, its row may still commit (as a lone write
+    would).
+    """
+
+    def __init__(
+        self,
+        write_many: Callable[[Sequence[In]], Awaitable[None]],
+        *,
+        max_batch: int = 256,
+        parallel: int = 2,
+    ) -> None:
+        super().__init__(max_batch=max_batch, parallel=parallel)
+        self._write_many = write_many
+
+    async def add(self, row: In) -> None:
+        await self.call(row)
+
+    async def run(self, batch: list[tuple[In, asyncio.Future[None]]]) -> None:
+        try:
+            await self._write_many([row for row, _ in batch])
+        except (psycopg.DataError, psycopg.IntegrityError) as error:
+            if len(batch) == 1:
+                raise
+            log.debug("a batch of %d rows failed (%s): writing each alone", len(batch), error)
+            for one in batch:
+                try:
+                    await self.run([one])
+                except Exception as alone:
+                    settle(one[1], error=alone)
+        else:
+            for _, future in batch:
+                settle(future)
+
+
+@attrs.frozen
+class Claim:
+    uuid: UUID | None
+    """The workflow to claim; None for the oldest queued one no one else holds."""
+    handle: ClaimHandler
+    now: datetime
+
+
+class GroupClaim(Group[Claim, "Workflow | None"]):
+    """Consumes in groups: one transaction locks a row for each claim of the batch (the
+    oldest queued ones, or the named ones), runs every claim's handler side by side, marks
+    the rows whose handler succeeded CONSUMED and commits: four round trips for the batch.
+
+    Each claim keeps the meaning of a lone one: it gets its row only after the commit; a
+    handler that raises leaves its row queued (and gets the error); a claim that finds no
+    row gets None; a caller cancelled before the commit leaves its row queued.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        lock_many: Callable[[Connection, list[Claim]], Awaitable[list[Workflow | None]]],
+        *,
+        max_batch: int = 32,
+        parallel: int = 2,
+    ) -> None:
+        super().__init__(max_batch=max_batch, parallel=parallel)
+        self._pool = pool
+        self._lock_many = lock_many
+
+    async def run(self, batch: list[tuple[Claim, asyncio.Future[Workflow | None]]]) -> None:
+        consumed: list[tuple[asyncio.Future[Workflow | None], Workflow]] = []
+        failed: list[tuple[asyncio.Future[Workflow | None], BaseException]] = []
+        try:
+            async with transaction(self._pool) as conn:
+                locked = await self._lock_many(conn, [claim for claim, _ in batch])
+                taken = [
+                    (claim, future, workflow)
+                    for (claim, future), workflow in zip(batch, locked, strict=True)
+                    if workflow is not None
+                ]
+                outcomes = await asyncio.gather(
+                    *(claim.handle(workflow) for claim, _, workflow in taken),
+                    return_exceptions=True,
+                )
+                for (claim, future, workflow), outcome in zip(taken, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        failed.append((future, outcome))
+                    elif not future.done():  # done: the caller has gone; its row stays queued
+                        done = workflow.with_status(WorkflowStatus.CONSUMED, claim.now)
+                        consumed.append((future, done))
+                if consumed:
+                    columns = ([w.uuid for _, w in consumed], [w.updated_at for _, w in consumed])
+                    await conn.execute(MARK_CONSUMED, columns)
+        finally:
+            # Only now, with the transaction over and every lock released: a caller that
+            # sees its handler's error may count the failure on that row at once.
+            for future, error in failed:
+                settle(future, error=error)
+        for future, workflow in consumed:
+            settle(future, workflow)
+        for _, future in batch:
+            settle(future, None)  # found no row (or, below the others, nothing left)
