@@ -104,3 +104,22 @@ async def test_a_caller_cancelled_after_its_batch_went_does_not_stop_the_write()
     with pytest.raises(asyncio.CancelledError):
         await leaving
     assert writer.batches == [[1, 2]]
+
+
+async def test_a_call_made_as_the_last_batch_finishes_still_goes() -> None:
+    """The runner that has just found nothing more to do is not counted as running."""
+    finishing = asyncio.Event()
+
+    async def write_many(rows: Sequence[int]) -> None:
+        await asyncio.sleep(0.001)
+        finishing.set()  # wakes `late` before the runner's task is marked done
+
+    group = GroupCommit(write_many, parallel=1)
+
+    async def late() -> None:
+        await finishing.wait()
+        await group.add(2)
+
+    latecomer = asyncio.create_task(late())
+    await group.add(1)
+    await asyncio.wait_for(latecomer, 1)

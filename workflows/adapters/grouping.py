@@ -25,18 +25,29 @@ class Group(abc.ABC, Generic[In, Out]):
         self._max_batch = max_batch
         self._parallel = parallel
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
-        self._runners: set[asyncio.Task[None]] = set()
+        self._running = 0
+        self._runners: set[asyncio.Task[None]] = set()  # references, so none is collected
 
     async def call(self, item: In) -> Out:
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if len(self._runners) < self._parallel:
+        if self._running < self._parallel:
+            # Counted until _drain returns, not until the task's done callbacks run: a
+            # call that comes between the two would otherwise wait for a runner that is
+            # no longer looking.
+            self._running += 1
             runner = asyncio.create_task(self._drain(), name=type(self).__name__)
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
         return await future
 
     async def _drain(self) -> None:
+        try:
+            await self._drain_pending()
+        finally:
+            self._running -= 1
+
+    async def _drain_pending(self) -> None:
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]

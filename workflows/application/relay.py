@@ -25,7 +25,10 @@ class OutboxRelay:
     that message is confirmed (True) or after `confirm_timeout` (False): the entry then
     stays in the outbox and a later flush delivers it. `run()` flushes whenever a request
     asks and every `sweep_interval` seconds, which also picks up entries older than
-    `stale_after` seconds left by other processes, crashes or a broker outage.
+    `stale_after` seconds left by other processes, crashes or a broker outage. A flush
+    takes up to `batch_limit` entries and the broker confirms them together; up to
+    `parallel` flushes run at once, each with the requests that arrived since the
+    others began, and a backlog is flushed batch after batch until it is gone.
     """
 
     outbox: Outbox
@@ -36,7 +39,9 @@ class OutboxRelay:
     batch_limit: int = 500
     outage_backoff: float = 1.0
     doorbell: Doorbell | None = None
+    parallel: int = 3
     _waiters: dict[UUID, list[asyncio.Future[None]]] = attrs.field(factory=dict, init=False)
+    _flushing: set[UUID] = attrs.field(factory=set, init=False)  # taken by a flush
     _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _down_until: float = attrs.field(default=0.0, init=False)
 
@@ -47,7 +52,8 @@ class OutboxRelay:
         self._waiters.setdefault(uuid, []).append(future)
         self._wake.set()
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.confirm_timeout)
+            async with asyncio.timeout(self.confirm_timeout):
+                await future
             return True
         except TimeoutError:
             return False
@@ -55,36 +61,85 @@ class OutboxRelay:
             self._forget(uuid, future)
 
     async def run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.sweep_interval)
-            self._wake.clear()
-            try:
+        """Flush whenever asked (and every `sweep_interval`): up to `parallel` flushes at
+        a time, so that a request arriving while a batch is being confirmed goes in the
+        next batch at once instead of waiting for the first one to finish."""
+        flushing: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                asked = False
+                with contextlib.suppress(TimeoutError):
+                    asked = await asyncio.wait_for(self._wake.wait(), self.sweep_interval)
+                self._wake.clear()
+                if len(flushing) >= self.parallel:
+                    await asyncio.wait(flushing, return_when=asyncio.FIRST_COMPLETED)
+                flush = self._flush_backlog(sweep=not asked)
+                task = asyncio.create_task(flush, name="outbox-flush")
+                flushing.add(task)
+                task.add_done_callback(flushing.discard)
+        finally:
+            for task in flushing:
+                task.cancel()
+            await asyncio.gather(*flushing, return_exceptions=True)
+
+    async def _flush_backlog(self, *, sweep: bool) -> None:
+        try:
+            if await self.flush(sweep=sweep) >= self.batch_limit:
                 while await self.flush() >= self.batch_limit:
                     pass
-            except Exception:
-                log.exception("outbox relay flush failed; retrying in %ss", self.sweep_interval)
+        except Exception:
+            log.exception("outbox relay flush failed; retrying in %ss", self.sweep_interval)
 
-    async def flush(self) -> int:
-        """Publish one batch; the number of entries delivered."""
+    async def flush(self, *, sweep: bool = True) -> int:
+        """Publish one batch: the entries of the requests waiting (that no other flush has
+        taken) and, up to `batch_limit`, the stale ones; the number the broker confirmed.
+        Without `sweep`, do nothing when no request waits.
+
+        The requests waiting for those entries are answered as soon as the broker has
+        confirmed them, before their deletion commits: the message is safe in the
+        broker by then, and a deletion that fails only leaves entries that a later flush
+        publishes again, duplicates that consumers skip."""
         entries: list[OutboxEntry] = []
+        confirmed = 0
+        wanted = [
+            uuid
+            for uuid, futures in self._waiters.items()
+            if uuid not in self._flushing and not all(future.done() for future in futures)
+        ]
+        if not wanted and not sweep:
+            return 0
+        self._flushing.update(wanted)
         try:
             async with self.outbox.claim(
-                list(self._waiters), stale_after=self.stale_after, limit=self.batch_limit
+                wanted, stale_after=self.stale_after, limit=self.batch_limit
             ) as entries:
-                if entries:
-                    await self.publisher.publish([entry.workflow_uuid for entry in entries])
+                uuids = [entry.workflow_uuid for entry in entries]
+                self._flushing.update(uuids)
+                if uuids:
+                    await self.publisher.publish(uuids)
+                    confirmed = len(uuids)
+                    self._confirmed(uuids)
         except DependencyUnavailable as error:
             self._down_until = time.monotonic() + self.outage_backoff
-            log.warning("outbox relay could not deliver %d entries: %s", len(entries), error)
-            return 0
-        if entries and self.doorbell is not None:
+            log.warning(
+                "outbox relay: %d entries, %d confirmed, not deleted: %s",
+                len(entries),
+                confirmed,
+                error,
+            )
+            return confirmed
+        finally:
+            self._flushing.difference_update(wanted)
+            self._flushing.difference_update(entry.workflow_uuid for entry in entries)
+        return confirmed
+
+    def _confirmed(self, uuids: list[UUID]) -> None:
+        if self.doorbell is not None:
             self.doorbell.ring()
-        for entry in entries:
-            for future in self._waiters.get(entry.workflow_uuid, ()):
+        for uuid in uuids:
+            for future in self._waiters.get(uuid, ()):
                 if not future.done():
                     future.set_result(None)
-        return len(entries)
 
     def _forget(self, uuid: UUID, future: asyncio.Future[None]) -> None:
         futures = self._waiters.get(uuid, [])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,9 +21,16 @@ from workflows.entrypoints.http import create_app
 from workflows.entrypoints.logs import configure_logging
 from workflows.entrypoints.observability import sampling
 
+THREAD_SWITCH_INTERVAL = 0.0005
+"""Seconds a thread that wants the GIL waits before the running one must let go (Python's
+default is 0.005). The event loop hands blocking work to threads (CSV fsync, pika), and each
+of their system calls needs the GIL back: behind a busy loop, 5 ms per call piles up into
+consumes of 100 ms and more; 0.5 ms keeps them near the disk's own latency (docs/benchmarks.md)."""
+
 
 def create(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    sys.setswitchinterval(THREAD_SWITCH_INTERVAL)
     # `workflows serve --access-log` sets WORKFLOWS_ACCESS_LOG for its workers.
     access_log = os.environ.get("WORKFLOWS_ACCESS_LOG") == "1"
     configure_logging(settings.log_level, settings.log_format, access_log)
@@ -31,6 +40,11 @@ def create(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with running(container), sampling(container):
             _on_stop_signal(container.doorbell().close)
+            # Everything made at start-up (modules, the app, pools) lives as long as the
+            # process: out of the collector's sight, a full collection only walks what
+            # requests made, and stops costing a long pause now and then.
+            gc.collect()
+            gc.freeze()
             yield
 
     return create_app(container, lifespan)

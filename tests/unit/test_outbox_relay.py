@@ -1,0 +1,149 @@
+"""OutboxRelay with fakes: what it keeps when a batch fails, when it answers the requests,
+and how it shares the work between parallel flushes and batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from uuid import UUID, uuid4
+
+from workflows.application.ports import MessagePublisher, Outbox, OutboxEntry
+from workflows.application.relay import OutboxRelay
+from workflows.domain.errors import DependencyUnavailable
+
+
+class LockingOutbox(Outbox):
+    """Like PostgreSQL's: a claim takes the named entries (every entry, when `all_stale`)
+    that no other claim holds, and deletes them only when its block ends normally."""
+
+    def __init__(self, *, all_stale: bool = False) -> None:
+        self.rows: dict[int, UUID] = {}
+        self.all_stale = all_stale
+        self.deleting = asyncio.Event()  # set: deletions go ahead
+        self.deleting.set()
+        self._held: set[int] = set()
+
+    def add(self, uuid: UUID) -> None:
+        self.rows[len(self.rows) + 1 + max(self.rows, default=0)] = uuid
+
+    @contextlib.asynccontextmanager
+    async def claim(
+        self, uuids: Collection[UUID], *, stale_after: float, limit: int
+    ) -> AsyncIterator[list[OutboxEntry]]:
+        named = set(uuids)
+        taken = [
+            OutboxEntry(id, uuid)
+            for id, uuid in sorted(self.rows.items())
+            if id not in self._held and (self.all_stale or uuid in named)
+        ][:limit]
+        self._held.update(entry.id for entry in taken)
+        try:
+            yield taken
+            await self.deleting.wait()
+            for entry in taken:
+                del self.rows[entry.id]
+        finally:
+            self._held.difference_update(entry.id for entry in taken)
+
+    async def size(self) -> int:
+        return len(self.rows)
+
+
+class RecordingPublisher(MessagePublisher):
+    """Records each batch; while `gate` is clear, a batch waits for it (being confirmed)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[UUID]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail = False
+
+    async def publish(self, uuids: Sequence[UUID]) -> None:
+        self.batches.append(list(uuids))
+        await self.gate.wait()
+        if self.fail:
+            raise DependencyUnavailable("rabbitmq", "the broker nacked the batch")
+
+
+@contextlib.asynccontextmanager
+async def running(relay: OutboxRelay) -> AsyncIterator[None]:
+    task = asyncio.create_task(relay.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
+    for _ in range(int(within / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("not in time")
+
+
+async def test_a_batch_the_broker_refuses_leaves_every_entry_in_the_outbox() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    publisher.fail = True
+    relay = OutboxRelay(outbox, publisher, confirm_timeout=0.2, outage_backoff=0.0)
+    uuids = [uuid4() for _ in range(3)]
+    for uuid in uuids:
+        outbox.add(uuid)
+    async with running(relay):
+        answers = await asyncio.gather(*(relay.publish(uuid) for uuid in uuids))
+    assert answers == [False, False, False]  # POST answers without its confirm
+    assert sorted(outbox.rows.values()) == sorted(uuids)
+    assert publisher.batches, "the relay tried"
+
+    publisher.fail = False  # the broker takes them again: the next flush delivers them
+    assert await relay.flush() == 0  # no request waits and nothing is stale yet...
+    outbox.all_stale = True  # ...until the sweep finds them old enough
+    assert await relay.flush() == 3
+    assert outbox.rows == {}
+
+
+async def test_a_request_is_answered_once_confirmed_before_the_deletion_commits() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, confirm_timeout=2.0)
+    uuid = uuid4()
+    outbox.add(uuid)
+    outbox.deleting.clear()  # the DELETE ... COMMIT is slow
+    async with running(relay):
+        assert await relay.publish(uuid) is True
+        assert list(outbox.rows.values()) == [uuid]  # still there: its deletion is pending
+        outbox.deleting.set()
+        await until(lambda: not outbox.rows)
+    assert publisher.batches == [[uuid]]
+
+
+async def test_parallel_flushes_take_each_entry_once() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, confirm_timeout=2.0, parallel=2)
+    first, second = uuid4(), uuid4()
+    outbox.add(first)
+    outbox.add(second)
+    publisher.gate.clear()  # the first batch is still being confirmed...
+    async with running(relay):
+        answer_first = asyncio.create_task(relay.publish(first))
+        await until(lambda: publisher.batches == [[first]])
+        answer_second = asyncio.create_task(relay.publish(second))
+        await until(lambda: len(publisher.batches) == 2)  # ...and a second flush goes on
+        publisher.gate.set()
+        assert await answer_first is True
+        assert await answer_second is True
+        await until(lambda: not outbox.rows)
+    assert publisher.batches == [[first], [second]]
+
+
+async def test_a_backlog_goes_in_full_batches_until_it_is_gone() -> None:
+    outbox, publisher = LockingOutbox(all_stale=True), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=0.05, batch_limit=500, parallel=1)
+    backlog = [uuid4() for _ in range(1234)]
+    for uuid in backlog:
+        outbox.add(uuid)
+    async with running(relay):
+        await until(lambda: not outbox.rows)
+    assert [len(batch) for batch in publisher.batches[:3]] == [500, 500, 234]
+    assert [uuid for batch in publisher.batches for uuid in batch] == backlog

@@ -1,0 +1,76 @@
+"""The workflow queue on RabbitMQ: uuids on the broker, the repository the truth."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from uuid import UUID
+
+from workflows.adapters.rabbitmq.broker import RabbitMqBroker
+from workflows.application.ports import ClaimHandler, WorkflowQueue, WorkflowRepository
+from workflows.application.relay import OutboxRelay
+from workflows.domain.model import Workflow
+
+log = logging.getLogger(__name__)
+
+
+class RabbitMqQueue(WorkflowQueue):
+    """A RabbitMQ queue of uuids in front of the repository, which stays the truth: a
+    message whose workflow is unknown or no longer INSERTED (a duplicate from a retried
+    publish, or a workflow PATCHed to consumed) is acked and skipped."""
+
+    def __init__(
+        self, repository: WorkflowRepository, broker: RabbitMqBroker, relay: OutboxRelay
+    ) -> None:
+        self._repository = repository
+        self._broker = broker
+        self._relay = relay
+
+    async def enqueued(self, workflow: Workflow) -> None:
+        if not await self._relay.publish(workflow.uuid):
+            log.info("workflow %s not confirmed yet: the outbox keeps it", workflow.uuid)
+
+    async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        while (delivery := await self._broker.get()) is not None:
+            uuid = _parse_uuid(delivery.body)
+            if uuid is None:
+                log.error("dropping a malformed message from the queue: %r", delivery.body)
+                self._broker.ack(delivery)
+                continue
+            try:
+                claimed = await self._repository.claim(uuid, handle, now)
+            except BaseException:
+                self._broker.requeue(delivery)
+                raise
+            self._broker.ack(delivery)  # after the commit: a lost ack only redelivers a skip
+            if claimed is not None:
+                return claimed
+        return None
+
+    async def ping(self) -> None:
+        await self._broker.ping()
+
+    async def sweep_dead_letters(self, now: datetime) -> int:
+        """Record, in the repository, the workflows whose messages the broker dead-lettered
+        (its delivery limit caught a crash loop that never reached a failure count); how
+        many messages were swept."""
+        swept = 0
+        while (delivery := await self._broker.get(dead=True)) is not None:
+            uuid = _parse_uuid(delivery.body)
+            if uuid is not None:
+                try:
+                    await self._repository.record_failure(uuid, now, max_attempts=1)
+                except BaseException:
+                    self._broker.requeue(delivery)
+                    raise
+                log.error("the broker dead-lettered workflow %s", uuid)
+            self._broker.ack(delivery)
+            swept += 1
+        return swept
+
+
+def _parse_uuid(body: bytes) -> UUID | None:
+    try:
+        return UUID(body.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
