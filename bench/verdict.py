@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import report
 from phases import BODY, CONSUME_CONNECTIONS, LIST_SCALE_CONNECTIONS, POST_CONNECTIONS
 from psycopg.conninfo import conninfo_to_dict
+from tools import LOAD_NICENESS
 
 if TYPE_CHECKING:
     from bench import Context
@@ -103,7 +104,8 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
         "(`workflows serve --workers N`: uvloop, httptools, no access log), DB_POOL_SIZE "
         "default (10 per worker), LOG_LEVEL=WARNING",
         "pinned with taskset: every load generator (wrk -t1, pgbench -j1, broker.py) on cpu "
-        f"{ctx.load_cpus}; "
+        f"{ctx.load_cpus}, at nice {LOAD_NICENESS} (so that the service sharing its core does "
+        "not delay the clocks it reads); "
         + (
             f"the service (uvicorn master and workers) on cpu {ctx.server_cpus}; "
             if ctx.server_cpus
