@@ -84,5 +84,21 @@ def rabbitmq_url() -> str:
 
 
 @pytest.fixture
-def queue_name() -> str:
-    return f"workflows-test-{uuid.uuid4().hex[:12]}"
+def queue_name() -> Iterator[str]:
+    """A fresh queue name; the queue and its dead-letter queue are deleted afterwards,
+    whatever the test did with them (tests that stop their own broker clients early
+    would otherwise leave them behind, a pair per run)."""
+    name = f"workflows-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    url = os.environ.get("RABBITMQ_URL", DEFAULT_RABBITMQ_URL)
+    import pika
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+    except Exception:
+        return  # no broker here (a memory- or postgres-only run): nothing was declared
+    try:
+        for queue in (name, f"{name}.dead"):
+            connection.channel().queue_delete(queue)
+    finally:
+        connection.close()
