@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from workflows import __version__
 from workflows.domain.errors import (
@@ -27,6 +28,8 @@ from workflows.domain.model import WorkflowStatus
 from workflows.entrypoints import observability, schemas, security
 from workflows.entrypoints.container import Container
 from workflows.entrypoints.docs import docs_routes
+from workflows.entrypoints.hot import HotRoutes
+from workflows.entrypoints.inputs import consume_wait, receive_json_body
 from workflows.entrypoints.problems import Problem, invalid
 
 log = logging.getLogger(__name__)
@@ -49,33 +52,15 @@ def json_response(
 
 async def read_json_body(request: Request) -> bytes:
     """The body, refused before it is read when it is not JSON or too large."""
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media = content_type.split(";", 1)[0].strip().lower()
-        if media != JSON and not media.endswith("+json"):
-            raise Problem(
-                415,
-                f"the body must be JSON, sent with 'Content-Type: application/json' "
-                f"(got {media or 'an empty type'!r}); with curl, add "
-                f"-H 'Content-Type: application/json'",
-                headers={"Accept-Patch": JSON} if request.method == "PATCH" else {},
-            )
     limit: int = request.app.state.settings.max_body_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def too_large(limit: int) -> Problem:
-    return Problem(413, f"the body is larger than the limit of {limit} bytes (MAX_BODY_BYTES)")
+    headers = request.headers
+    return await receive_json_body(
+        request.receive,
+        headers.get("content-type"),
+        headers.get("content-length", ""),
+        limit,
+        patch=request.method == "PATCH",
+    )
 
 
 class WorkflowCollection(HTTPEndpoint):
@@ -157,12 +142,9 @@ class WorkflowCsv(HTTPEndpoint):
         return Response(content, media_type=CSV, headers=attachment(str(uuid)))
 
 
-MAX_WAIT_SECONDS = 20
-
-
 class Consume(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
-        wait = consume_wait(request)
+        wait = consume_wait(request.query_params)
 
         async def still_wanted() -> bool:
             return not await request.is_disconnected()
@@ -175,24 +157,6 @@ class Consume(HTTPEndpoint):
         return Response(consumed.content, media_type=CSV, headers=headers)
 
     post = get
-
-
-def consume_wait(request: Request) -> float:
-    """`?wait=N`: seconds (0 to 20, decimals allowed) to wait for a workflow to arrive."""
-    params = request.query_params
-    for name in params:
-        if name != "wait":
-            raise invalid(f"/query/{name}", "is not a known parameter (wait)")
-        if len(params.getlist(name)) > 1:
-            raise invalid("/query/wait", "is given more than once")
-    raw = params.get("wait")
-    if raw is None:
-        return 0.0
-    plain_decimal = raw.isascii() and raw.replace(".", "", 1).isdigit()
-    wait = float(raw) if plain_decimal else -1.0
-    if not 0 <= wait <= MAX_WAIT_SECONDS:
-        raise invalid("/query/wait", f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS}")
-    return wait
 
 
 def attachment(uuid: str) -> dict[str, str]:
@@ -280,12 +244,28 @@ async def error_handler(request: Request, exc: Exception) -> Response:
     return Problem(500, "an unexpected error occurred; it has been logged").response()
 
 
+class WorkflowsApp(Starlette):
+    """The Starlette app, but for the hot routes, which `HotRoutes` answers in plain ASGI
+    (hot.py) when `hot_routes` is on and CORS is off."""
+
+    hot: HotRoutes | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.hot is not None and scope["type"] == "http":
+            scope["app"] = self
+            if await self.hot.answer(scope, receive, send):
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     container: Container,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    *,
+    hot_routes: bool = True,
 ) -> Starlette:
     settings = container.settings()
-    app = Starlette(
+    app = WorkflowsApp(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
@@ -314,6 +294,8 @@ def create_app(
     app.router.redirect_slashes = False  # /workflow/ is an unknown path: 404, not a 307
     app.state.container = container
     app.state.settings = settings
+    if hot_routes and not settings.cors_origins:  # CORS: see hot.py
+        app.hot = HotRoutes(app)
     return app
 
 

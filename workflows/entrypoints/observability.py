@@ -106,9 +106,7 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = Headers(scope=scope).get("x-request-id")
-        # 128 random bits; `random` is reseeded in every process, and is cheaper than uuid4.
-        rid = given if given and REQUEST_ID.fullmatch(given) else f"{random.getrandbits(128):032x}"
+        rid = new_request_id(Headers(scope=scope).get("x-request-id"))
         token = request_id.set(rid)
         status = 0
         start = time.perf_counter()
@@ -135,9 +133,21 @@ class RequestMiddleware:
             request_id.reset(token)
 
 
+def new_request_id(given: str | None) -> str:
+    """The client's X-Request-ID when it is a valid one, else a new random id."""
+    if given and REQUEST_ID.fullmatch(given):
+        return given
+    # 128 random bits; `random` is reseeded in every process, and is cheaper than uuid4.
+    return f"{random.getrandbits(128):032x}"
+
+
 def observe(scope: Scope, status: int, seconds: float) -> None:
     method = scope["method"] if scope["method"] in METHODS else "OTHER"
-    route = route_template(scope)
+    record(method, route_template(scope), status, seconds)
+
+
+def record(method: str, route: str, status: int, seconds: float) -> None:
+    """Count and time one answered request of a known method and route template."""
     count, latency = _series(method, route, status)
     count.inc()
     latency.observe(seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Iterable
 
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
@@ -27,6 +28,8 @@ HEADERS = (
     (b"content-security-policy", API_CSP.encode()),
 )
 NO_STORE = ((b"cache-control", b"no-store"),)
+API_HEADERS = HEADERS + NO_STORE
+"""What every API response (JSON, CSV, problems) gets."""
 CACHEABLE_PREFIXES = ("/docs/assets/",)
 
 
@@ -65,19 +68,25 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        defaults = HEADERS if scope["path"].startswith(CACHEABLE_PREFIXES) else HEADERS + NO_STORE
+        path = scope["path"]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                # Raw headers (lower-case names, as Starlette sends them): a response's own
-                # value wins, e.g. the /docs page's Content-Security-Policy.
-                headers = list(message.get("headers", ()))
-                present = {name.lower() for name, _ in headers}
-                headers.extend(h for h in defaults if h[0] not in present)
-                message["headers"] = headers
+                message["headers"] = with_defaults(path, message.get("headers", ()))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def with_defaults(path: str, headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A response's raw headers (lower-case names, as Starlette sends them) followed by the
+    security headers it does not set itself: its own value wins, e.g. the /docs page's
+    Content-Security-Policy."""
+    defaults = HEADERS if path.startswith(CACHEABLE_PREFIXES) else API_HEADERS
+    headers = list(headers)
+    present = {name.lower() for name, _ in headers}
+    headers.extend(h for h in defaults if h[0] not in present)
+    return headers
 
 
 class BearerAuthMiddleware:
@@ -95,12 +104,8 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or self.is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
-        authorization = Headers(scope=scope).get("authorization")
-        if authorization is None:
-            problem = unauthorized("send 'Authorization: Bearer <token>' (one of API_TOKENS)")
-        elif not self.accepts(authorization):
-            problem = unauthorized("the bearer token is not valid", error="invalid_token")
-        else:
+        problem = authorization_problem(self.tokens, Headers(scope=scope).get("authorization"))
+        if problem is None:
             await self.app(scope, receive, send)
             return
         await problem.response()(scope, receive, send)
@@ -108,17 +113,28 @@ class BearerAuthMiddleware:
     def is_public(self, path: str) -> bool:
         return path in self.public or path.startswith(PUBLIC_PREFIXES)
 
-    def accepts(self, authorization: str) -> bool:
-        scheme, _, credentials = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        given = credentials.strip().encode("utf-8", "surrogateescape")
-        # Compare with every token, whatever matches: the time taken says nothing about
-        # which token (or how much of one) is right.
-        matched = False
-        for token in self.tokens:
-            matched |= hmac.compare_digest(given, token)
-        return matched
+
+def accepts(tokens: list[bytes], authorization: str) -> bool:
+    """Whether an Authorization header value is `Bearer <one of tokens>`."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = credentials.strip().encode("utf-8", "surrogateescape")
+    # Compare with every token, whatever matches: the time taken says nothing about
+    # which token (or how much of one) is right.
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(given, token)
+    return matched
+
+
+def authorization_problem(tokens: list[bytes], authorization: str | None) -> Problem | None:
+    """The 401 for a request to a protected path, or None when it may pass."""
+    if authorization is None:
+        return unauthorized("send 'Authorization: Bearer <token>' (one of API_TOKENS)")
+    if not accepts(tokens, authorization):
+        return unauthorized("the bearer token is not valid", error="invalid_token")
+    return None
 
 
 def unauthorized(detail: str, error: str | None = None) -> Problem:

@@ -1,0 +1,204 @@
+"""The hot routes (hot.py) answer exactly as the Starlette app does.
+
+The same requests go to two apps over fresh in-memory containers: one answers the hot
+routes in plain ASGI, the other through Starlette's layers. Status, every header (in
+order) and body must match, once uuids, timestamps and generated request ids are masked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+from dependency_injector import providers
+from prometheus_client import REGISTRY
+
+from workflows.domain.errors import DependencyUnavailable
+from workflows.entrypoints.config import Settings
+from workflows.entrypoints.container import Container
+from workflows.entrypoints.hot import HotRoutes
+from workflows.entrypoints.http import create_app
+
+UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TIME = re.compile(rb"\d{4}-\d\d-\d\dT[0-9:.]+(Z|[+-]\d\d:\d\d)")
+JSON = {"Content-Type": "application/json"}
+BODY = b'{"data": {"a": 1, "b": {"c": [1, 2.50]}}, "steps": ["one", "two"]}'
+
+Send = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+
+
+def post(
+    body: bytes = BODY, headers: dict[str, str] | None = None, path: str = "/workflow"
+) -> Send:
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.post(path, content=body, headers={**JSON, **(headers or {})})
+
+    return send
+
+
+def consume(method: str = "GET", query: str = "", headers: dict[str, str] | None = None) -> Send:
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.request(method, f"/workflow/consume{query}", headers=headers)
+
+    return send
+
+
+# Sequences of requests: each runs from a fresh store on both apps.
+SCENARIOS: dict[str, list[Send]] = {
+    "post then consume": [post(), consume(), consume()],
+    "v1 paths, POST consume": [post(path="/v1/workflow"), consume("POST")],
+    "request ids": [
+        post(headers={"X-Request-ID": "abc-123"}),
+        consume(headers={"X-Request-ID": "bad id with spaces"}),
+    ],
+    "idempotency": [
+        post(headers={"Idempotency-Key": "k-1"}),
+        post(headers={"Idempotency-Key": "k-1"}),
+        post(b'{"data": {"a": 2}}', headers={"Idempotency-Key": "k-1"}),
+        post(headers={"Idempotency-Key": ""}),
+    ],
+    "bad bodies": [
+        post(b"{"),
+        post(b'{"data": 1}'),
+        post(b'{"data": {"a": 1}, "extra": true}'),
+        post(headers={"Content-Type": "text/plain"}),
+        post(b'{"data": {"a": "' + b"x" * 70_000 + b'"}}'),
+        post(headers={"Content-Length": "999999"}),
+    ],
+    "bad consume queries": [
+        consume(query="?wait=abc"),
+        consume(query="?wait=21"),
+        consume(query="?other=1"),
+        consume(query="?wait=0&wait=0"),
+        consume(query="?wait=0.01"),
+    ],
+    "other routes": [post(), consume("DELETE"), post(path="/workflow/")],
+}
+
+
+async def exchange(app: Any, requests: list[Send]) -> list[tuple[int, list[Any], bytes]]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    answers = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for send in requests:
+            response = await send(client)
+            headers = [(name, mask(value)) for name, value in response.headers.raw]
+            answers.append((response.status_code, headers, mask(response.content)))
+    return answers
+
+
+def mask(text: bytes) -> bytes:
+    text = TIME.sub(b"<time>", UUID.sub(b"<uuid>", text))
+    return re.sub(rb"^[0-9a-f]{32}$", b"<generated id>", text)
+
+
+def apps(settings: Settings, tweak: Callable[[Container], None] | None = None) -> list[Any]:
+    made = []
+    for hot in (True, False):
+        container = Container(settings=settings)
+        if tweak:
+            tweak(container)
+        made.append(create_app(container, hot_routes=hot))
+    return made
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(queue_backend="memory", export_dir=tmp_path / "exports", max_body_bytes=65536)
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What HotRoutes.answer returned for each request: it answered (True) or passed."""
+    results: list[bool] = []
+    answer = HotRoutes.answer
+
+    async def recorded(self: HotRoutes, scope: Any, receive: Any, send: Any) -> bool:
+        result = await answer(self, scope, receive, send)
+        results.append(result)
+        return result
+
+    monkeypatch.setattr(HotRoutes, "answer", recorded)
+    return results
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+async def test_hot_routes_answer_as_the_app_does(
+    settings: Settings, name: str, taken: list[bool]
+) -> None:
+    hot, plain = apps(settings)
+    assert await exchange(hot, SCENARIOS[name]) == await exchange(plain, SCENARIOS[name])
+    assert any(taken), "the hot routes answered none of these requests"
+
+
+async def test_the_scenarios_are_answered_by_the_hot_routes(
+    settings: Settings, taken: list[bool]
+) -> None:
+    hot, _ = apps(settings)
+    await exchange(hot, [post(), consume(), consume("POST"), consume("DELETE")])
+    assert taken == [True, True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(DependencyUnavailable("database", "down"), 503), (KeyError("x"), 500)]
+)
+async def test_errors_are_answered_by_the_same_handlers(
+    settings: Settings, error: Exception, status: int
+) -> None:
+    async def failing(*args: Any) -> None:
+        raise error
+
+    def tweak(container: Container) -> None:
+        container.create_workflow.override(providers.Object(failing))
+        container.consume_workflow.override(providers.Object(failing))
+
+    hot, plain = apps(settings, tweak)
+    requests = [post(), consume()]
+    answers = await exchange(hot, requests)
+    assert [status for status, _, _ in answers] == [status, status]
+    assert answers == await exchange(plain, requests)
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Bearer s3cret"}]
+)
+async def test_tokens_are_checked_as_the_app_does(
+    settings: Settings, headers: dict[str, str]
+) -> None:
+    protected = attrs.evolve(settings, api_tokens=("s3cret",))
+    hot, plain = apps(protected)
+    requests = [post(headers=headers), consume(headers=headers)]
+    answers = await exchange(hot, requests)
+    assert answers == await exchange(plain, requests)
+    expected = [201, 200] if headers.get("Authorization") == "Bearer s3cret" else [401, 401]
+    assert [status for status, _, _ in answers] == expected
+
+
+async def test_with_cors_every_request_goes_through_the_cors_middleware(
+    settings: Settings, taken: list[bool]
+) -> None:
+    cors = attrs.evolve(settings, cors_origins=("https://ui.example",))
+    hot, plain = apps(cors)
+    requests = [post(headers={"Origin": "https://ui.example"}), post()]
+    answers = await exchange(hot, requests)
+    assert answers == await exchange(plain, requests)
+    assert ("access-control-allow-origin", b"https://ui.example") in [
+        (name.decode(), value) for name, value in answers[0][1]
+    ]
+    assert taken == []  # no hot routes: Starlette's CORS adds `Vary: Origin` to all
+
+
+async def test_hot_routes_are_counted_under_their_route_template(settings: Settings) -> None:
+    def count() -> float:
+        labels = {"method": "POST", "route": "/workflow", "status": "201"}
+        return REGISTRY.get_sample_value("workflows_http_requests_total", labels) or 0.0
+
+    hot, _ = apps(settings)
+    before = count()
+    await exchange(hot, [post(), post()])
+    assert count() == before + 2

@@ -1,0 +1,160 @@
+"""The hot routes (POST /workflow, GET|POST /workflow/consume) answered in plain ASGI.
+
+On those routes Starlette's layers (its error and exception middleware, our two middleware
+classes, routing, endpoint classes, Request and Response objects) cost more CPU than the
+rest of the request together (docs/benchmarks.md). `HotRoutes` answers them itself, with the
+behaviour the Starlette app has for them: the same handlers' logic (`http.py`), statuses,
+bodies, headers in the same order (security headers, X-Request-ID, Location...), problem
+documents, exception handlers, log lines and metrics. tests/unit/test_hot_routes.py sends
+the same requests through both and compares the answers.
+
+With CORS_ORIGINS set, every request goes through Starlette's CORS middleware (which also
+adds `Vary: Origin` to answers without an `Origin`): the app then has no hot routes. A request
+under a root path goes to the Starlette app too, as does every other route.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from workflows.entrypoints import observability, schemas, security
+from workflows.entrypoints.inputs import consume_wait, receive_json_body
+from workflows.entrypoints.logs import request_id
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+log = logging.getLogger(__name__)
+
+Headers = dict[bytes, bytes]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+"""Status, raw headers (without the X-Request-ID and security headers added to all), body."""
+Handler = Callable[[Scope, Receive, Headers], Awaitable[Answer]]
+JSON_TYPE = (b"content-type", b"application/json")
+CSV_TYPE = (b"content-type", b"text/csv; charset=utf-8")
+
+
+class HotRoutes:
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        settings = app.state.settings
+        self.container = app.state.container
+        self.limit: int = settings.max_body_bytes
+        self.tokens = [token.encode() for token in settings.api_tokens]
+        self.routes: dict[tuple[str, str], tuple[str, Handler]] = {}
+        for prefix in ("", "/v1"):
+            collection, consume = f"{prefix}/workflow", f"{prefix}/workflow/consume"
+            self.routes[("POST", collection)] = (collection, self.create)
+            self.routes[("GET", consume)] = (consume, self.consume)
+            self.routes[("POST", consume)] = (consume, self.consume)
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer a hot request and return True, or return False having touched nothing:
+        the request is the Starlette app's."""
+        found = self.routes.get((scope["method"], scope["path"]))
+        if found is None or scope.get("root_path"):
+            return False
+        headers: Headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of repeated headers, as Starlette
+        route, handler = found
+        rid = observability.new_request_id(_text(headers.get(b"x-request-id")))
+        token = request_id.set(rid)
+        start = time.perf_counter()
+        status = 0
+        try:
+            try:
+                problem = None
+                if self.tokens:
+                    problem = security.authorization_problem(
+                        self.tokens, _text(headers.get(b"authorization"))
+                    )
+                if problem is not None:
+                    status, raw, body = _rendered(problem.response())
+                else:
+                    status, raw, body = await handler(scope, receive, headers)
+            except Exception as error:
+                status, raw, body = await self.handled(scope, receive, error)
+            raw.append((b"x-request-id", rid.encode()))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": security.with_defaults(scope["path"], raw),
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            if status:
+                observability.record(scope["method"], route, status, time.perf_counter() - start)
+            request_id.reset(token)
+        return True
+
+    async def handled(self, scope: Scope, receive: Receive, error: Exception) -> Answer:
+        """The app's exception handler's answer (found as Starlette finds it: by the
+        error's class, most specific first)."""
+        handlers = self.app.exception_handlers
+        for cls in type(error).__mro__:
+            if cls in handlers:
+                response = await handlers[cls](Request(scope, receive), error)
+                return _rendered(response)
+        raise error
+
+    async def create(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
+        """WorkflowCollection.post (http.py), without the Starlette layers."""
+        key = schemas.parse_idempotency_key(_text(headers.get(b"idempotency-key")))
+        body = await receive_json_body(
+            receive,
+            _text(headers.get(b"content-type")),
+            _text(headers.get(b"content-length")) or "",
+            self.limit,
+        )
+        data, steps = schemas.parse_new_workflow(body)
+        created = await self.container.create_workflow()(data, steps, key)
+        workflow = created.workflow
+        rendered = schemas.render_workflow(workflow)
+        location = f"{scope['path'].rstrip('/')}/{workflow.uuid}".encode("latin-1")
+        raw = [(b"location", location)]
+        if created.replayed:
+            raw.append((b"idempotent-replayed", b"true"))
+        raw += [(b"content-length", str(len(rendered)).encode()), JSON_TYPE]
+        return 201, raw, rendered
+
+    async def consume(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
+        """Consume.get (http.py), without the Starlette layers."""
+        query = scope.get("query_string", b"")
+        wait = consume_wait(QueryParams(query)) if query else 0.0
+        request = Request(scope, receive)
+
+        async def still_wanted() -> bool:
+            return not await request.is_disconnected()
+
+        consumed = await self.container.consume_workflow()(wait, still_wanted)
+        if consumed is None:
+            return 204, [], b""
+        uuid = str(consumed.workflow.uuid).encode()
+        content = consumed.content
+        raw = [
+            (b"content-disposition", b'attachment; filename="' + uuid + b'.csv"'),
+            (b"x-workflow-uuid", uuid),
+            (b"content-length", str(len(content)).encode()),
+            CSV_TYPE,
+        ]
+        return 200, raw, content
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def _rendered(response: Response) -> Answer:
+    """A Starlette Response (built by a shared handler) as status, raw headers and body."""
+    return response.status_code, list(response.raw_headers), bytes(response.body)
