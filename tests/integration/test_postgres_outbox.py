@@ -132,3 +132,18 @@ async def test_concurrent_claims_skip_the_entries_another_holds(pg: PostgresData
         assert [entry.workflow_uuid for entry in held] == [first.uuid]
         assert [entry.workflow_uuid for entry in rest] == [second.uuid]
     assert await outbox.size() == 0
+
+
+async def test_delete_removes_the_entries_of_the_named_workflows_only(
+    pg: PostgresDatabase,
+) -> None:
+    repository, outbox = PostgresWorkflowRepository(pg.pool, outbox=True), PostgresOutbox(pg.pool)
+    named, other = make(), make()
+    await repository.add(named)
+    await repository.add(other)
+    await outbox.delete([named.uuid])
+    await age_all_entries(pg)
+    async with outbox.claim([], stale_after=60, limit=10) as entries:
+        assert [entry.workflow_uuid for entry in entries] == [other.uuid]
+    await outbox.delete([named.uuid])  # nothing left to delete: no error
+    assert await outbox.size() == 0

@@ -45,6 +45,10 @@ class MemoryOutbox(Outbox):
         yield list(taken)
         self.entries = [e for e in self.entries if e not in taken]
 
+    async def delete(self, uuids: Collection[UUID]) -> None:
+        gone = set(uuids)
+        self.entries = [e for e in self.entries if e.workflow_uuid not in gone]
+
     async def size(self) -> int:
         return len(self.entries)
 

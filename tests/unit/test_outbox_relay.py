@@ -14,14 +14,18 @@ from workflows.domain.errors import DependencyUnavailable
 
 
 class LockingOutbox(Outbox):
-    """Like PostgreSQL's: a claim takes the named entries (every entry, when `all_stale`)
-    that no other claim holds, and deletes them only when its block ends normally."""
+    """Like PostgreSQL's: a claim takes the named and the stale entries (every entry, when
+    `all_stale`) that no other claim holds, and deletes them only when its block ends
+    normally; `delete` deletes the entries of workflows, held or not."""
 
     def __init__(self, *, all_stale: bool = False) -> None:
         self.rows: dict[int, UUID] = {}
         self.all_stale = all_stale
+        self.stale: set[UUID] = set()
+        self.claimed: list[UUID] = []  # every entry a claim took, in order
         self.deleting = asyncio.Event()  # set: deletions go ahead
         self.deleting.set()
+        self.delete_fails = False
         self._held: set[int] = set()
 
     def add(self, uuid: UUID) -> None:
@@ -35,9 +39,10 @@ class LockingOutbox(Outbox):
         taken = [
             OutboxEntry(id, uuid)
             for id, uuid in sorted(self.rows.items())
-            if id not in self._held and (self.all_stale or uuid in named)
+            if id not in self._held and (self.all_stale or uuid in named or uuid in self.stale)
         ][:limit]
         self._held.update(entry.id for entry in taken)
+        self.claimed += [entry.workflow_uuid for entry in taken]
         try:
             yield taken
             await self.deleting.wait()
@@ -45,6 +50,13 @@ class LockingOutbox(Outbox):
                 del self.rows[entry.id]
         finally:
             self._held.difference_update(entry.id for entry in taken)
+
+    async def delete(self, uuids: Collection[UUID]) -> None:
+        await self.deleting.wait()
+        if self.delete_fails:
+            raise DependencyUnavailable("database", "down for the test")
+        gone = set(uuids)
+        self.rows = {id: uuid for id, uuid in self.rows.items() if uuid not in gone}
 
     async def size(self) -> int:
         return len(self.rows)
@@ -147,3 +159,55 @@ async def test_a_backlog_goes_in_full_batches_until_it_is_gone() -> None:
         await until(lambda: not outbox.rows)
     assert [len(batch) for batch in publisher.batches[:3]] == [500, 500, 234]
     assert [uuid for batch in publisher.batches for uuid in batch] == backlog
+
+
+async def test_waiting_entries_are_published_at_once_without_a_claim() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, confirm_timeout=2.0)
+    uuids = [uuid4() for _ in range(3)]
+    for uuid in uuids:
+        outbox.add(uuid)
+    async with running(relay):
+        assert await asyncio.gather(*(relay.publish(uuid) for uuid in uuids)) == [True] * 3
+        await until(lambda: not outbox.rows)
+    assert sorted(uuid for batch in publisher.batches for uuid in batch) == sorted(uuids)
+    assert outbox.claimed == []  # no claim: no other relay takes an entry this fresh
+
+
+async def test_stale_entries_are_swept_while_requests_keep_the_relay_busy() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, confirm_timeout=2.0, sweep_interval=0.05)
+    left_behind = uuid4()  # by a crashed process: no request waits for it
+    outbox.add(left_behind)
+    outbox.stale.add(left_behind)
+    busy = True
+
+    async def requests() -> None:
+        while busy:  # a request every 10 ms: the relay is woken long before each sweep
+            uuid = uuid4()
+            outbox.add(uuid)
+            await relay.publish(uuid)
+            await asyncio.sleep(0.01)
+
+    async with running(relay):
+        load = asyncio.create_task(requests())
+        await until(lambda: left_behind in outbox.claimed, within=1.0)
+        busy = False
+        await load
+    assert any(left_behind in batch for batch in publisher.batches)
+    assert left_behind not in outbox.rows.values()
+
+
+async def test_a_failed_deletion_keeps_the_entries_for_a_sweep() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, confirm_timeout=2.0)
+    uuid = uuid4()
+    outbox.add(uuid)
+    outbox.delete_fails = True
+    async with running(relay):
+        assert await relay.publish(uuid) is True  # confirmed: the message is safe
+        await until(lambda: len(publisher.batches) == 1)
+    assert list(outbox.rows.values()) == [uuid]  # published again by a sweep, later
+    outbox.delete_fails, outbox.all_stale = False, True
+    assert await relay.flush() == 1
+    assert outbox.rows == {}

@@ -133,6 +133,11 @@ class Outbox(abc.ABC):
         deletes them; leaving it by an exception keeps them for a later try."""
 
     @abc.abstractmethod
+    async def delete(self, uuids: Collection[UUID]) -> None:
+        """Delete the entries of these workflows, at once (one statement, committed): the
+        relay calls it for entries whose messages the broker has confirmed."""
+
+    @abc.abstractmethod
     async def size(self) -> int: ...
 
 

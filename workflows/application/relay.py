@@ -23,12 +23,19 @@ class OutboxRelay:
 
     A request that has just committed an entry awaits `publish(uuid)`, which returns once
     that message is confirmed (True) or after `confirm_timeout` (False): the entry then
-    stays in the outbox and a later flush delivers it. `run()` flushes whenever a request
-    asks and every `sweep_interval` seconds, which also picks up entries older than
-    `stale_after` seconds left by other processes, crashes or a broker outage. A flush
-    takes up to `batch_limit` entries and the broker confirms them together; up to
-    `parallel` flushes run at once, each with the requests that arrived since the
-    others began, and a backlog is flushed batch after batch until it is gone.
+    stays in the outbox and a later sweep delivers it. `run()` flushes whenever a request
+    asks: the entries of the requests waiting in this process are published at once,
+    without being claimed (no other relay takes an entry before it is `stale_after`
+    seconds old), and deleted once confirmed. Every `sweep_interval` seconds, under load
+    too, a sweep claims (locks) entries older than `stale_after` seconds, left by other
+    processes, crashes or a broker outage, and publishes them. A flush takes up to
+    `batch_limit` entries and the broker confirms them together; up to `parallel` flushes
+    run at once, each with the requests that arrived since the others began, and a
+    backlog is swept batch after batch until it is gone.
+
+    Every path may publish an entry twice (a crash or failed deletion after the confirm,
+    a confirm slower than `stale_after`): consumers skip a message whose workflow is not
+    queued, so a duplicate is never consumed twice.
     """
 
     outbox: Outbox
@@ -44,6 +51,7 @@ class OutboxRelay:
     _flushing: set[UUID] = attrs.field(factory=set, init=False)  # taken by a flush
     _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _down_until: float = attrs.field(default=0.0, init=False)
+    _next_sweep: float = attrs.field(default=0.0, init=False)
 
     async def publish(self, uuid: UUID) -> bool:
         if time.monotonic() < self._down_until:
@@ -73,7 +81,10 @@ class OutboxRelay:
                 self._wake.clear()
                 if len(flushing) >= self.parallel:
                     await asyncio.wait(flushing, return_when=asyncio.FIRST_COMPLETED)
-                flush = self._flush_backlog(sweep=not asked)
+                sweep = not asked or time.monotonic() >= self._next_sweep
+                if sweep:
+                    self._next_sweep = time.monotonic() + self.sweep_interval
+                flush = self._flush_backlog(sweep=sweep)
                 task = asyncio.create_task(flush, name="outbox-flush")
                 flushing.add(task)
                 task.add_done_callback(flushing.discard)
@@ -91,27 +102,51 @@ class OutboxRelay:
             log.exception("outbox relay flush failed; retrying in %ss", self.sweep_interval)
 
     async def flush(self, *, sweep: bool = True) -> int:
-        """Publish one batch: the entries of the requests waiting (that no other flush has
-        taken) and, up to `batch_limit`, the stale ones; the number the broker confirmed.
-        Without `sweep`, do nothing when no request waits.
+        """Publish the entries of the requests waiting (that no other flush has taken, up
+        to `batch_limit`) and, with `sweep`, a batch of stale entries; the number the
+        broker confirmed.
 
         The requests waiting for those entries are answered as soon as the broker has
         confirmed them, before their deletion commits: the message is safe in the
-        broker by then, and a deletion that fails only leaves entries that a later flush
+        broker by then, and a deletion that fails only leaves entries that a later sweep
         publishes again, duplicates that consumers skip."""
-        entries: list[OutboxEntry] = []
-        confirmed = 0
         wanted = [
             uuid
             for uuid, futures in self._waiters.items()
             if uuid not in self._flushing and not all(future.done() for future in futures)
         ]
-        if not wanted and not sweep:
+        if len(wanted) > self.batch_limit:
+            wanted = wanted[: self.batch_limit]
+            self._wake.set()  # the rest go in the next flush
+        confirmed = await self._publish_waiting(wanted) if wanted else 0
+        if sweep:
+            confirmed += await self._sweep()
+        return confirmed
+
+    async def _publish_waiting(self, uuids: list[UUID]) -> int:
+        self._flushing.update(uuids)
+        try:
+            await self.publisher.publish(uuids)
+        except DependencyUnavailable as error:
+            self._down_until = time.monotonic() + self.outage_backoff
+            log.warning("outbox relay: %d entries not confirmed: %s", len(uuids), error)
             return 0
-        self._flushing.update(wanted)
+        finally:
+            self._flushing.difference_update(uuids)
+        self._confirmed(uuids)
+        try:
+            await self.outbox.delete(uuids)
+        except DependencyUnavailable as error:
+            log.warning("outbox relay: %d confirmed entries not deleted: %s", len(uuids), error)
+        return len(uuids)
+
+    async def _sweep(self) -> int:
+        """Claim stale entries (up to `batch_limit`), publish them, delete them."""
+        entries: list[OutboxEntry] = []
+        confirmed = 0
         try:
             async with self.outbox.claim(
-                wanted, stale_after=self.stale_after, limit=self.batch_limit
+                [], stale_after=self.stale_after, limit=self.batch_limit
             ) as entries:
                 uuids = [entry.workflow_uuid for entry in entries]
                 self._flushing.update(uuids)
@@ -129,7 +164,6 @@ class OutboxRelay:
             )
             return confirmed
         finally:
-            self._flushing.difference_update(wanted)
             self._flushing.difference_update(entry.workflow_uuid for entry in entries)
         return confirmed
 

@@ -17,6 +17,7 @@ LIMIT %s
 FOR UPDATE SKIP LOCKED
 """
 DELETE = "DELETE FROM outbox WHERE id = ANY(%s::bigint[])"
+DELETE_OF_WORKFLOWS = "DELETE FROM outbox WHERE workflow_uuid = ANY(%s::uuid[])"
 SIZE = "SELECT count(*) FROM outbox"
 
 
@@ -35,6 +36,10 @@ class PostgresOutbox(Outbox):
             yield entries
             if entries:
                 await conn.execute(DELETE, ([entry.id for entry in entries],))
+
+    async def delete(self, uuids: Collection[UUID]) -> None:
+        async with connection(self._pool) as conn:  # autocommit: one statement, committed
+            await conn.execute(DELETE_OF_WORKFLOWS, (list(uuids),))
 
     async def size(self) -> int:
         async with connection(self._pool) as conn:
