@@ -100,7 +100,8 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
         " at end (above ~1 before the run, other work shared the machine)",
         f"PostgreSQL at {_where(ctx.db.url)}, RabbitMQ at {_where(ctx.rabbitmq_url)}; the "
         f"benchmark's own database {ctx.db.name} (dropped after) and queues bench-{ctx.run_id}-*",
-        f"mode {m.name}, {elapsed:.0f} s in all; {ctx.workers} uvicorn workers "
+        f"mode {m.name}, {elapsed:.0f} s in all; {ctx.workers} uvicorn "
+        f"worker{'s' if ctx.workers != 1 else ''} "
         "(`workflows serve --workers N`: uvloop, httptools, no access log), DB_POOL_SIZE "
         "default (10 per worker), LOG_LEVEL=WARNING",
         "pinned with taskset: every load generator (wrk -t1, pgbench -j1, broker.py) on cpu "
