@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from uuid import UUID, uuid4
 
+import pika
+import pika.exceptions
 import pytest
 
 from tests.support.tcp_proxy import TcpProxy
@@ -236,3 +239,96 @@ async def test_stopped_broker_refuses_calls(broker: RabbitMqBroker) -> None:
     with pytest.raises(DependencyUnavailable):
         await broker.publish([uuid4()])
     await broker.start()  # for the fixture's cleanup
+
+
+def declare_with(url: str, queue: str, arguments: dict[str, object]) -> None:
+    """Declare `queue` durable with `arguments` on a connection of its own; raises
+    ChannelClosedByBroker (406) when it exists with other arguments."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_declare(queue, durable=True, arguments=arguments)
+    finally:
+        connection.close()
+
+
+def kept_queue_warnings(caplog: pytest.LogCaptureFixture, queue: str) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "workflows.adapters.rabbitmq.broker"
+        and record.levelno == logging.WARNING
+        and f"queue {queue!r} exists" in record.getMessage()
+    ]
+
+
+async def test_a_queue_declared_with_another_delivery_limit_is_used_as_it_is(
+    rabbitmq_url: str, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{queue_name}.dead",
+        "x-delivery-limit": 3,
+        "x-queue-type": "quorum",
+    }
+    declare_with(rabbitmq_url, queue_name, old)
+    broker = RabbitMqBroker(
+        rabbitmq_url, queue=queue_name, timeout=2.0, arguments={"x-delivery-limit": 10}
+    )
+    with caplog.at_level(logging.WARNING):
+        await broker.start()
+    try:
+        published = [uuid4() for _ in range(3)]
+        await broker.publish(published)
+        taken = await take(broker, 3)
+        assert uuids_of(taken) == published
+        for delivery in taken:
+            broker.ack(delivery)
+        assert await broker.get() is None
+        assert await broker.depth() == 0
+    finally:
+        await broker.stop()
+    warnings = kept_queue_warnings(caplog, queue_name)
+    assert len(warnings) == 2  # one per connection: the publisher's, the consumer's
+    assert "inequivalent arg 'x-delivery-limit'" in warnings[0]  # the broker's reason
+    assert """'{"delivery-limit": 10}' --apply-to queues""" in warnings[0]
+    declare_with(rabbitmq_url, queue_name, old)  # still its first arguments...
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        declare_with(rabbitmq_url, queue_name, {**old, "x-delivery-limit": 10})
+    assert refused.value.reply_code == 406  # ...not the broker's
+
+
+async def test_a_dead_letter_queue_name_taken_by_a_classic_queue_is_used_as_it_is(
+    rabbitmq_url: str, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"{queue_name}.dead"
+    declare_with(rabbitmq_url, dead, {})  # a classic queue
+    broker = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0)
+    with caplog.at_level(logging.WARNING):
+        await broker.start()
+    try:
+        uuid = uuid4()
+        await broker.publish([uuid])
+        taken = await take(broker, 1)
+        assert uuids_of(taken) == [uuid]
+        broker.ack(taken[0])
+        assert await broker.get(dead=True) is None
+    finally:
+        await broker.stop()
+    assert len(kept_queue_warnings(caplog, dead)) == 2
+    assert kept_queue_warnings(caplog, queue_name) == []
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        declare_with(rabbitmq_url, dead, {"x-queue-type": "quorum"})  # still classic
+
+
+async def test_other_declare_failures_still_fail_the_start(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    holder = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        holder.channel().queue_declare(queue_name, exclusive=True)  # 405 to anyone else
+        broker = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0)
+        with pytest.raises(DependencyUnavailable, match="RESOURCE_LOCKED"):
+            await broker.start()
+        await broker.stop()
+    finally:
+        holder.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -11,7 +13,7 @@ from uuid import UUID
 import attrs
 import pika
 
-from workflows.adapters.rabbitmq.connection import AmqpConnection, Lane, Request
+from workflows.adapters.rabbitmq.connection import AmqpConnection, Lane, Ready, Refusal, Request
 from workflows.application.ports import MessagePublisher
 from workflows.domain.errors import DependencyUnavailable
 
@@ -179,18 +181,43 @@ class RabbitMqBroker(MessagePublisher):
 
         await self._consumer.call(delete)
 
-    def _declare(self, lane: Lane, done: Any) -> None:
-        def declare_queue(_frame: Any) -> None:
-            lane.channel.queue_declare(
-                self.queue, durable=True, arguments=self._arguments, callback=lambda _: done()
-            )
-
-        lane.channel.queue_declare(
+    def _declare(self, lane: Lane, done: Ready) -> None:
+        self._declare_queue(
+            lane,
             self.dead_letter_queue,
-            durable=True,
-            arguments={"x-queue-type": "quorum"},
-            callback=declare_queue,
+            {"x-queue-type": "quorum"},
+            then=lambda: self._declare_queue(lane, self.queue, self._arguments, then=done),
         )
+
+    def _declare_queue(
+        self, lane: Lane, name: str, arguments: Mapping[str, object], *, then: Ready
+    ) -> None:
+        """Declare queue `name`, then call `then`.
+
+        RabbitMQ fixes a queue's arguments when it first declares it, and refuses a
+        declare with other ones (406 PRECONDITION_FAILED, closing the channel): say
+        MAX_DELIVERY_ATTEMPTS changed since, or something else made a queue of that name.
+        Then use the queue as it is, on a new channel: a delivery limit other than the
+        configured one is better than a service that cannot publish or consume at all.
+        """
+
+        def declared(_frame: Any) -> None:
+            lane.refusal = None
+            then()
+
+        def keep_existing(reply_text: str) -> None:
+            log.warning(
+                "rabbitmq queue %r exists with arguments other than the configured %r (%s): "
+                "using it as it is, its arguments kept. %s",
+                name,
+                dict(arguments),
+                reply_text,
+                _how_to_change(name, arguments),
+            )
+            lane.channel.queue_declare(name, passive=True, callback=lambda _: then())
+
+        lane.refusal = Refusal(pika.spec.PRECONDITION_FAILED, keep_existing)
+        lane.channel.queue_declare(name, durable=True, arguments=arguments, callback=declared)
 
     def _confirm_mode(self, lane: Lane, done: Any) -> None:
         confirms = _Confirms(lane, self._publisher)
@@ -255,3 +282,20 @@ class _Confirms:
 
 def _nothing(lane: Lane, request: Request[None]) -> None:
     request.succeed(None)
+
+
+def _how_to_change(queue: str, arguments: Mapping[str, object]) -> str:
+    """The operator's ways to change the arguments of an existing queue."""
+    delete = (
+        "To change any of them, delete the queue once it is empty and restart the service, "
+        "which declares it anew with the configured ones."
+    )
+    limit = arguments.get("x-delivery-limit")
+    if limit is None:
+        return delete
+    policy = json.dumps({"delivery-limit": limit})
+    return (
+        "A policy can lower its delivery limit (a quorum queue applies the lower of the "
+        f"policy's and its own): rabbitmqctl set_policy {queue}-limit '^{re.escape(queue)}$' "
+        f"'{policy}' --apply-to queues. {delete}"
+    )

@@ -23,7 +23,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -39,6 +39,13 @@ Setup = Callable[["Lane", Ready], None]
 WATCH_INTERVAL = 0.25  # seconds between checks for requests the broker leaves unanswered
 
 
+class Refusal(NamedTuple):
+    """A channel error that a setup expects from its request and handles (Lane.refusal)."""
+
+    reply_code: int  # say 406 PRECONDITION_FAILED
+    then: Callable[[str], None]  # goes on, on the lane's new channel, given the reply text
+
+
 class Lane:
     """A channel of the connection: runs one exclusive request at a time (a basic.get, a
     queue.declare...), any number of pipelined ones (publishes awaiting confirms)."""
@@ -50,6 +57,12 @@ class Lane:
         self.on_get_empty: Callable[[], None] | None = None
         self.state: Any = None  # what the owner keeps per channel (publisher confirms)
         self.dropped = False  # its connection was given up: ignore what it still reports
+        self.refusal: Refusal | None = None
+        """Set by a setup while its request may be refused with a channel error (a
+        queue.declare with arguments other than the existing queue's): the broker then
+        closes the channel, not the connection, so the lane gets a new channel and the
+        setup goes on with `refusal.then`, where any other channel error drops the
+        connection. Cleared by the setup once answered, and by the channel's closing."""
 
     def guard(self, callback: Callable[..., None]) -> Callable[..., None]:
         """`callback`, unless this lane's connection has been dropped by then: a request
@@ -295,14 +308,32 @@ class AmqpConnection:
 
         def on_channel(channel: Any) -> None:
             lane = Lane(channel)
-            channel.add_on_close_callback(self._on_channel_closed)
-            channel.add_callback(lane.got_empty, [pika.spec.Basic.GetEmpty], one_shot=False)
+            self._watch_channel(lane)
             opened.append(lane)
             if len(opened) == self._lane_count:
                 self._setup(opened[0], lambda: self._set_up_lanes(connection, opened))
 
         for _ in range(self._lane_count):
             connection.channel(on_open_callback=on_channel)
+
+    def _watch_channel(self, lane: Lane) -> None:
+        """Hear of the closing of `lane`'s channel and of its basic.get-empty answers."""
+        channel = lane.channel
+        channel.add_on_close_callback(
+            lambda closed, reason: self._on_channel_closed(lane, closed, reason)
+        )
+        channel.add_callback(lane.got_empty, [pika.spec.Basic.GetEmpty], one_shot=False)
+
+    def _reopen(self, lane: Lane, then: Ready) -> None:
+        """Give `lane` a new channel of the connection, then call `then`."""
+
+        def on_channel(channel: Any) -> None:
+            lane.channel = channel
+            lane.number = channel.channel_number
+            self._watch_channel(lane)
+            then()
+
+        self._connection.channel(on_open_callback=on_channel)
 
     def _set_up_lanes(self, connection: Any, lanes: list[Lane]) -> None:
         remaining = len(lanes)
@@ -347,10 +378,19 @@ class AmqpConnection:
         elif self._stopping:
             self._finish_stop_if_idle()
 
-    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
-        if self._connection is not None and channel.connection is self._connection:
-            log.warning("rabbitmq channel %d closed: %r", channel.channel_number, reason)
-            self._broken(reason)
+    def _on_channel_closed(self, lane: Lane, channel: Any, reason: BaseException) -> None:
+        if self._connection is None or channel.connection is not self._connection:
+            return
+        refusal, lane.refusal = lane.refusal, None
+        if (
+            refusal is not None
+            and isinstance(reason, pika.exceptions.ChannelClosedByBroker)
+            and reason.reply_code == refusal.reply_code
+        ):
+            self._reopen(lane, lambda: refusal.then(reason.reply_text))
+            return
+        log.warning("rabbitmq channel %d closed: %r", channel.channel_number, reason)
+        self._broken(reason)
 
     def _broken(self, error: BaseException) -> None:
         """Drop the connection; retry its requests once on a new one, fail the others."""
