@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 
 from tests.support.tcp_proxy import TcpProxy
@@ -18,6 +20,7 @@ from workflows.adapters.postgres import (
     migrate,
 )
 from workflows.adapters.postgres import database as database_module
+from workflows.adapters.postgres.database import closed_by_server
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
@@ -134,7 +137,7 @@ async def test_service_started_while_the_database_is_down_recovers_when_it_retur
         await database.stop()
 
 
-async def test_a_restart_fails_one_call_and_the_next_one_reconnects(outage: TcpProxy) -> None:
+async def test_a_restart_while_the_pool_is_idle_fails_no_call(outage: TcpProxy) -> None:
     await outage.up()
     database = PostgresDatabase(outage.url, min_size=3)
     await database.start()
@@ -142,9 +145,43 @@ async def test_a_restart_fails_one_call_and_the_next_one_reconnects(outage: TcpP
     repository = PostgresWorkflowRepository(database.pool, outbox=False)
     try:
         await outage.cut()
-        with pytest.raises(DependencyUnavailable):
-            await repository.set_status(uuid7(), WorkflowStatus.CONSUMED, NOW)
-        assert await repository.get(uuid7()) is None
+        await asyncio.sleep(0.05)  # the server's side is closed: the sockets say so
+        stale = [conn for conn in list(database.pool._pool) if closed_by_server(conn)]
+        assert len(stale) == 3, "each idle connection shows that its server has gone"
         assert await repository.set_status(uuid7(), WorkflowStatus.CONSUMED, NOW) is None
+        assert await repository.get(uuid7()) is None
+        workflow = Workflow.new(uuid7(), JsonDocument('{"a":1}'), ("s",), NOW)
+        await repository.add(workflow)
+        assert await repository.get(workflow.uuid) == workflow
+    finally:
+        await database.stop()
+
+
+async def test_a_connection_lost_in_use_fails_its_call_and_the_next_one_reconnects(
+    outage: TcpProxy,
+) -> None:
+    await outage.up()
+    database = PostgresDatabase(outage.url, min_size=2)
+    await database.start()
+    repository = PostgresWorkflowRepository(database.pool, outbox=False)
+    try:
+        async with database.pool.connection() as conn:  # in use when the server goes
+            await outage.cut()
+            with pytest.raises(psycopg.OperationalError):
+                await conn.execute("SELECT 1")
+        with contextlib.suppress(DependencyUnavailable):  # a sibling may die mid-call
+            await repository.get(uuid7())
+        assert await repository.get(uuid7()) is None
+    finally:
+        await database.stop()
+
+
+async def test_a_live_idle_connection_is_not_taken_for_a_closed_one(database_url: str) -> None:
+    database = PostgresDatabase(database_url, min_size=1)
+    await database.start()
+    try:
+        async with database.pool.connection() as conn:
+            await conn.execute("SELECT 1")
+            assert not closed_by_server(conn)
     finally:
         await database.stop()

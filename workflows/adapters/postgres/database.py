@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TypeAlias
 
 import psycopg
@@ -69,10 +70,18 @@ async def connection(pool: Pool) -> AsyncIterator[Connection]:
 
     A connection lost mid-use usually means the server restarted, which has broken every
     idle connection too: drain them, so the next requests connect afresh instead of each
-    failing on a dead socket.
+    failing on a dead socket. An idle connection that the server has already closed (a
+    restart while it sat in the pool) is noticed before it is used, and replaced: nothing
+    was sent on it, so nothing can have happened twice.
     """
     try:
-        async with pool.connection() as conn:
+        async with AsyncExitStack() as stack:
+            conn = await stack.enter_async_context(pool.connection())
+            if closed_by_server(conn):
+                await conn.close()  # returned closed: the pool drops it
+                await stack.aclose()
+                await pool.drain()  # its idle siblings were closed by the same restart
+                conn = await stack.enter_async_context(pool.connection())
             try:
                 yield conn
             except psycopg.OperationalError:
@@ -81,6 +90,18 @@ async def connection(pool: Pool) -> AsyncIterator[Connection]:
                 raise
     except psycopg.OperationalError as error:  # also PoolTimeout, PoolClosed
         raise DependencyUnavailable("database", str(error) or type(error).__name__) from error
+
+
+def closed_by_server(conn: Connection) -> bool:
+    """Whether an idle connection has something to read: the server's goodbye (a restart
+    sends `FATAL: terminating connection` and closes) or the end of the stream. An idle
+    pooled connection is otherwise silent (none of them LISTENs); a spurious True only
+    costs a reconnect. One `select` with no wait: a system call, no round trip."""
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
+    return bool(readable)
 
 
 @asynccontextmanager
