@@ -8,7 +8,7 @@ order) and body must match, once uuids, timestamps and generated request ids are
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,19 @@ def post(
     return send
 
 
+def streamed(body: bytes, chunk: int = 4096) -> Send:
+    """A POST whose body comes in chunks, with no Content-Length (chunked encoding)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), chunk):
+            yield body[start : start + chunk]
+
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.post("/workflow", content=chunks(), headers=JSON)
+
+    return send
+
+
 def consume(method: str = "GET", query: str = "", headers: dict[str, str] | None = None) -> Send:
     def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
         return client.request(method, f"/workflow/consume{query}", headers=headers)
@@ -69,6 +82,8 @@ SCENARIOS: dict[str, list[Send]] = {
         post(headers={"Content-Type": "text/plain"}),
         post(b'{"data": {"a": "' + b"x" * 70_000 + b'"}}'),
         post(headers={"Content-Length": "999999"}),
+        streamed(BODY, chunk=7),
+        streamed(b'{"data": {"a": "' + b"x" * 70_000 + b'"}}'),
     ],
     "bad consume queries": [
         consume(query="?wait=abc"),
