@@ -292,7 +292,22 @@ async def test_write_syncs_the_data_before_renaming_it_into_place(
     monkeypatch.setattr(os, "replace", replace)
     await CsvExporter(tmp_path).write(workflow("{}"), b"\r\n\r\n")
     assert [name for name, _ in calls] == ["fsync", "replace"]
-    assert all(thread != threading.get_ident() for _, thread in calls), "ran on the loop"
+    # Only the fsync, which waits for the disk, leaves the event loop's thread.
+    assert calls[0][1] != threading.get_ident(), "fsync ran on the loop"
+
+
+async def test_a_failed_fsync_leaves_no_file_and_no_open_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DependencyUnavailable, match="Input/output error"):
+        await CsvExporter(tmp_path).write(workflow("{}"), b"\r\n\r\n")
+    assert listing(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 async def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temporary_file(

@@ -61,12 +61,18 @@ class CsvExporter(Exporter):
     async def write(self, workflow: Workflow, content: bytes) -> None:
         target = self._dir / f"{workflow.uuid}.csv"
         try:
-            await asyncio.to_thread(_replace_atomically, target, content)
+            await _replace_atomically(target, content)
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{target}: {error}") from error
 
 
-def _replace_atomically(target: Path, content: bytes) -> None:
+async def _replace_atomically(target: Path, content: bytes) -> None:
+    """Write `content` to a temporary file, fsync it, rename it over `target`.
+
+    The short system calls run on the event loop; only the fsync, which waits for the
+    disk, goes to a thread (it holds no GIL while it waits). One hand-off per file with a
+    single system call in it: measured against the whole write in a thread, less CPU per
+    consume and fewer GIL hand-overs (bench/notes.md)."""
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     # os.open, not mkstemp: the file gets the umask's permissions, not 0600.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -76,14 +82,31 @@ def _replace_atomically(target: Path, content: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(temporary, flags, 0o666)
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            _write_all(descriptor, content)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        # The thread closes the descriptor: even if this task is cancelled meanwhile, the
+        # descriptor is never closed (and its number reused) under the thread's feet.
+        await asyncio.to_thread(_sync_and_close, descriptor)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _write_all(descriptor: int, content: bytes) -> None:
+    view = memoryview(content)
+    while view:
+        view = view[os.write(descriptor, view) :]
+
+
+def _sync_and_close(descriptor: int) -> None:
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class _Raw(str):
