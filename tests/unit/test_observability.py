@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import logging.config
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from workflows.entrypoints.logs import (
     JsonFormatter,
     RequestIdFilter,
     TextFormatter,
+    logging_config,
     redact,
     use_json,
 )
@@ -345,3 +347,16 @@ def test_stats_and_relay_explain_when_the_backend_has_nothing_for_them(
     assert "inside the serving process" in capsys.readouterr().out
     assert operations.relay(cli.Settings.from_env()) == 2
     assert "only QUEUE_BACKEND=rabbitmq" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_uvicorn_builds_access_lines_only_when_they_are_on(access_log: bool) -> None:
+    # uvicorn formats a line per request whenever `uvicorn.access` has a handler, itself or
+    # through its parents (`hasHandlers()`), whatever the level.
+    logger = logging.getLogger("uvicorn.access")
+    saved = (logger.level, logger.handlers[:], logger.propagate)
+    try:
+        logging.config.dictConfig(logging_config("INFO", "text", access_log))
+        assert logger.hasHandlers() is access_log
+    finally:
+        logger.level, logger.handlers[:], logger.propagate = saved
