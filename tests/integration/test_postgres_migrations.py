@@ -29,7 +29,13 @@ def empty_database(postgres_server_url: str) -> Iterator[str]:
         )
 
 
-VERSIONS = ["0001_init", "0002_idempotency_keys", "0003_dead_letters", "0004_queue_index"]
+VERSIONS = [
+    "0001_init",
+    "0002_idempotency_keys",
+    "0003_dead_letters",
+    "0004_queue_index",
+    "0005_outbox_without_foreign_key",
+]
 
 
 def recorded_versions(url: str) -> list[str]:
@@ -49,6 +55,16 @@ def test_migrate_creates_the_schema_and_records_each_version(empty_database: str
     assert recorded_versions(empty_database) == VERSIONS
     assert table_exists(empty_database, "workflows")
     assert table_exists(empty_database, "outbox")
+
+
+def test_the_outbox_keeps_no_foreign_key(empty_database: str) -> None:
+    # 0005 dropped it: it checked nothing that can fail, at a cost on every POST.
+    migrate(empty_database)
+    with psycopg.connect(empty_database) as conn:
+        rows = conn.execute(
+            "SELECT contype FROM pg_constraint WHERE conrelid = 'outbox'::regclass"
+        ).fetchall()
+    assert sorted(kind for (kind,) in rows) == ["p"]
 
 
 def test_migrate_again_applies_nothing_and_keeps_the_data(empty_database: str) -> None:
