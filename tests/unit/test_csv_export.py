@@ -6,7 +6,6 @@ import asyncio
 import csv
 import io
 import os
-import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -272,42 +271,6 @@ async def test_write_gives_the_file_ordinary_permissions(tmp_path: Path) -> None
     finally:
         os.umask(previous)
     assert (tmp_path / f"{item.uuid}.csv").stat().st_mode & 0o777 == 0o644
-
-
-async def test_write_syncs_the_data_before_renaming_it_into_place(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[tuple[str, int]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        calls.append(("fsync", threading.get_ident()))
-        real_fsync(fd)
-
-    def replace(source: str, target: str) -> None:
-        calls.append(("replace", threading.get_ident()))
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    await CsvExporter(tmp_path).write(workflow("{}"), b"\r\n\r\n")
-    assert [name for name, _ in calls] == ["fsync", "replace"]
-    # Only the fsync, which waits for the disk, leaves the event loop's thread.
-    assert calls[0][1] != threading.get_ident(), "fsync ran on the loop"
-
-
-async def test_a_failed_fsync_leaves_no_file_and_no_open_descriptor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def failing_fsync(fd: int) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    before = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(DependencyUnavailable, match="Input/output error"):
-        await CsvExporter(tmp_path).write(workflow("{}"), b"\r\n\r\n")
-    assert listing(tmp_path) == []
-    assert len(os.listdir("/proc/self/fd")) == before
 
 
 async def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temporary_file(

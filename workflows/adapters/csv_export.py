@@ -23,6 +23,11 @@ docs/csv.md describes the format for users, with examples. Where the contract is
   holds `NaN` or `Infinity`, raises ValueError.
 - `write` fsyncs the temporary file before renaming it over `{uuid}.csv`, so even after
   a power failure the name holds a complete file or the previous one, never a torn one.
+  On Linux the fsync goes through the kernel's asynchronous I/O (`IOCB_CMD_FSYNC`, with
+  caio): the kernel's own workers run the same fsync and wake the event loop when it is
+  done, so no Python thread takes the GIL for it (bench/notes.md has what that saved).
+  Where that is not available (another OS, no AIO context to spare, a filesystem that
+  refuses), the fsync runs in a thread.
   The directory is not fsynced: a lost rename only loses the file, which is a pure
   function of the stored data and can be downloaded again. OSError becomes
   DependencyUnavailable; the temporary file (`.{uuid}.csv.{random}.tmp`) is removed.
@@ -34,15 +39,19 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import os
 import re
 import secrets
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from workflows.application.ports import Exporter
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import Workflow
+
+log = logging.getLogger(__name__)
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -54,6 +63,7 @@ class CsvExporter(Exporter):
 
     def __init__(self, export_dir: str | os.PathLike[str]) -> None:
         self._dir = Path(export_dir)
+        self._fsync = Fsync()
 
     def render(self, workflow: Workflow) -> bytes:
         return _render(workflow.data.text)
@@ -61,18 +71,16 @@ class CsvExporter(Exporter):
     async def write(self, workflow: Workflow, content: bytes) -> None:
         target = self._dir / f"{workflow.uuid}.csv"
         try:
-            await _replace_atomically(target, content)
+            await _replace_atomically(target, content, self._fsync)
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{target}: {error}") from error
 
 
-async def _replace_atomically(target: Path, content: bytes) -> None:
+async def _replace_atomically(target: Path, content: bytes, fsync: Fsync) -> None:
     """Write `content` to a temporary file, fsync it, rename it over `target`.
 
     The short system calls run on the event loop; only the fsync, which waits for the
-    disk, goes to a thread (it holds no GIL while it waits). One hand-off per file with a
-    single system call in it: measured against the whole write in a thread, less CPU per
-    consume and fewer GIL hand-overs (bench/notes.md)."""
+    disk, leaves it (`Fsync`)."""
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     # os.open, not mkstemp: the file gets the umask's permissions, not 0600.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -87,9 +95,7 @@ async def _replace_atomically(target: Path, content: bytes) -> None:
         except BaseException:
             os.close(descriptor)
             raise
-        # The thread closes the descriptor: even if this task is cancelled meanwhile, the
-        # descriptor is never closed (and its number reused) under the thread's feet.
-        await asyncio.to_thread(_sync_and_close, descriptor)
+        await fsync.sync_and_close(descriptor)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -100,6 +106,79 @@ def _write_all(descriptor: int, content: bytes) -> None:
     view = memoryview(content)
     while view:
         view = view[os.write(descriptor, view) :]
+
+
+class AioContext(Protocol):
+    """What is used of caio's AsyncioContext."""
+
+    def fsync(self, fd: int) -> Awaitable[object]: ...
+
+
+class Fsync:
+    """fsync a descriptor, then close it, without blocking the event loop.
+
+    Through Linux AIO where it can (`IOCB_CMD_FSYNC`: the kernel's workers run the same
+    `vfs_fsync` as fsync(2), then signal an eventfd the loop watches); else in a thread.
+    A thread costs the loop a GIL hand-over and a wake-up per file; with AIO no Python
+    thread runs. One AIO context per event loop, made on first use."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: AioContext | None = None
+        self._threads_only = False
+
+    async def sync_and_close(self, descriptor: int) -> None:
+        context = self._aio_context()
+        if context is not None and await self._through_aio(context, descriptor):
+            return
+        # The thread closes the descriptor: even if this task is cancelled meanwhile, the
+        # descriptor is never closed (and its number reused) under the thread's feet.
+        await asyncio.to_thread(_sync_and_close, descriptor)
+
+    async def _through_aio(self, context: AioContext, descriptor: int) -> bool:
+        """True once synced and closed; False, the descriptor still open, when the
+        filesystem refuses an AIO fsync."""
+        try:
+            await context.fsync(descriptor)
+        except ValueError as error:  # refused at submission; caio names the errno
+            if "[EINVAL]" in str(error):
+                log.info("no AIO fsync on this filesystem (%s); using a thread", error)
+                self._threads_only = True
+                return False
+            os.close(descriptor)
+            raise OSError(str(error)) from error
+        except SystemError as error:  # the fsync itself failed; caio gives its strerror
+            os.close(descriptor)
+            raise OSError(str(error)) from error
+        except BaseException:
+            # Safe even while a cancelled AIO fsync still runs: the kernel holds its own
+            # reference to the open file, not to the descriptor's number.
+            os.close(descriptor)
+            raise
+        os.close(descriptor)
+        return True
+
+    def _aio_context(self) -> AioContext | None:
+        if self._threads_only:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            try:
+                self._context = new_aio_context()
+            except Exception as error:  # not Linux, no AIO, no context to spare
+                log.info("no Linux AIO for fsync (%s); using a thread", error)
+                self._threads_only = True
+                return None
+            self._loop = loop
+        return self._context
+
+
+def new_aio_context() -> AioContext:
+    """A caio Linux AIO context on the running loop (few requests: one per file in flight)."""
+    from caio.linux_aio_asyncio import AsyncioContext
+
+    context: AioContext = AsyncioContext(max_requests=128)  # type: ignore[no-untyped-call]
+    return context
 
 
 def _sync_and_close(descriptor: int) -> None:
