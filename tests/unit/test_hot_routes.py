@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import attrs
 import httpx
@@ -30,13 +31,33 @@ JSON = {"Content-Type": "application/json"}
 BODY = b'{"data": {"a": 1, "b": {"c": [1, 2.50]}}, "steps": ["one", "two"]}'
 
 Send = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+CREATED: dict[int, str] = {}  # the Location of each client's last POST
 
 
 def post(
     body: bytes = BODY, headers: dict[str, str] | None = None, path: str = "/workflow"
 ) -> Send:
+    async def send(client: httpx.AsyncClient) -> httpx.Response:
+        response = await client.post(path, content=body, headers={**JSON, **(headers or {})})
+        if "location" in response.headers:
+            CREATED[id(client)] = response.headers["location"]  # for get_created
+        return response
+
+    return send
+
+
+def get_created(suffix: str = "", headers: dict[str, str] | None = None) -> Send:
+    """GET the workflow the last POST created (each app made its own uuid), + suffix."""
+
     def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
-        return client.post(path, content=body, headers={**JSON, **(headers or {})})
+        return client.get(CREATED[id(client)] + suffix, headers=headers)
+
+    return send
+
+
+def get(path: str) -> Send:
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.get(path)
 
     return send
 
@@ -93,6 +114,21 @@ SCENARIOS: dict[str, list[Send]] = {
         consume(query="?wait=0.01"),
     ],
     "other routes": [post(), consume("DELETE"), post(path="/workflow/")],
+    "get one": [
+        post(),
+        get_created(),
+        post(path="/v1/workflow"),
+        get_created(headers={"X-Request-ID": "r-1"}),
+        get_created("?unused=1"),
+        consume(),
+        get_created(),  # consumed now
+        get(f"/workflow/{uuid4()}"),  # unknown
+        get("/workflow/not-a-uuid"),
+        get("/v1/workflow/%20"),
+        get("/workflow/"),  # not the item route: the collection's, with a slash
+        get_created("/csv"),  # not the item route either
+        get_created("/"),
+    ],
 }
 
 
@@ -155,8 +191,10 @@ async def test_the_scenarios_are_answered_by_the_hot_routes(
     settings: Settings, taken: list[bool]
 ) -> None:
     hot, _ = apps(settings)
-    await exchange(hot, [post(), consume(), consume("POST"), consume("DELETE")])
-    assert taken == [True, True, True, False]
+    requests = [post(), get_created(), get_created("/csv"), get("/v1/workflow/x")]
+    answers = await exchange(hot, [*requests, consume(), consume("POST"), consume("DELETE")])
+    assert taken == [True, True, False, True, True, True, False]
+    assert [status for status, _, _ in answers] == [201, 200, 200, 422, 200, 204, 405]
 
 
 @pytest.mark.parametrize(
@@ -213,7 +251,12 @@ async def test_hot_routes_are_counted_under_their_route_template(settings: Setti
         labels = {"method": "POST", "route": "/workflow", "status": "201"}
         return REGISTRY.get_sample_value("workflows_http_requests_total", labels) or 0.0
 
+    def got() -> float:
+        labels = {"method": "GET", "route": "/v1/workflow/{uuid}", "status": "200"}
+        return REGISTRY.get_sample_value("workflows_http_requests_total", labels) or 0.0
+
     hot, _ = apps(settings)
-    before = count()
-    await exchange(hot, [post(), post()])
-    assert count() == before + 2
+    before, before_got = count(), got()
+    await exchange(hot, [post(), post(path="/v1/workflow"), get_created()])
+    assert count() == before + 1
+    assert got() == before_got + 1

@@ -1,4 +1,5 @@
-"""The hot routes (POST /workflow, GET|POST /workflow/consume) answered in plain ASGI.
+"""The hot routes (POST /workflow, GET|POST /workflow/consume, GET /workflow/{uuid}) answered
+in plain ASGI.
 
 On those routes Starlette's layers (its error and exception middleware, our two middleware
 classes, routing, endpoint classes, Request and Response objects) cost more CPU than the
@@ -50,16 +51,20 @@ class HotRoutes:
         self.limit: int = settings.max_body_bytes
         self.tokens = [token.encode() for token in settings.api_tokens]
         self.routes: dict[tuple[str, str], tuple[str, Handler]] = {}
+        self.items: list[tuple[str, tuple[str, Handler]]] = []  # GET {prefix}/workflow/{uuid}
         for prefix in ("", "/v1"):
             collection, consume = f"{prefix}/workflow", f"{prefix}/workflow/consume"
             self.routes[("POST", collection)] = (collection, self.create)
             self.routes[("GET", consume)] = (consume, self.consume)
             self.routes[("POST", consume)] = (consume, self.consume)
+            self.items.append((f"{collection}/", (f"{collection}/{{uuid}}", self.item)))
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer a hot request and return True, or return False having touched nothing:
         the request is the Starlette app's."""
         found = self.routes.get((scope["method"], scope["path"]))
+        if found is None and scope["method"] == "GET":
+            found = self._item_route(scope["path"])
         if found is None or scope.get("root_path"):
             return False
         headers: Headers = {}
@@ -97,6 +102,14 @@ class HotRoutes:
                 observability.record(scope["method"], route, status, time.perf_counter() - start)
             request_id.reset(token)
         return True
+
+    def _item_route(self, path: str) -> tuple[str, Handler] | None:
+        """The route of GET {prefix}/workflow/{uuid}: one path segment after the prefix, as
+        Starlette's `{uuid}` matches (any segment; the handler refuses a malformed uuid)."""
+        for start, route in self.items:
+            if path.startswith(start) and len(path) > len(start) and "/" not in path[len(start) :]:
+                return route
+        return None
 
     async def handled(self, scope: Scope, receive: Receive, error: Exception) -> Answer:
         """The app's exception handler's answer (found as Starlette finds it: by the
@@ -149,6 +162,12 @@ class HotRoutes:
             CSV_TYPE,
         ]
         return 200, raw, content
+
+    async def item(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
+        """WorkflowItem.get (http.py), without the Starlette layers."""
+        uuid = schemas.parse_uuid(scope["path"].rpartition("/")[2], "/path/uuid")
+        rendered = schemas.render_workflow(await self.container.get_workflow()(uuid))
+        return 200, [(b"content-length", str(len(rendered)).encode()), JSON_TYPE], rendered
 
 
 def _text(value: bytes | None) -> str | None:
