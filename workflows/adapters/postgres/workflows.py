@@ -9,7 +9,7 @@ from uuid import UUID
 from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
-from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit
+from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
 from workflows.adapters.postgres.database import (
     Connection,
     Pool,
@@ -70,6 +70,7 @@ HELD_KEY = "SELECT fingerprint, workflow_uuid FROM idempotency_keys WHERE key = 
 PURGE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= %s"
 
 GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
+GET_MANY = f"SELECT {COLUMNS} FROM workflows WHERE uuid = ANY(%b::uuid[])"
 LOCK = f"{GET} FOR UPDATE"
 # 'inserted' is a literal, not a parameter, so even a generic (prepared) plan can use
 # the partial index workflows_queue_idx.
@@ -119,6 +120,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         # Adds without an idempotency key (nearly all) commit in groups: under load that
         # is one round trip and one WAL flush for many POSTs instead of one each.
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
+        self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
         self._claims = GroupClaim(pool, _lock_these)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
@@ -166,9 +168,12 @@ class PostgresWorkflowRepository(WorkflowRepository):
             return (await conn.execute(PURGE_KEYS, (now,))).rowcount
 
     async def get(self, uuid: UUID) -> Workflow | None:
+        return await self._reads.call(uuid)
+
+    async def _get_many(self, uuids: list[UUID]) -> dict[UUID, Workflow]:
         async with connection(self._pool) as conn:
-            row = await (await conn.execute(GET, (uuid,))).fetchone()
-        return None if row is None else _workflow(row)
+            rows = await (await conn.execute(GET_MANY, (uuids,))).fetchall()
+        return {workflow.uuid: workflow for workflow in map(_workflow, rows)}
 
     async def list(
         self,
