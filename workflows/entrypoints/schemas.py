@@ -244,39 +244,27 @@ def parse_uuid(raw: str, pointer: str) -> UUID:
 
 
 def render_workflow(workflow: Workflow) -> bytes:
-    return b"".join(_workflow_parts(workflow))
+    return orjson.dumps(_as_json(workflow), option=orjson.OPT_UTC_Z)
 
 
 def render_workflows(workflows: list[Workflow]) -> bytes:
-    parts: list[bytes] = [b"["]
-    for index, workflow in enumerate(workflows):
-        if index:
-            parts.append(b",")
-        parts.extend(_workflow_parts(workflow))
-    parts.append(b"]")
-    return b"".join(parts)
+    return orjson.dumps([_as_json(workflow) for workflow in workflows], option=orjson.OPT_UTC_Z)
 
 
-def _workflow_parts(w: Workflow) -> tuple[bytes, ...]:
-    return (
-        b'{"uuid":"',
-        str(w.uuid).encode(),
-        b'","status":"',
-        w.status.value.encode(),
-        b'","data":',
-        w.data.text.encode(),
-        b',"steps":',
-        orjson.dumps(w.steps),
-        b',"created_at":',
-        orjson.dumps(w.created_at, option=orjson.OPT_UTC_Z),
-        b',"updated_at":',
-        orjson.dumps(w.updated_at, option=orjson.OPT_UTC_Z),
-        b',"delivery_attempts":',
-        str(w.delivery_attempts).encode(),
-        b',"dead_lettered_at":',
-        orjson.dumps(w.dead_lettered_at, option=orjson.OPT_UTC_Z),
-        b"}",
-    )
+def _as_json(w: Workflow) -> dict[str, object]:
+    """The workflow as orjson serialises it: `data` is copied as its exact stored text (a
+    Fragment), uuids and timestamps (UTC, `Z`) are orjson's own. One dumps call for a whole
+    page: about 11 x faster than joining the pieces (bench/notes.md)."""
+    return {
+        "uuid": w.uuid,
+        "status": w.status.value,
+        "data": orjson.Fragment(w.data.text),
+        "steps": w.steps,
+        "created_at": w.created_at,
+        "updated_at": w.updated_at,
+        "delivery_attempts": w.delivery_attempts,
+        "dead_lettered_at": w.dead_lettered_at,
+    }
 
 
 def _structure(value: Any, cls: type[Any]) -> Any:
