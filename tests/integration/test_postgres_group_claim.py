@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -75,6 +75,7 @@ async def test_a_failing_handler_leaves_only_its_own_row_queued(pg: PostgresData
         w.uuid for w in workflows if w.uuid != bad
     )
     assert await stored(repository, workflows) == ["consumed"] * 2 + ["inserted"] + ["consumed"] * 3
+    assert await repository.get(bad) == workflows[2]  # put back exactly as it was
 
     async def fine(w: Workflow) -> None:
         pass
@@ -120,8 +121,32 @@ async def test_a_caller_that_leaves_during_its_handler_leaves_its_row_queued(
     with pytest.raises(asyncio.CancelledError):
         await leaving
     await asyncio.sleep(0.05)  # the batch finishes on its own
-    assert await stored(repository, [workflow]) == ["inserted"]
+    assert await repository.get(workflow.uuid) == workflow  # put back exactly as it was
     again = await queue.consume(slow, T0)
     assert again is not None
     assert again.uuid == workflow.uuid
     assert again.status is WorkflowStatus.CONSUMED
+
+
+async def test_a_batch_answers_each_claim_with_the_row_as_committed(pg: PostgresDatabase) -> None:
+    """The rows of a batch share one consumed time, the latest `now` of its claims; each
+    caller gets its workflow as the database holds it, and its handler got it as queued."""
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    workflows = [make(n) for n in range(4)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    handled: dict[object, Workflow] = {}
+
+    async def handle(w: Workflow) -> None:
+        handled[w.uuid] = w
+        await asyncio.sleep(0.001)
+
+    nows = [T0 + timedelta(seconds=n) for n in range(4)]
+    results = await asyncio.gather(*(queue.consume(handle, now) for now in nows))
+    assert all(r is not None for r in results)
+    for result in results:
+        assert result is not None
+        assert result == await repository.get(result.uuid)
+        assert result.status is WorkflowStatus.CONSUMED
+        assert T0 < result.updated_at <= nows[-1]
+        assert handled[result.uuid] == next(w for w in workflows if w.uuid == result.uuid)

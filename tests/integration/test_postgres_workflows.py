@@ -14,7 +14,7 @@ from workflows.adapters.postgres import (
     PostgresQueue,
     PostgresWorkflowRepository,
 )
-from workflows.adapters.postgres.workflows import LOCK_OLDEST_INSERTED
+from workflows.adapters.postgres.workflows import TAKE_OLDEST_INSERTED
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
 
@@ -89,7 +89,7 @@ async def test_consume_finds_the_oldest_inserted_row_by_index_among_many_consume
             " FROM generate_series(1, 20000)"
         )
         await conn.execute("ANALYZE workflows")
-        cursor = await conn.execute(f"EXPLAIN {LOCK_OLDEST_INSERTED}", (1,))
+        cursor = await conn.execute(f"EXPLAIN {TAKE_OLDEST_INSERTED}", (T0, 1))
         plan = "\n".join(line for (line,) in await cursor.fetchall())
     # Either index reaches the INSERTED rows directly; neither scans the consumed ones.
     # (Which one the planner takes depends on its statistics.)

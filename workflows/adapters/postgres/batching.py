@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 
 In = TypeVar("In")
 
-# The consumed state is known in advance (Workflow.with_status): nothing to read back.
-MARK_CONSUMED = """
+# A claimed row whose handler failed (or whose caller went away) goes back to how it was,
+# before the commit: queued rows are INSERTED and not dead-lettered, so only updated_at
+# needs its old value.
+PUT_BACK = """
 UPDATE workflows
-SET status = 'consumed', updated_at = consumed.at, dead_lettered_at = NULL
-FROM unnest(%b::uuid[], %b::timestamptz[]) AS consumed (uuid, at)
-WHERE workflows.uuid = consumed.uuid
+SET status = 'inserted', updated_at = queued.at
+FROM unnest(%b::uuid[], %b::timestamptz[]) AS queued (uuid, at)
+WHERE workflows.uuid = queued.uuid
 """
 
 
@@ -105,50 +107,59 @@ class Claim:
 
 class GroupClaim(Group[Claim, "Workflow | None"]):
     """Consumes in groups: one transaction locks a row for each claim of the batch (the
-    oldest queued ones, or the named ones), runs every claim's handler side by side, marks
-    the rows whose handler succeeded CONSUMED and commits: four round trips for the batch.
+    oldest queued ones, or the named ones) and marks them CONSUMED in the same statement,
+    runs every claim's handler side by side, puts back the rows whose handler failed and
+    commits: three round trips for the batch (BEGIN, the claim, COMMIT) when every handler
+    succeeds.
 
     Each claim keeps the meaning of a lone one: it gets its row only after the commit; a
-    handler that raises leaves its row queued (and gets the error); a claim that finds no
-    row gets None; a caller cancelled before the commit leaves its row queued.
+    handler that raises leaves its row queued as it was (and gets the error); a claim that
+    finds no row gets None; a caller cancelled before the commit leaves its row queued.
+    A batch's rows share one consumed time, the latest `now` of its claims.
     """
 
     def __init__(
         self,
         pool: Pool,
-        lock_many: Callable[[Connection, list[Claim]], Awaitable[list[Workflow | None]]],
+        take_many: Callable[[Connection, list[Claim], datetime], Awaitable[list[Workflow | None]]],
         *,
         max_batch: int = 32,
         parallel: int = 2,
     ) -> None:
         super().__init__(max_batch=max_batch, parallel=parallel)
         self._pool = pool
-        self._lock_many = lock_many
+        self._take_many = take_many
 
     async def run(self, batch: list[tuple[Claim, asyncio.Future[Workflow | None]]]) -> None:
+        now = max(claim.now for claim, _ in batch)
         consumed: list[tuple[asyncio.Future[Workflow | None], Workflow]] = []
         failed: list[tuple[asyncio.Future[Workflow | None], BaseException]] = []
         try:
             async with transaction(self._pool) as conn:
-                locked = await self._lock_many(conn, [claim for claim, _ in batch])
-                taken = [
+                taken = await self._take_many(conn, [claim for claim, _ in batch], now)
+                mine = [
                     (claim, future, workflow)
-                    for (claim, future), workflow in zip(batch, locked, strict=True)
+                    for (claim, future), workflow in zip(batch, taken, strict=True)
                     if workflow is not None
                 ]
                 outcomes = await asyncio.gather(
-                    *(claim.handle(workflow) for claim, _, workflow in taken),
+                    *(claim.handle(workflow) for claim, _, workflow in mine),
                     return_exceptions=True,
                 )
-                for (claim, future, workflow), outcome in zip(taken, outcomes, strict=True):
+                back: list[Workflow] = []
+                for (_, future, workflow), outcome in zip(mine, outcomes, strict=True):
                     if isinstance(outcome, BaseException):
                         failed.append((future, outcome))
-                    elif not future.done():  # done: the caller has gone; its row stays queued
-                        done = workflow.with_status(WorkflowStatus.CONSUMED, claim.now)
-                        consumed.append((future, done))
-                if consumed:
-                    columns = ([w.uuid for _, w in consumed], [w.updated_at for _, w in consumed])
-                    await conn.execute(MARK_CONSUMED, columns)
+                        back.append(workflow)
+                    elif future.done():  # the caller has gone: its row stays queued
+                        back.append(workflow)
+                    else:
+                        consumed.append(
+                            (future, workflow.with_status(WorkflowStatus.CONSUMED, now))
+                        )
+                if back:
+                    columns = ([w.uuid for w in back], [w.updated_at for w in back])
+                    await conn.execute(PUT_BACK, columns)
         finally:
             # Only now, with the transaction over and every lock released: a caller that
             # sees its handler's error may count the failure on that row at once.

@@ -72,22 +72,34 @@ PURGE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= %s"
 GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
 GET_MANY = f"SELECT {COLUMNS} FROM workflows WHERE uuid = ANY(%b::uuid[])"
 LOCK = f"{GET} FOR UPDATE"
-# 'inserted' is a literal, not a parameter, so even a generic (prepared) plan can use
-# the partial index workflows_queue_idx.
-LOCK_OLDEST_INSERTED = f"""
-SELECT {COLUMNS} FROM workflows
-WHERE {QUEUED}
-ORDER BY uuid
-LIMIT %s
-FOR UPDATE SKIP LOCKED
+# Claims lock the rows and mark them CONSUMED in one statement, inside the claim's
+# transaction (GroupClaim); RETURNING gives each row as it was, for the handler. 'inserted'
+# is a literal, not a parameter, so even a generic (prepared) plan can use the partial index
+# workflows_queue_idx. Rows are locked in uuid order, so two batches that want the same
+# rows cannot deadlock.
+TAKE = """
+UPDATE workflows
+SET status = 'consumed', updated_at = %s
+FROM ({}) AS taken
+WHERE workflows.uuid = taken.uuid
+RETURNING {}
 """
-# In uuid order, so that two batches that want the same rows cannot deadlock.
-LOCK_THESE_IF_QUEUED = f"""
-SELECT {COLUMNS} FROM workflows
-WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}
-ORDER BY uuid
-FOR UPDATE
-"""
+_LOCKED = (
+    "uuid, status, data_text, steps, created_at, updated_at, delivery_attempts, dead_lettered_at"
+)
+_TAKEN = (
+    "taken.uuid, taken.status, taken.data_text::text, taken.steps, taken.created_at,"
+    " taken.updated_at, taken.delivery_attempts, taken.dead_lettered_at"
+)
+TAKE_OLDEST_INSERTED = TAKE.format(
+    f"SELECT {_LOCKED} FROM workflows WHERE {QUEUED} ORDER BY uuid LIMIT %s FOR UPDATE SKIP LOCKED",
+    _TAKEN,
+)
+TAKE_THESE_IF_QUEUED = TAKE.format(
+    f"SELECT {_LOCKED} FROM workflows WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}"
+    " ORDER BY uuid FOR UPDATE",
+    _TAKEN,
+)
 SET_STATE = f"""
 UPDATE workflows
 SET status = %s, updated_at = %s, delivery_attempts = %s, dead_lettered_at = %s
@@ -121,7 +133,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         # is one round trip and one WAL flush for many POSTs instead of one each.
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
         self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
-        self._claims = GroupClaim(pool, _lock_these)
+        self._claims = GroupClaim(pool, _take_these)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
         if idempotency is None:
@@ -231,7 +243,7 @@ class PostgresQueue(WorkflowQueue):
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
-        self._claims = GroupClaim(pool, _lock_oldest)
+        self._claims = GroupClaim(pool, _take_oldest)
 
     async def enqueued(self, workflow: Workflow) -> None:
         """Nothing to do: the committed INSERTED row is already the queue entry."""
@@ -243,17 +255,23 @@ class PostgresQueue(WorkflowQueue):
         await ping_database(self._pool)
 
 
-async def _lock_oldest(conn: Connection, claims: list[Claim]) -> list[Workflow | None]:
-    """The oldest queued rows no one else holds, one per claim while they last."""
-    cursor = await conn.execute(LOCK_OLDEST_INSERTED, (len(claims),))
-    workflows: list[Workflow | None] = [_workflow(row) for row in await cursor.fetchall()]
+async def _take_oldest(
+    conn: Connection, claims: list[Claim], now: datetime
+) -> list[Workflow | None]:
+    """The oldest queued rows no one else holds, one per claim while they last, locked and
+    marked consumed at `now` (as they were before, in uuid order)."""
+    cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, len(claims)))
+    rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
+    workflows: list[Workflow | None] = [_workflow(row) for row in rows]
     return workflows + [None] * (len(claims) - len(workflows))
 
 
-async def _lock_these(conn: Connection, claims: list[Claim]) -> list[Workflow | None]:
-    """Each claim's row if it is queued (waiting for a concurrent holder to finish); a
-    row that two claims of the batch name goes to the first."""
-    cursor = await conn.execute(LOCK_THESE_IF_QUEUED, ([claim.uuid for claim in claims],))
+async def _take_these(
+    conn: Connection, claims: list[Claim], now: datetime
+) -> list[Workflow | None]:
+    """Each claim's row if it is queued (waiting for a concurrent holder to finish), locked
+    and marked consumed at `now`; a row that two claims of the batch name goes to the first."""
+    cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, [claim.uuid for claim in claims]))
     found = {workflow.uuid: workflow for workflow in map(_workflow, await cursor.fetchall())}
     return [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
 
