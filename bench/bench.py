@@ -43,16 +43,19 @@ class Mode:
     dequeue_prefill: int
     consume_prefill: int
     broker_depth: int  # messages on the raw queue before each get/consume run
+    pair_rounds: int  # back-to-back rounds of each ratio target and its raw limit
+    pair_seconds: float
 
 
-FULL = Mode("full", 15, 20, 3, 120, 20, 10, 10_000, 1_000_000, 150_000, 60_000, 100_000)
-SMOKE = Mode("smoke", 1, 1, 0, 1, 0, 1, 1_000, 10_000, 10_000, 3_000, 5_000)
+FULL = Mode("full", 15, 20, 3, 120, 20, 10, 10_000, 1_000_000, 150_000, 60_000, 100_000, 3, 10)
+SMOKE = Mode("smoke", 1, 1, 0, 1, 0, 1, 1_000, 10_000, 10_000, 3_000, 5_000, 1, 1)
 
 
 @dataclass
 class Context:
     mode: Mode
     db: dbmod.Database
+    raw_db: dbmod.Database  # the raw runs of the back-to-back pairs, beside the service's
     rabbitmq_url: str
     run_id: str
     workers: int
@@ -60,6 +63,8 @@ class Context:
     load_cpus: str | None
     out: Path
     results: dict[str, Result] = field(default_factory=dict)
+    pairs: dict[str, list[tuple[Result, Result]]] = field(default_factory=dict)
+    """Per ratio target: (raw, http) measured back to back, `pair_rounds` times."""
     problems: list[str] = field(default_factory=list)
     rss: dict[str, dict[str, object]] = field(default_factory=dict)
     drain_seconds: float | None = None
@@ -67,6 +72,10 @@ class Context:
 
     def add(self, result: Result) -> Result:
         self.results[result.name] = result
+        return self.check(result)
+
+    def check(self, result: Result) -> Result:
+        """Count a run's problems and print it (`add` also puts it in the table)."""
         if result.ok == 0:
             self.problems.append(f"{result.name}: no successful operation")
         if result.failures:
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(
         mode=mode,
         db=dbmod.Database(server_url, f"bench_{run_id}"),
+        raw_db=dbmod.Database(server_url, f"bench_{run_id}_raw"),
         rabbitmq_url=os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
         run_id=run_id,
         workers=args.workers,
@@ -142,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench ({mode.name}): service on cpus {server_cpus}, load generators on {load_cpus},")
     print(f"  {args.workers} workers, database {ctx.db.name}, output {out}", flush=True)
     try:
-        ctx.db.create()
-        env = {**os.environ, "DATABASE_URL": ctx.db.url}
         workflows = str(ROOT / ".venv" / "bin" / "workflows")
-        subprocess.run([workflows, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        for database in (ctx.db, ctx.raw_db):
+            database.create()
+            env = {**os.environ, "DATABASE_URL": database.url}
+            subprocess.run([workflows, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
         pg_started = ctx.db.started_at()
         info = report.machine(ctx.db.version(), ctx.db.settings(), phases.rabbitmq_version(ctx))
         phases.raw_postgres(ctx)
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep_db:
             ctx.db.drop()
+            ctx.raw_db.drop()
         shutil.rmtree(out / "exports", ignore_errors=True)
     elapsed = time.monotonic() - started
     ctx.load_average.append(os.getloadavg()[0])
@@ -176,7 +188,10 @@ def write(ctx: Context, info: dict[str, str], elapsed: float) -> None:
     rows = verdict.rows(ctx)
     targets = verdict.targets(ctx)
     setup = verdict.setup_lines(ctx, elapsed)
+    pairs = verdict.pair_lines(ctx) if ctx.pairs else []
     print("\n" + "\n".join(report.table(rows)) + "\n\n" + "\n".join(report.target_lines(targets)))
+    if pairs:
+        print("\n" + "\n".join(pairs))
     if ctx.mode is FULL:
         docs = ROOT / "docs"
         md, png = docs / "benchmarks.md", docs / "benchmarks.png"
@@ -186,7 +201,7 @@ def write(ctx: Context, info: dict[str, str], elapsed: float) -> None:
         f"workflows on {info['cores (nproc)']} cores, {info['date (UTC)']} UTC ({ctx.mode.name})"
     )
     report.chart(rows, png, title)
-    md.write_text(report.markdown(rows, targets, info, setup, png.name))
+    md.write_text(report.markdown(rows, targets, info, setup, png.name, pairs))
     verdict.save_json(ctx, rows, targets, info, ctx.out / "results.json")
     print(f"wrote {md} and {png}")
 

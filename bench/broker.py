@@ -4,6 +4,7 @@
     python bench/broker.py get --clients 8 --seconds 10       # basic.get + basic.ack
     python bench/broker.py consume --clients 8 --seconds 10   # basic.consume, prefetch, ack each
     python bench/broker.py fill --count 50000                 # put prefilled uuids on a queue
+    python bench/broker.py declare                            # declare the queue
     python bench/broker.py delete                             # delete the queue
 
 Every client is a process of its own with its own connection (pika is blocking: threads
@@ -152,7 +153,9 @@ def fill(url: str, queue: str, start: int, count: int) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["publish", "get", "consume", "fill", "delete"])
+    parser.add_argument(
+        "command", choices=["publish", "get", "consume", "fill", "declare", "delete"]
+    )
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--queue", default="bench-raw")
     parser.add_argument("--clients", type=int, default=8)
@@ -163,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "fill":
         result = fill(args.url, args.queue, args.start, args.count)
+    elif args.command == "declare":
+        connection, _ = channel(args.url, args.queue)
+        connection.close()
+        result = {"command": "declare", "queue": args.queue}
     elif args.command == "delete":
         connection = pika.BlockingConnection(pika.URLParameters(args.url))
         channel_ = connection.channel()

@@ -224,10 +224,127 @@ def http(ctx: Context, backend: str, port: int) -> None:
             consume.notes.append(f"ran dry ({consume.extra['statuses'][204]} x 204)")
         ctx.add(consume)
         _mixed(ctx, backend, service)
+        pairs(ctx, backend, service, queue, first + m.consume_prefill)
     finally:
         service.stop()
         if backend == "rabbitmq":
             tools.broker("delete", "delete", url=ctx.rabbitmq_url, queue=queue)
+
+
+def pairs(ctx: Context, backend: str, service: Service, queue: str, first: int) -> None:
+    """Each ratio target of `backend` and its raw limit, run back to back `pair_rounds`
+    times, alternating which goes first. A pair's ratio compares two runs seconds apart:
+    the host's speed moves by up to ~2x within an hour here (bench/notes.md), which one
+    raw run at the start of the run cannot follow. The raw runs use a database of their
+    own (`raw_db`) while the service waits idle; the verdict takes the median ratio."""
+    m, db, raw_db = ctx.mode, ctx.db, ctx.raw_db
+    print(f"back-to-back pairs, {backend} backend", flush=True)
+    row = {"data": dbmod.data_text(), "steps": dbmod.steps_literal()}
+    raw_queue = f"bench-{ctx.run_id}-pairs"
+    broker = {"url": ctx.rabbitmq_url, "queue": raw_queue, "cpus": ctx.load_cpus}
+    depth = 0
+
+    def raw_insert(name: str) -> Result:
+        raw_db.reset()
+        return tools.pgbench(
+            name,
+            raw_db.url,
+            "insert.sql",
+            clients=POST_CONNECTIONS,
+            seconds=m.pair_seconds,
+            cpus=ctx.load_cpus,
+            variables=row,
+        )
+
+    def http_post(name: str) -> Result:
+        result = _wrk(
+            ctx, name, f"{service.url}/workflow", "post.lua", POST_CONNECTIONS, m.pair_seconds
+        )
+        if backend == "rabbitmq":
+            _wait_drain(ctx, result)  # so that no relay backlog runs into the next run
+        return result
+
+    def raw_dequeue(name: str) -> Result:
+        raw_db.reset()
+        raw_db.prefill(1, m.dequeue_prefill)
+        raw_db.execute(QUEUE_INDEX)
+        raw_db.settle()
+        result = tools.pgbench(
+            name,
+            raw_db.url,
+            "dequeue.sql",
+            clients=CONSUME_CONNECTIONS,
+            seconds=m.pair_seconds,
+            cpus=ctx.load_cpus,
+        )
+        result.ok = raw_db.count("consumed")
+        if raw_db.count("inserted") == 0:
+            result.notes.append("ran dry: rate is a lower bound")
+        raw_db.execute("DROP INDEX IF EXISTS bench_queue_idx")
+        return result
+
+    def raw_get(name: str) -> Result:
+        nonlocal depth
+        if depth < m.broker_depth:
+            fill = ["--start", "1", "--count", str(m.broker_depth - depth)]
+            tools.broker("fill", "fill", extra_args=fill, **broker)
+            depth = m.broker_depth
+        report_ = tools.broker(
+            name, "get", clients=CONSUME_CONNECTIONS, seconds=m.pair_seconds, **broker
+        )
+        depth -= report_["ops"]
+        result = tools.broker_result(name, report_)
+        if depth <= 0:
+            result.notes.append("emptied the queue: rate is a lower bound")
+        return result
+
+    def http_consume(name: str) -> Result:
+        nonlocal first
+        db.prefill(first, first + m.consume_prefill - 1)
+        if backend == "rabbitmq":
+            fill = ["--start", str(first), "--count", str(m.consume_prefill)]
+            tools.broker("fill", "fill", url=ctx.rabbitmq_url, queue=queue, extra_args=fill)
+        first += m.consume_prefill
+        db.settle()
+        result = _wrk(
+            ctx,
+            name,
+            f"{service.url}/workflow/consume",
+            "consume.lua",
+            CONSUME_CONNECTIONS,
+            m.pair_seconds,
+        )
+        if result.extra["statuses"].get(204):
+            result.notes.append(f"ran dry ({result.extra['statuses'][204]} x 204)")
+        return result
+
+    raw_consume = raw_dequeue if backend == "postgres" else raw_get
+    if backend == "rabbitmq":
+        tools.broker("declare", "declare", **broker)
+    try:
+        for scenario, raw, http_ in (
+            (f"POST /workflow [{backend}]", raw_insert, http_post),
+            (f"consume [{backend}]", raw_consume, http_consume),
+        ):
+            for i in range(m.pair_rounds):
+                runs = [(raw, "raw"), (http_, "http")]
+                if i % 2:
+                    runs.reverse()
+                measured = {
+                    kind: ctx.check(run(f"{scenario} pair {i + 1} {kind}")) for run, kind in runs
+                }
+                ctx.pairs.setdefault(scenario, []).append((measured["raw"], measured["http"]))
+    finally:
+        if backend == "rabbitmq":
+            tools.broker("delete", "delete", **broker)
+
+
+def _wait_drain(ctx: Context, result: Result) -> None:
+    start = time.monotonic()
+    while (size := ctx.db.outbox_size()) and time.monotonic() - start < 30:
+        time.sleep(0.05)
+    if size:
+        result.notes.append(f"outbox still holds {size} entries after 30 s")
 
 
 def _check_drain(ctx: Context, post: Result) -> None:

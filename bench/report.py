@@ -109,6 +109,7 @@ def markdown(
     info: dict[str, str],
     setup: list[str],
     chart: str,
+    pairs: Sequence[str] = (),
 ) -> str:
     parts = [
         "# Benchmarks",
@@ -128,6 +129,19 @@ def markdown(
         "",
         *target_lines(targets),
         "",
+        *(
+            [
+                "### Back-to-back pairs",
+                "",
+                "Each ratio target and its raw limit, run one right after the other (the "
+                "ratio targets above take the median of these):",
+                "",
+                *pairs,
+                "",
+            ]
+            if pairs
+            else []
+        ),
         "## How it was run",
         "",
         *[f"- {line}" for line in setup],

@@ -4,6 +4,7 @@ issue 5, how the run was set up, and the results as JSON."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -40,11 +41,25 @@ def targets(ctx: Context) -> list[report.Target]:
     out = []
 
     def ratio_target(scenario: str, wanted: float, extra: str = "", ok: bool = True) -> None:
+        """Judged on the median ratio of the back-to-back pairs; the single run of the
+        table is shown beside it."""
         row = r.get(scenario)
-        ratio = row.ratio if row else None
-        measured = "—" if ratio is None else f"{ratio:.2f} x {row.basis.name}"  # type: ignore[union-attr]
-        met = None if ratio is None else (ratio >= wanted and ok)
-        out.append(report.Target(scenario, f"≥ {wanted} x raw{extra}", measured, met))
+        single = row.ratio if row else None
+        ratios = pair_ratios(ctx, scenario)
+        ratio = statistics.median(ratios) if ratios else single
+        if ratio is None or row is None or row.basis is None:
+            out.append(report.Target(scenario, f"≥ {wanted} x raw{extra}", "—", None))
+            return
+        measured = f"{ratio:.2f} x {row.basis.name}"
+        if ratios:
+            each = ", ".join(f"{q:.2f}" for q in ratios)
+            pairs = f"{len(ratios)} back-to-back pair{'s' if len(ratios) != 1 else ''}"
+            measured += f" (median of {pairs}: {each}"
+            measured += "" if single is None else f"; the table's single run: {single:.2f}"
+            measured += ")"
+        out.append(
+            report.Target(scenario, f"≥ {wanted} x raw{extra}", measured, ratio >= wanted and ok)
+        )
 
     ratio_target("POST /workflow [postgres]", 0.5)
     drained = ctx.drain_seconds
@@ -93,6 +108,28 @@ def targets(ctx: Context) -> list[report.Target]:
     return out
 
 
+def pair_ratios(ctx: Context, scenario: str) -> list[float]:
+    return [http.rate / raw.rate for raw, http in ctx.pairs.get(scenario, []) if raw.rate]
+
+
+def pair_lines(ctx: Context) -> list[str]:
+    lines = [
+        "| target scenario | pair | first | raw limit | raw/s | service/s | ratio | notes |",
+        "|-|-:|-|-|-:|-:|-:|-|",
+    ]
+    for scenario, pairs in ctx.pairs.items():
+        for i, (raw, http) in enumerate(pairs, 1):
+            basis = BASIS.get(scenario if scenario.startswith("consume") else "POST /workflow")
+            first = "service" if i % 2 == 0 else "raw"
+            ratio = "—" if not raw.rate else f"{http.rate / raw.rate:.2f}"
+            notes = "; ".join(raw.notes + http.notes)
+            lines.append(
+                f"| {scenario} | {i} | {first} | {basis} | {raw.rate:,.0f} | {http.rate:,.0f} "
+                f"| {ratio} | {notes} |"
+            )
+    return lines
+
+
 def setup_lines(ctx: Context, elapsed: float) -> list[str]:
     m = ctx.mode
     return [
@@ -124,6 +161,10 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
         f"{m.dequeue_prefill:,} for the raw dequeue; {m.consume_prefill:,} more for consume "
         "(their uuids also published to the queue for rabbitmq); VACUUM ANALYZE and CHECKPOINT "
         "before each run",
+        f"back-to-back pairs: each ratio target and its raw limit, {m.pair_rounds} times, "
+        f"{m.pair_seconds:g} s each (the HTTP run after {m.warmup:g} s of warm-up), "
+        "alternating which goes first, the raw runs in a second database of their own "
+        "while the service waits idle; a target is judged on the median ratio of its pairs",
         "raw p50/p99: pgbench per-transaction log; pika: per operation; the prefetching "
         "consumer reports a rate only",
         f"mixed: 35 % POST, 30 % GET one, 10 % list, 25 % consume, {POST_CONNECTIONS} "
@@ -158,6 +199,16 @@ def save_json(
         "machine": info,
         "rss": ctx.rss,
         "drain_seconds": ctx.drain_seconds,
+        "pairs": {
+            name: [
+                {
+                    "raw": report.as_dict(report.Row(raw, None)),
+                    "http": report.as_dict(report.Row(http, None)),
+                }
+                for raw, http in pairs
+            ]
+            for name, pairs in ctx.pairs.items()
+        },
         "problems": ctx.problems,
     }
     path.write_text(json.dumps(data, indent=1, default=str))
