@@ -38,7 +38,7 @@ class Target:
     met: bool | None  # None: not measured in this mode
 
 
-def _ms(value: float | None) -> str:
+def ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
@@ -53,7 +53,7 @@ def table(rows: Sequence[Row]) -> list[str]:
         basis = "—" if row.basis is None else f"{row.basis.name}: {row.basis.rate:,.0f}/s"
         ratio = "—" if row.ratio is None else f"{row.ratio:.2f}"
         lines.append(
-            f"| {r.name} | {r.concurrency} | {r.rate:,.0f} | {_ms(r.p50_ms)} | {_ms(r.p99_ms)} "
+            f"| {r.name} | {r.concurrency} | {r.rate:,.0f} | {ms(r.p50_ms)} | {ms(r.p99_ms)} "
             f"| {basis} | {ratio} | {'; '.join(r.notes)} |"
         )
     return lines
