@@ -56,8 +56,8 @@ async def test_a_read_asked_during_a_batch_sees_a_write_committed_before_it_was_
 
     async def slow_first(uuids: list[UUID]) -> dict[UUID, Workflow]:
         if not first_running.is_set():
-            first_running.set()
             found = await read_many(uuids)
+            first_running.set()  # its statement has run: the batch is still in flight
             await release.wait()
             return found
         return await read_many(uuids)
