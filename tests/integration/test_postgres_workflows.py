@@ -49,6 +49,18 @@ async def test_timestamps_read_back_in_utc_whatever_the_session_time_zone(
     assert stored.updated_at.tzinfo is UTC
 
 
+async def test_sessions_use_utc_unless_the_url_sets_a_time_zone(
+    pg: PostgresDatabase, kolkata: PostgresDatabase
+) -> None:
+    for database, zone in ((pg, "UTC"), (kolkata, "Asia/Kolkata")):
+        async with database.pool.connection() as conn:
+            shown = await (await conn.execute("SHOW TimeZone")).fetchone()
+            now = await (await conn.execute("SELECT now()")).fetchone()
+        assert shown == (zone,)
+        assert now is not None
+        assert (now[0].tzinfo is UTC) is (zone == "UTC")  # timezone.utc, not a zoneinfo zone
+
+
 async def test_list_combines_status_filter_and_cursor(pg: PostgresDatabase) -> None:
     repository = PostgresWorkflowRepository(pg.pool, outbox=False)
     workflows = [make() for _ in range(4)]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from workflows.adapters.postgres.database import utc_options
 from workflows.entrypoints.config import ConfigError, Settings
 
 
@@ -41,3 +42,15 @@ def test_explicit_backend_wins() -> None:
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("postgresql://u@h/db", "-c TimeZone=UTC"),
+        ("postgresql://u@h/db?options=-c%20search_path%3Dq", "-c search_path=q -c TimeZone=UTC"),
+        ("host=h options='-c timezone=Europe/Oslo'", "-c timezone=Europe/Oslo"),
+    ],
+)
+def test_database_sessions_use_utc_unless_the_url_sets_a_time_zone(url: str, options: str) -> None:
+    assert utc_options(url) == options

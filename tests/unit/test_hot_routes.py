@@ -129,6 +129,36 @@ SCENARIOS: dict[str, list[Send]] = {
         get_created("/csv"),  # not the item route either
         get_created("/"),
     ],
+    "list": [
+        post(),
+        post(),
+        post(path="/v1/workflow"),
+        get("/workflow"),
+        get("/workflow?limit=2"),
+        get("/v1/workflow?limit=1&status=inserted"),
+        get("/workflow?status=consumed"),
+        consume(),
+        get("/workflow?status=consumed&limit=1"),
+        get("/workflow?dead_lettered=false&limit=2"),
+        get("/workflow?dead_lettered=true"),
+        get("/workflow?after=00000000-0000-0000-0000-000000000000&limit=1"),
+        get("/workflow?after=ffffffff-ffff-ffff-ffff-ffffffffffff"),
+        get("/workflow?limit=%31"),
+        get("/workflow?status=inserted&limit=2&dead_lettered=false"),
+    ],
+    "bad list queries": [
+        post(),
+        get("/workflow?limit=0"),
+        get("/workflow?limit=abc"),
+        get("/workflow?limit=1001"),
+        get("/workflow?status=nope"),
+        get("/workflow?after=bad"),
+        get("/workflow?other=1"),
+        get("/workflow?limit=1&limit=2"),
+        get("/workflow?dead_lettered=maybe"),
+        get("/workflow?status=inserted&status="),
+        get("/v1/workflow?limit=-1"),
+    ],
 }
 
 
@@ -192,9 +222,23 @@ async def test_the_scenarios_are_answered_by_the_hot_routes(
 ) -> None:
     hot, _ = apps(settings)
     requests = [post(), get_created(), get_created("/csv"), get("/v1/workflow/x")]
-    answers = await exchange(hot, [*requests, consume(), consume("POST"), consume("DELETE")])
-    assert taken == [True, True, False, True, True, True, False]
-    assert [status for status, _, _ in answers] == [201, 200, 200, 422, 200, 204, 405]
+    lists = [get("/workflow?limit=1"), get("/workflow/"), get("/workflow?limit=x")]
+    answers = await exchange(
+        hot, [*requests, *lists, consume(), consume("POST"), consume("DELETE")]
+    )
+    assert taken == [True, True, False, True, True, False, True, True, True, False]
+    assert [status for status, _, _ in answers] == [
+        201,
+        200,
+        200,
+        422,
+        200,
+        404,
+        422,
+        200,
+        204,
+        405,
+    ]
 
 
 @pytest.mark.parametrize(

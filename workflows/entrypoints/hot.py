@@ -1,5 +1,5 @@
-"""The hot routes (POST /workflow, GET|POST /workflow/consume, GET /workflow/{uuid}) answered
-in plain ASGI.
+"""The hot routes (POST /workflow, GET /workflow, GET|POST /workflow/consume,
+GET /workflow/{uuid}) answered in plain ASGI.
 
 On those routes Starlette's layers (its error and exception middleware, our two middleware
 classes, routing, endpoint classes, Request and Response objects) cost more CPU than the
@@ -27,7 +27,12 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from workflows.entrypoints import observability, schemas, security
-from workflows.entrypoints.inputs import consume_wait, receive_json_body
+from workflows.entrypoints.inputs import (
+    consume_wait,
+    list_query,
+    next_page_link,
+    receive_json_body,
+)
 from workflows.entrypoints.logs import request_id
 
 if TYPE_CHECKING:
@@ -55,6 +60,7 @@ class HotRoutes:
         for prefix in ("", "/v1"):
             collection, consume = f"{prefix}/workflow", f"{prefix}/workflow/consume"
             self.routes[("POST", collection)] = (collection, self.create)
+            self.routes[("GET", collection)] = (collection, self.list_page)
             self.routes[("GET", consume)] = (consume, self.consume)
             self.routes[("POST", consume)] = (consume, self.consume)
             self.items.append((f"{collection}/", (f"{collection}/{{uuid}}", self.item)))
@@ -140,6 +146,21 @@ class HotRoutes:
             raw.append((b"idempotent-replayed", b"true"))
         raw += [(b"content-length", str(len(rendered)).encode()), JSON_TYPE]
         return 201, raw, rendered
+
+    async def list_page(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
+        """WorkflowCollection.get (http.py), without the Starlette layers."""
+        status, after, limit, dead = list_query(QueryParams(scope.get("query_string", b"")))
+        found = await self.container.list_workflows()(
+            status=status, after=after, limit=limit + 1, dead_lettered=dead
+        )
+        raw = []
+        if len(found) > limit:
+            found = found[:limit]
+            link = next_page_link(scope["path"], status, limit, dead, found[-1].uuid)
+            raw.append((b"link", link.encode("latin-1")))
+        rendered = schemas.render_workflows(found)
+        raw += [(b"content-length", str(len(rendered)).encode()), JSON_TYPE]
+        return 200, raw, rendered
 
     async def consume(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
         """Consume.get (http.py), without the Starlette layers."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
-from urllib.parse import urlencode
 
 import orjson
 from starlette.applications import Starlette
@@ -24,19 +22,22 @@ from workflows.domain.errors import (
     IdempotencyKeyReused,
     WorkflowNotFound,
 )
-from workflows.domain.model import WorkflowStatus
 from workflows.entrypoints import observability, schemas, security
 from workflows.entrypoints.container import Container
 from workflows.entrypoints.docs import docs_routes
 from workflows.entrypoints.hot import HotRoutes
-from workflows.entrypoints.inputs import consume_wait, receive_json_body
-from workflows.entrypoints.problems import Problem, invalid
+from workflows.entrypoints.inputs import (
+    consume_wait,
+    list_query,
+    next_page_link,
+    receive_json_body,
+)
+from workflows.entrypoints.problems import Problem
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
 CSV = "text/csv; charset=utf-8"
 RETRY_AFTER_SECONDS = "2"
-LIST_PARAMETERS = frozenset({"status", "limit", "after", "dead_lettered"})
 
 
 def container_of(request: Request) -> Container:
@@ -76,50 +77,15 @@ class WorkflowCollection(HTTPEndpoint):
         return json_response(schemas.render_workflow(workflow), 201, headers)
 
     async def get(self, request: Request) -> Response:
-        status, after, limit, dead = list_query(request)
+        status, after, limit, dead = list_query(request.query_params)
         found = await container_of(request).list_workflows()(
             status=status, after=after, limit=limit + 1, dead_lettered=dead
         )
         headers = {}
         if len(found) > limit:
             found = found[:limit]
-            query = {"limit": str(limit), "after": str(found[-1].uuid)}
-            if status is not None:
-                query["status"] = status.value
-            if dead is not None:
-                query["dead_lettered"] = str(dead).lower()
-            headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+            headers["Link"] = next_page_link(request.url.path, status, limit, dead, found[-1].uuid)
         return json_response(schemas.render_workflows(found), headers=headers)
-
-
-def list_query(request: Request) -> tuple[WorkflowStatus | None, Any, int, bool | None]:
-    params = request.query_params
-    for name in params:
-        if name not in LIST_PARAMETERS:
-            raise invalid(
-                f"/query/{name}", "is not a known parameter (status, limit, after, dead_lettered)"
-            )
-        if len(params.getlist(name)) > 1:
-            raise invalid(f"/query/{name}", "is given more than once")
-    status = None
-    if "status" in params:
-        try:
-            status = WorkflowStatus(params["status"])
-        except ValueError:
-            raise invalid("/query/status", f"must be one of {schemas.STATUSES}") from None
-    limit = 100
-    if "limit" in params:
-        raw = params["limit"]
-        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
-            raise invalid("/query/limit", "must be an integer from 1 to 1000")
-        limit = int(raw)
-    after = schemas.parse_uuid(params["after"], "/query/after") if "after" in params else None
-    dead = None
-    if "dead_lettered" in params:
-        if params["dead_lettered"] not in ("true", "false"):
-            raise invalid("/query/dead_lettered", "must be true or false")
-        dead = params["dead_lettered"] == "true"
-    return status, after, limit, dead
 
 
 class WorkflowItem(HTTPEndpoint):

@@ -1,16 +1,22 @@
 """Request inputs read the same way by the Starlette handlers (http.py) and the hot
-routes (hot.py): the JSON body, and the consume call's query."""
+routes (hot.py): the JSON body, the consume call's query and the list's query."""
 
 from __future__ import annotations
+
+from urllib.parse import urlencode
+from uuid import UUID
 
 from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
+from workflows.domain.model import WorkflowStatus
+from workflows.entrypoints import schemas
 from workflows.entrypoints.problems import Problem, invalid
 
 JSON = "application/json"
 MAX_WAIT_SECONDS = 20
+LIST_PARAMETERS = frozenset({"status", "limit", "after", "dead_lettered"})
 
 
 async def receive_json_body(
@@ -65,3 +71,45 @@ def consume_wait(params: QueryParams) -> float:
     if not 0 <= wait <= MAX_WAIT_SECONDS:
         raise invalid("/query/wait", f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS}")
     return wait
+
+
+def list_query(params: QueryParams) -> tuple[WorkflowStatus | None, UUID | None, int, bool | None]:
+    """GET /workflow's query: status, after, limit (1-1000, default 100), dead_lettered."""
+    for name in params:
+        if name not in LIST_PARAMETERS:
+            raise invalid(
+                f"/query/{name}", "is not a known parameter (status, limit, after, dead_lettered)"
+            )
+        if len(params.getlist(name)) > 1:
+            raise invalid(f"/query/{name}", "is given more than once")
+    status = None
+    if "status" in params:
+        try:
+            status = WorkflowStatus(params["status"])
+        except ValueError:
+            raise invalid("/query/status", f"must be one of {schemas.STATUSES}") from None
+    limit = 100
+    if "limit" in params:
+        raw = params["limit"]
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
+            raise invalid("/query/limit", "must be an integer from 1 to 1000")
+        limit = int(raw)
+    after = schemas.parse_uuid(params["after"], "/query/after") if "after" in params else None
+    dead = None
+    if "dead_lettered" in params:
+        if params["dead_lettered"] not in ("true", "false"):
+            raise invalid("/query/dead_lettered", "must be true or false")
+        dead = params["dead_lettered"] == "true"
+    return status, after, limit, dead
+
+
+def next_page_link(
+    path: str, status: WorkflowStatus | None, limit: int, dead: bool | None, last: UUID
+) -> str:
+    """The Link header of a list page that has a next one: the same query, after `last`."""
+    query = {"limit": str(limit), "after": str(last)}
+    if status is not None:
+        query["status"] = status.value
+    if dead is not None:
+        query["dead_lettered"] = str(dead).lower()
+    return f'<{path}?{urlencode(query)}>; rel="next"'

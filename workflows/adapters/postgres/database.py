@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TypeAlias
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
@@ -26,6 +27,17 @@ request then tries again at once. Kept short so the pool notices a returning dat
 within seconds rather than after a backoff of minutes."""
 
 
+def utc_options(url: str) -> str:
+    """The URL's `options`, with the session time zone set to UTC unless they set one:
+    timestamps then load as datetimes in `timezone.utc`, which costs psycopg and the
+    domain (UTC throughout) less than converting from a zoneinfo zone (bench/notes.md).
+    No statement depends on the session's zone, and nothing reads a timestamp's text."""
+    given = str(conninfo_to_dict(url).get("options") or "")
+    if "timezone" in given.lower():
+        return given
+    return f"{given} -c TimeZone=UTC".strip()
+
+
 class PostgresDatabase:
     """Owns the connection pool. The constructor connects nothing; `start()` does."""
 
@@ -37,7 +49,11 @@ class PostgresDatabase:
             # psycopg's default prepare_threshold (prepare a statement on its 6th run on a
             # connection) suits our small, fixed set of statements. Behind a PgBouncer
             # older than 1.21 in transaction mode it would have to be None.
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT,
+                "options": utc_options(url),
+            },
             min_size=min_size,
             max_size=max_size,
             open=False,

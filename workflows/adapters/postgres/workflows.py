@@ -27,7 +27,7 @@ from workflows.domain.errors import IdempotencyKeyReused
 from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
 
 COLUMNS = (
-    "uuid, status, data_text::text, steps, created_at, updated_at,"
+    "uuid, status::text, data_text::text, steps, created_at, updated_at,"
     " delivery_attempts, dead_lettered_at"
 )
 QUEUED = "status = 'inserted' AND dead_lettered_at IS NULL"
@@ -207,7 +207,8 @@ class PostgresWorkflowRepository(WorkflowRepository):
             "limit": limit,
         }
         async with connection(self._pool) as conn:
-            rows = await (await conn.execute(query, params)).fetchall()
+            # Binary results: a page's uuids, timestamps and arrays load faster that way.
+            rows = await (await conn.execute(query, params, binary=True)).fetchall()
         return [_workflow(row) for row in rows]
 
     async def set_status(
@@ -299,15 +300,22 @@ def _text_array(items: Sequence[str]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
+_STATUSES = {status.value: status for status in WorkflowStatus}
+
+
 def _workflow(row: TupleRow) -> Workflow:
+    """A row as a Workflow. The session's time zone is UTC (`database.utc_options`), so
+    `astimezone(UTC)` returns each timestamp as it is; it stays for a connection made
+    otherwise. Positional arguments and a dict for the status: this runs once per row of
+    a list page (bench/notes.md)."""
     uuid, status, text, steps, created_at, updated_at, attempts, dead_lettered_at = row
     return Workflow(
-        uuid=uuid,
-        status=WorkflowStatus(status),
-        data=JsonDocument(text),
-        steps=tuple(steps),
-        created_at=created_at.astimezone(UTC),
-        updated_at=updated_at.astimezone(UTC),
-        delivery_attempts=attempts,
-        dead_lettered_at=None if dead_lettered_at is None else dead_lettered_at.astimezone(UTC),
+        uuid,
+        _STATUSES[status],
+        JsonDocument(text),
+        tuple(steps),
+        created_at.astimezone(UTC),
+        updated_at.astimezone(UTC),
+        attempts,
+        None if dead_lettered_at is None else dead_lettered_at.astimezone(UTC),
     )
