@@ -186,6 +186,7 @@ def http(ctx: Context, backend: str, port: int) -> None:
         )
         if backend == "rabbitmq":
             _check_drain(ctx, post)
+        pairs(ctx, backend, service, queue, "POST")
         ctx.add(
             _wrk(
                 ctx,
@@ -223,22 +224,26 @@ def http(ctx: Context, backend: str, port: int) -> None:
         if consume.extra["statuses"].get(204):
             consume.notes.append(f"ran dry ({consume.extra['statuses'][204]} x 204)")
         ctx.add(consume)
+        pairs(ctx, backend, service, queue, "consume", first + m.consume_prefill)
         _mixed(ctx, backend, service)
-        pairs(ctx, backend, service, queue, first + m.consume_prefill)
     finally:
         service.stop()
         if backend == "rabbitmq":
             tools.broker("delete", "delete", url=ctx.rabbitmq_url, queue=queue)
 
 
-def pairs(ctx: Context, backend: str, service: Service, queue: str, first: int) -> None:
-    """Each ratio target of `backend` and its raw limit, run back to back `pair_rounds`
-    times, alternating which goes first. A pair's ratio compares two runs seconds apart:
-    the host's speed moves by up to ~2x within an hour here (bench/notes.md), which one
-    raw run at the start of the run cannot follow. The raw runs use a database of their
-    own (`raw_db`) while the service waits idle; the verdict takes the median ratio."""
+def pairs(
+    ctx: Context, backend: str, service: Service, queue: str, target: str, first: int = 0
+) -> None:
+    """A ratio target of `backend` ("POST" or "consume") and its raw limit, run back to
+    back `pair_rounds` times, alternating which goes first, right after the target's own
+    scenario (so the service's tables and queue are as that scenario left them). A pair's
+    ratio compares two runs seconds apart: the host's speed moves by up to ~2x within an
+    hour here (bench/notes.md), which one raw run at the start of the run cannot follow.
+    The raw runs use a database of their own (`raw_db`) while the service waits idle; the
+    verdict takes the median ratio."""
     m, db, raw_db = ctx.mode, ctx.db, ctx.raw_db
-    print(f"back-to-back pairs, {backend} backend", flush=True)
+    print(f"back-to-back pairs, {target} [{backend}]", flush=True)
     row = {"data": dbmod.data_text(), "steps": dbmod.steps_literal()}
     raw_queue = f"bench-{ctx.run_id}-pairs"
     broker = {"url": ctx.rabbitmq_url, "queue": raw_queue, "cpus": ctx.load_cpus}
@@ -318,24 +323,25 @@ def pairs(ctx: Context, backend: str, service: Service, queue: str, first: int) 
             result.notes.append(f"ran dry ({result.extra['statuses'][204]} x 204)")
         return result
 
-    raw_consume = raw_dequeue if backend == "postgres" else raw_get
-    if backend == "rabbitmq":
+    if target == "POST":
+        scenario, raw, http_ = f"POST /workflow [{backend}]", raw_insert, http_post
+    else:
+        raw = raw_dequeue if backend == "postgres" else raw_get
+        scenario, http_ = f"consume [{backend}]", http_consume
+    broker_raw = raw is raw_get
+    if broker_raw:
         tools.broker("declare", "declare", **broker)
     try:
-        for scenario, raw, http_ in (
-            (f"POST /workflow [{backend}]", raw_insert, http_post),
-            (f"consume [{backend}]", raw_consume, http_consume),
-        ):
-            for i in range(m.pair_rounds):
-                runs = [(raw, "raw"), (http_, "http")]
-                if i % 2:
-                    runs.reverse()
-                measured = {
-                    kind: ctx.check(run(f"{scenario} pair {i + 1} {kind}")) for run, kind in runs
-                }
-                ctx.pairs.setdefault(scenario, []).append((measured["raw"], measured["http"]))
+        for i in range(m.pair_rounds):
+            runs = [(raw, "raw"), (http_, "http")]
+            if i % 2:
+                runs.reverse()
+            measured = {
+                kind: ctx.check(run(f"{scenario} pair {i + 1} {kind}")) for run, kind in runs
+            }
+            ctx.pairs.setdefault(scenario, []).append((measured["raw"], measured["http"]))
     finally:
-        if backend == "rabbitmq":
+        if broker_raw:
             tools.broker("delete", "delete", **broker)
 
 

@@ -162,7 +162,8 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
         f"{m.dequeue_prefill:,} for the raw dequeue; {m.consume_prefill:,} more for consume "
         "(their uuids also published to the queue for rabbitmq); VACUUM ANALYZE and CHECKPOINT "
         "before each run",
-        f"back-to-back pairs: each ratio target and its raw limit, {m.pair_rounds} times, "
+        f"back-to-back pairs: each ratio target and its raw limit, right after the target's "
+        f"own scenario, {m.pair_rounds} times, "
         f"{m.pair_seconds:g} s each (the HTTP run after {m.warmup:g} s of warm-up), "
         "alternating which goes first, the raw runs in a second database of their own "
         "while the service waits idle; a ratio target is judged on the median ratio of its "
