@@ -99,7 +99,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             workers=args.workers,
             log_level=settings.log_level.lower(),
             loop="uvloop",
-            http="httptools",
+            # httptools, a response head and body sent in one system call (http_protocol.py).
+            http="workflows.entrypoints.http_protocol:CoalescingHttpToolsProtocol",
             access_log=args.access_log,
             timeout_graceful_shutdown=args.graceful_timeout,
             log_config=logging_config(settings.log_level, settings.log_format, args.access_log),

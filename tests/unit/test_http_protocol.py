@@ -1,0 +1,195 @@
+"""The coalescing transport: a response's head and body leave in one write, bytes never
+reorder or wait past the loop iteration; and uvicorn serves through it unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from workflows.entrypoints.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.events: list[str] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.events.append("write")
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+        self.events.append("close")
+
+    def abort(self) -> None:
+        self.closing = True
+        self.events.append("abort")
+
+    def write_eof(self) -> None:
+        self.events.append("eof")
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def coalescing() -> tuple[CoalescingTransport, RecordingTransport]:
+    inner = RecordingTransport()
+    return CoalescingTransport(inner, asyncio.get_running_loop()), inner  # type: ignore[arg-type]
+
+
+async def test_a_head_and_the_body_written_in_the_same_step_leave_as_one_write() -> None:
+    transport, inner = coalescing()
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert inner.writes == []
+    transport.write(b"ok")
+    assert inner.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+    await asyncio.sleep(0)
+    assert len(inner.writes) == 1
+
+
+async def test_a_lone_write_leaves_at_the_end_of_the_loop_iteration() -> None:
+    transport, inner = coalescing()
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert transport.get_write_buffer_size() == 7 + len(b"HTTP/1.1 100 Continue\r\n\r\n")
+    await asyncio.sleep(0)
+    assert inner.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert transport.get_write_buffer_size() == 7
+
+
+async def test_writes_keep_their_order() -> None:
+    transport, inner = coalescing()
+    for chunk in (b"a", b"b", b"c", b"d", b"e"):
+        transport.write(chunk)
+    await asyncio.sleep(0)
+    assert inner.writes == [b"ab", b"cd", b"e"]
+
+
+async def test_close_sends_what_is_held_first_and_nothing_after() -> None:
+    transport, inner = coalescing()
+    transport.write(bytearray(b"last words"))
+    transport.close()
+    await asyncio.sleep(0)
+    assert inner.writes == [b"last words"]
+    assert inner.events == ["write", "close"]
+
+
+async def test_write_eof_sends_what_is_held_first() -> None:
+    transport, inner = coalescing()
+    transport.write(b"tail")
+    transport.write_eof()
+    assert inner.events == ["write", "eof"]
+
+
+async def test_abort_drops_what_is_held() -> None:
+    transport, inner = coalescing()
+    transport.write(b"never sent")
+    transport.abort()
+    await asyncio.sleep(0)
+    assert inner.writes == []
+    assert inner.events == ["abort"]
+
+
+async def test_nothing_is_written_to_a_transport_closed_underneath() -> None:
+    transport, inner = coalescing()
+    transport.write(b"late")
+    inner.closing = True
+    await asyncio.sleep(0)
+    assert inner.writes == []
+
+
+async def test_everything_else_is_the_wrapped_transports() -> None:
+    transport, _ = coalescing()
+    assert transport.get_extra_info("peername") == "info:peername"
+
+
+# --- served by uvicorn through the protocol --------------------------------------------
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    path = scope["path"]
+    if path == "/stream":
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for n in range(3):
+            await send({"type": "http.response.body", "body": b"%d\n" % n, "more_body": True})
+            await asyncio.sleep(0.2)
+        await send({"type": "http.response.body", "body": b"end\n"})
+        return
+    if path == "/empty":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = b"hello " + path.encode()
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def served() -> Any:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=CoalescingHttpToolsProtocol,
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:  # noqa: ASYNC110 (uvicorn has no started event)
+            await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+async def test_keep_alive_requests_on_one_connection_get_their_own_answers(served: str) -> None:
+    async with httpx.AsyncClient(base_url=served) as client:
+        for n in range(20):
+            response = await client.get(f"/r{n}")
+            assert response.status_code == 200
+            assert response.text == f"hello /r{n}"
+        empty = await client.get("/empty")
+        assert empty.status_code == 204
+        assert empty.content == b""
+        head = await client.head("/r0")
+        assert head.status_code == 200
+        assert head.headers["content-length"] == str(len("hello /r0"))
+        assert head.content == b""
+
+
+async def test_a_streamed_body_arrives_as_it_is_sent(served: str) -> None:
+    loop = asyncio.get_running_loop()
+    arrivals = []
+    async with (
+        httpx.AsyncClient(base_url=served) as client,
+        client.stream("GET", "/stream") as response,
+    ):
+        async for chunk in response.aiter_raw():
+            arrivals.append((loop.time(), chunk))
+    assert b"".join(chunk for _, chunk in arrivals) == b"0\n1\n2\nend\n"
+    # The first chunk came ~0.6 s before the end: held bytes do not wait for the next write.
+    assert arrivals[-1][0] - arrivals[0][0] >= 0.4
