@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 Target = tuple[str, int] | str
 """Where the relay forwards to: (host, port), or the path of a unix socket."""
+Direction = Literal["to_server", "to_client"]
 
 
 class TcpProxy:
@@ -24,6 +26,9 @@ class TcpProxy:
         self.url = url
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._traps: list[tuple[Direction, bytes]] = []
+        self.sprung = 0
+        """How many traps have cut a connection."""
 
     @classmethod
     def to_postgres(cls, database_url: str) -> TcpProxy:
@@ -70,6 +75,22 @@ class TcpProxy:
             connection.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
 
+    def trap(self, direction: Direction, marker: bytes) -> None:
+        """The next chunk of bytes going `direction` that contains `marker` is not
+        relayed: its connection is cut instead, both ways. Towards the server, the request
+        never arrives; towards the client, the server has done the work and its answer is
+        lost (PostgreSQL sends a statement's result and `ReadyForQuery` together, after
+        the commit of an autocommit statement)."""
+        self._traps.append((direction, marker))
+
+    def _springs(self, direction: Direction, data: bytes) -> bool:
+        for trap in self._traps:
+            if trap[0] == direction and trap[1] in data:
+                self._traps.remove(trap)
+                self.sprung += 1
+                return True
+        return False
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -80,7 +101,10 @@ class TcpProxy:
                 up_reader, upstream = await asyncio.open_unix_connection(self.target)
             else:
                 up_reader, upstream = await asyncio.open_connection(*self.target)
-            await asyncio.gather(_pump(reader, upstream), _pump(up_reader, writer))
+            await asyncio.gather(
+                self._pump(reader, upstream, "to_server", task),
+                self._pump(up_reader, writer, "to_client", task),
+            )
         except (OSError, asyncio.CancelledError):
             # Cancelled by `cut()`, which awaits us: returning (not re-raising) keeps
             # asyncio's server from reporting the cancellation as an unhandled error.
@@ -91,17 +115,26 @@ class TcpProxy:
                     stream.close()
             self._connections.discard(task)
 
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until end of stream, then close the other side, so each sees the other go."""
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        direction: Direction,
+        relay: asyncio.Task[None],
+    ) -> None:
+        """Copy until end of stream, then close the other side, so each sees the other
+        go; a sprung trap cancels the whole relay, which closes both sides."""
+        try:
+            while data := await reader.read(65536):
+                if self._springs(direction, data):
+                    relay.cancel()
+                    return
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
 
 
 def free_port() -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import select
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TypeAlias
+from typing import LiteralString, TypeAlias
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -21,6 +23,8 @@ ACQUIRE_TIMEOUT = 5.0
 """Seconds a caller waits for a pooled connection before the database counts as down."""
 CONNECT_TIMEOUT = 5
 """libpq's connect_timeout (whole seconds), so an unreachable host cannot stall the pool."""
+ASK_PAUSE = 0.2
+"""Seconds between two tries of `ask_patiently`."""
 RECONNECT_TIMEOUT = 10.0
 """How long the pool retries a failed connection, with backoff, before giving up; the next
 request then tries again at once. Kept short so the pool notices a returning database
@@ -81,8 +85,9 @@ class PostgresDatabase:
 
 
 @asynccontextmanager
-async def connection(pool: Pool) -> AsyncIterator[Connection]:
-    """A pooled connection; an unreachable or failing database raises DependencyUnavailable.
+async def connection(pool: Pool, *, wait: float | None = None) -> AsyncIterator[Connection]:
+    """A pooled connection (waited for up to `wait` seconds, by default the pool's
+    ACQUIRE_TIMEOUT); an unreachable or failing database raises DependencyUnavailable.
 
     A connection lost mid-use usually means the server restarted, which has broken every
     idle connection too: drain them, so the next requests connect afresh instead of each
@@ -92,12 +97,12 @@ async def connection(pool: Pool) -> AsyncIterator[Connection]:
     """
     try:
         async with AsyncExitStack() as stack:
-            conn = await stack.enter_async_context(pool.connection())
+            conn = await stack.enter_async_context(pool.connection(timeout=wait))
             if closed_by_server(conn):
                 await conn.close()  # returned closed: the pool drops it
                 await stack.aclose()
                 await pool.drain()  # its idle siblings were closed by the same restart
-                conn = await stack.enter_async_context(pool.connection())
+                conn = await stack.enter_async_context(pool.connection(timeout=wait))
             try:
                 yield conn
             except psycopg.OperationalError:
@@ -125,6 +130,23 @@ async def transaction(pool: Pool) -> AsyncIterator[Connection]:
     """A pooled connection inside a transaction: committed on normal exit, else rolled back."""
     async with connection(pool) as conn, conn.transaction():
         yield conn
+
+
+async def ask_patiently(
+    pool: Pool, query: LiteralString, params: Sequence[object], *, within: float
+) -> TupleRow | None:
+    """The first row of a read, asked again every ASK_PAUSE seconds while the database is
+    unreachable (restarting, say), for up to `within` seconds; then DependencyUnavailable.
+    For finding out what became of a statement whose answer was lost."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            async with connection(pool, wait=max(deadline - time.monotonic(), ASK_PAUSE)) as conn:
+                return await (await conn.execute(query, params)).fetchone()
+        except DependencyUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(ASK_PAUSE)
 
 
 async def ping_database(pool: Pool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
@@ -9,10 +10,17 @@ from uuid import UUID
 from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
-from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
+from workflows.adapters.postgres.batching import (
+    Claim,
+    GroupClaim,
+    GroupCommit,
+    GroupRead,
+    Taken,
+)
 from workflows.adapters.postgres.database import (
     Connection,
     Pool,
+    ask_patiently,
     connection,
     ping_database,
     transaction,
@@ -23,8 +31,15 @@ from workflows.application.ports import (
     WorkflowQueue,
     WorkflowRepository,
 )
-from workflows.domain.errors import IdempotencyKeyReused
+from workflows.domain.errors import DependencyUnavailable, IdempotencyKeyReused
 from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
+
+log = logging.getLogger(__name__)
+
+VERIFY_WITHIN = 5.0
+"""Seconds a group insert whose answer was lost keeps asking whether it committed (as long
+as a caller waits for a pooled connection) before its callers get the 503."""
+COUNT_STORED = "SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[])"
 
 COLUMNS = (
     "uuid, status::text, data_text::text, steps, created_at, updated_at,"
@@ -87,9 +102,11 @@ RETURNING {}
 _LOCKED = (
     "uuid, status, data_text, steps, created_at, updated_at, delivery_attempts, dead_lettered_at"
 )
+# The claim's transaction id comes last: what became of a claim whose COMMIT was answered
+# by a dropped connection, `txid_status` says (GroupClaim).
 _TAKEN = (
     "taken.uuid, taken.status, taken.data_text::text, taken.steps, taken.created_at,"
-    " taken.updated_at, taken.delivery_attempts, taken.dead_lettered_at"
+    " taken.updated_at, taken.delivery_attempts, taken.dead_lettered_at, txid_current()"
 )
 TAKE_OLDEST_INSERTED = TAKE.format(
     f"SELECT {_LOCKED} FROM workflows WHERE {QUEUED} ORDER BY uuid LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -172,8 +189,30 @@ class PostgresWorkflowRepository(WorkflowRepository):
             [w.created_at for w in workflows],
             [w.updated_at for w in workflows],
         )
-        async with connection(self._pool) as conn:
-            await conn.execute(self._insert_many, columns)
+        sent = False
+        try:
+            async with connection(self._pool) as conn:
+                sent = True
+                await conn.execute(self._insert_many, columns)
+        except DependencyUnavailable:
+            # The statement may have gone out and committed, its answer lost with the
+            # connection (a server that dies between its commit and its reply). Rather
+            # than answer 503 for stored workflows, which a client would then POST again,
+            # look: the statement is atomic, so all of them are stored or none.
+            if not sent or not await self._all_stored(columns[0]):
+                raise
+
+    async def _all_stored(self, uuids: list[UUID]) -> bool:
+        """Whether every one of `uuids` is stored; False when the database does not answer
+        within VERIFY_WITHIN seconds (not known)."""
+        try:
+            row = await ask_patiently(self._pool, COUNT_STORED, (uuids,), within=VERIFY_WITHIN)
+        except DependencyUnavailable:
+            return False
+        stored = row[0] if row is not None else 0
+        if stored:
+            log.warning("a lost answer: %d of %d new workflows were stored", stored, len(uuids))
+        return bool(stored == len(uuids))
 
     async def purge_expired_keys(self, now: datetime) -> int:
         async with connection(self._pool) as conn:
@@ -256,25 +295,27 @@ class PostgresQueue(WorkflowQueue):
         await ping_database(self._pool)
 
 
-async def _take_oldest(
-    conn: Connection, claims: list[Claim], now: datetime
-) -> list[Workflow | None]:
+async def _take_oldest(conn: Connection, claims: list[Claim], now: datetime) -> Taken:
     """The oldest queued rows no one else holds, one per claim while they last, locked and
     marked consumed at `now` (as they were before, in uuid order)."""
     cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, len(claims)))
     rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
-    workflows: list[Workflow | None] = [_workflow(row) for row in rows]
-    return workflows + [None] * (len(claims) - len(workflows))
+    workflows: list[Workflow | None] = [_workflow(row[:-1]) for row in rows]
+    return Taken(workflows + [None] * (len(claims) - len(workflows)), _txid(rows))
 
 
-async def _take_these(
-    conn: Connection, claims: list[Claim], now: datetime
-) -> list[Workflow | None]:
+async def _take_these(conn: Connection, claims: list[Claim], now: datetime) -> Taken:
     """Each claim's row if it is queued (waiting for a concurrent holder to finish), locked
     and marked consumed at `now`; a row that two claims of the batch name goes to the first."""
     cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, [claim.uuid for claim in claims]))
-    found = {workflow.uuid: workflow for workflow in map(_workflow, await cursor.fetchall())}
-    return [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
+    rows = await cursor.fetchall()
+    found = {workflow.uuid: workflow for workflow in (_workflow(row[:-1]) for row in rows)}
+    workflows = [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
+    return Taken(workflows, _txid(rows))
+
+
+def _txid(rows: list[TupleRow]) -> int | None:
+    return int(rows[0][-1]) if rows else None
 
 
 async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
