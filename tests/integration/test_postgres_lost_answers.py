@@ -137,13 +137,17 @@ async def test_add_answers_every_caller_of_a_batch_whose_answer_was_lost(
 ANSWER_OF_A_COMMIT = b"COMMIT\x00"  # the CommandComplete tag of COMMIT
 
 
+async def one_queued(database: PostgresDatabase) -> tuple[PostgresQueue, Workflow]:
+    """The postgres backend's queue, holding one new workflow."""
+    workflow = new_workflows(1)[0]
+    await PostgresWorkflowRepository(database.pool, outbox=False).add(workflow)
+    return PostgresQueue(database.pool), workflow
+
+
 async def test_a_claim_whose_commit_answer_is_lost_hands_out_its_workflow(
     relay: TcpProxy, through: PostgresDatabase, database_url: str
 ) -> None:
-    repository = PostgresWorkflowRepository(through.pool, outbox=False)
-    queue = PostgresQueue(through.pool)
-    workflow = new_workflows(1)[0]
-    await repository.add(workflow)
+    queue, workflow = await one_queued(through)
     handled: list[Workflow] = []
 
     async def handle(taken: Workflow) -> None:
@@ -164,10 +168,7 @@ async def test_a_claim_whose_commit_answer_is_lost_hands_out_its_workflow(
 async def test_a_claim_whose_commit_never_arrived_fails_and_leaves_its_workflow_queued(
     relay: TcpProxy, through: PostgresDatabase, database_url: str
 ) -> None:
-    repository = PostgresWorkflowRepository(through.pool, outbox=False)
-    queue = PostgresQueue(through.pool)
-    workflow = new_workflows(1)[0]
-    await repository.add(workflow)
+    queue, workflow = await one_queued(through)
 
     async def handle(taken: Workflow) -> None:
         pass
