@@ -1,10 +1,10 @@
 """A connection that dies while a statement is on its way: before the server got it, or after
-the server committed it and before its answer arrived. The group insert (POST) and the
-group claim (consume) tell the two apart by asking the database, instead of answering 503
-for work that was done."""
+the server committed it and before its answer arrived. The group insert (POST) tells the
+two apart by asking the database, instead of answering 503 for work that was done."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,7 +22,7 @@ from workflows.adapters.postgres import (
 from workflows.adapters.postgres import workflows as workflows_module
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
-from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.model import JsonDocument, Workflow
 
 pytestmark = pytest.mark.postgres
 
@@ -107,9 +107,9 @@ async def test_a_lost_answer_stays_a_503_while_the_database_cannot_say(
     relay.trap("to_client", ANSWER_OF_AN_INSERT)
     ask = repository._all_stored
 
-    async def asked_while_the_database_is_away(uuids: list[UUID]) -> bool:
+    async def asked_while_the_database_is_away(uuids: list[UUID], sent_by: int) -> bool:
         await relay.down()
-        return await ask(uuids)
+        return await ask(uuids, sent_by)
 
     monkeypatch.setattr(repository, "_all_stored", asked_while_the_database_is_away)
     started = time.monotonic()
@@ -117,6 +117,37 @@ async def test_a_lost_answer_stays_a_503_while_the_database_cannot_say(
         await repository._add_many(workflows)
     assert time.monotonic() - started < 3, "asked for VERIFY_WITHIN, not the pool's 5 s"
     assert await stored(database_url, workflows) == 2, "stored: the 503 means 'not known'"
+
+
+async def test_an_insert_still_running_when_its_connection_died_is_waited_for(
+    relay: TcpProxy, through: PostgresDatabase, database_url: str
+) -> None:
+    """The server has the statement but has not run it yet (it waits for a lock) when the
+    connection goes: finding nothing stored is no answer while its server process lives."""
+    repository = PostgresWorkflowRepository(through.pool, outbox=False)
+    workflows = new_workflows(2)
+    async with await psycopg.AsyncConnection.connect(database_url) as holder:
+        await holder.execute("BEGIN")
+        await holder.execute("LOCK TABLE workflows IN SHARE ROW EXCLUSIVE MODE")
+        adding = asyncio.create_task(repository._add_many(workflows))
+        async with asyncio.timeout(5):
+            while not await waiting_for_a_lock(holder):  # noqa: ASYNC110 (polls the server)
+                await asyncio.sleep(0.02)
+        await relay.cut()  # its server process keeps waiting: it reads nothing meanwhile
+        await asyncio.sleep(0.5)
+        assert not adding.done(), "still asking, as the insert has not finished"
+        await holder.execute("COMMIT")
+        await adding  # stored: no 503
+    assert await stored(database_url, workflows) == 2
+
+
+async def waiting_for_a_lock(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
+    cursor = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO workflows%'"
+    )
+    row = await cursor.fetchone()
+    return row is not None and int(str(row[0])) > 0
 
 
 async def test_add_answers_every_caller_of_a_batch_whose_answer_was_lost(
@@ -133,8 +164,10 @@ async def test_add_answers_every_caller_of_a_batch_whose_answer_was_lost(
 
 
 # --- consume: a claim whose COMMIT goes unanswered ---------------------------------------
-
-ANSWER_OF_A_COMMIT = b"COMMIT\x00"  # the CommandComplete tag of COMMIT
+# A consume whose COMMIT's answer is lost still answers 503: `txid_status` of the claim's
+# transaction cannot tell, because after a crash PostgreSQL may give the same transaction
+# id to a new transaction when none of the lost one's WAL reached the disk (the chaos
+# suite caught a verification built on it handing out two workflows twice).
 
 
 async def one_queued(database: PostgresDatabase) -> tuple[PostgresQueue, Workflow]:
@@ -142,27 +175,6 @@ async def one_queued(database: PostgresDatabase) -> tuple[PostgresQueue, Workflo
     workflow = new_workflows(1)[0]
     await PostgresWorkflowRepository(database.pool, outbox=False).add(workflow)
     return PostgresQueue(database.pool), workflow
-
-
-async def test_a_claim_whose_commit_answer_is_lost_hands_out_its_workflow(
-    relay: TcpProxy, through: PostgresDatabase, database_url: str
-) -> None:
-    queue, workflow = await one_queued(through)
-    handled: list[Workflow] = []
-
-    async def handle(taken: Workflow) -> None:
-        handled.append(taken)
-
-    relay.trap("to_client", ANSWER_OF_A_COMMIT)
-    consumed = await queue.consume(handle, NOW)
-
-    assert relay.sprung == 1, "the COMMIT's answer was cut"
-    assert consumed is not None
-    assert consumed.uuid == workflow.uuid
-    assert consumed.status is WorkflowStatus.CONSUMED
-    assert handled == [workflow]
-    assert await status_of(database_url, workflow) == "consumed"
-    assert await queue.consume(handle, NOW) is None, "and it is not handed out again"
 
 
 async def test_a_claim_whose_commit_never_arrived_fails_and_leaves_its_workflow_queued(
@@ -182,26 +194,6 @@ async def test_a_claim_whose_commit_never_arrived_fails_and_leaves_its_workflow_
     again = await queue.consume(handle, NOW)
     assert again is not None
     assert again.uuid == workflow.uuid
-
-
-async def test_a_claim_by_uuid_whose_commit_answer_is_lost_hands_out_its_workflow(
-    relay: TcpProxy, through: PostgresDatabase, database_url: str
-) -> None:
-    """The rabbitmq backend's claim (of the workflow its message names)."""
-    repository = PostgresWorkflowRepository(through.pool, outbox=True)
-    workflow = new_workflows(1)[0]
-    await repository.add(workflow)
-
-    async def handle(taken: Workflow) -> None:
-        pass
-
-    relay.trap("to_client", ANSWER_OF_A_COMMIT)
-    claimed = await repository.claim(workflow.uuid, handle, NOW)
-
-    assert relay.sprung == 1
-    assert claimed is not None
-    assert claimed.uuid == workflow.uuid
-    assert await status_of(database_url, workflow) == "consumed"
 
 
 async def status_of(database_url: str, workflow: Workflow) -> str:

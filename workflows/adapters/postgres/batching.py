@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
@@ -14,15 +13,8 @@ import attrs
 import psycopg
 
 from workflows.adapters.grouping import Group, settle
-from workflows.adapters.postgres.database import (
-    ASK_PAUSE,
-    Connection,
-    Pool,
-    ask_patiently,
-    transaction,
-)
+from workflows.adapters.postgres.database import Connection, Pool, transaction
 from workflows.application.ports import ClaimHandler
-from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import Workflow, WorkflowStatus
 
 log = logging.getLogger(__name__)
@@ -113,19 +105,6 @@ class Claim:
     now: datetime
 
 
-@attrs.frozen
-class Taken:
-    workflows: list[Workflow | None]
-    """One per claim of the batch, in order: its row (as it was), or None."""
-    transaction: int | None
-    """The claim transaction's id (`txid_current()`); None when it took no row."""
-
-
-VERIFY_WITHIN = 5.0
-"""Seconds a claim whose COMMIT went unanswered keeps asking what became of it."""
-TRANSACTION_STATUS = "SELECT txid_status(%s)"
-
-
 class GroupClaim(Group[Claim, "Workflow | None"]):
     """Consumes in groups: one transaction locks a row for each claim of the batch (the
     oldest queued ones, or the named ones) and marks them CONSUMED in the same statement,
@@ -142,7 +121,7 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
     def __init__(
         self,
         pool: Pool,
-        take_many: Callable[[Connection, list[Claim], datetime], Awaitable[Taken]],
+        take_many: Callable[[Connection, list[Claim], datetime], Awaitable[list[Workflow | None]]],
         *,
         max_batch: int = 32,
         parallel: int = 2,
@@ -155,44 +134,32 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
         now = max(claim.now for claim, _ in batch)
         consumed: list[tuple[asyncio.Future[Workflow | None], Workflow]] = []
         failed: list[tuple[asyncio.Future[Workflow | None], BaseException]] = []
-        txid: int | None = None
-        committing = False
         try:
-            try:
-                async with transaction(self._pool) as conn:
-                    taken = await self._take_many(conn, [claim for claim, _ in batch], now)
-                    txid = taken.transaction
-                    mine = [
-                        (claim, future, workflow)
-                        for (claim, future), workflow in zip(batch, taken.workflows, strict=True)
-                        if workflow is not None
-                    ]
-                    outcomes = await asyncio.gather(
-                        *(claim.handle(workflow) for claim, _, workflow in mine),
-                        return_exceptions=True,
-                    )
-                    back: list[Workflow] = []
-                    for (_, future, workflow), outcome in zip(mine, outcomes, strict=True):
-                        if isinstance(outcome, BaseException):
-                            failed.append((future, outcome))
-                            back.append(workflow)
-                        elif future.done():  # the caller has gone: its row stays queued
-                            back.append(workflow)
-                        else:
-                            consumed.append(
-                                (future, workflow.with_status(WorkflowStatus.CONSUMED, now))
-                            )
-                    if back:
-                        columns = ([w.uuid for w in back], [w.updated_at for w in back])
-                        await conn.execute(PUT_BACK, columns)
-                    committing = True
-            except DependencyUnavailable:
-                # The connection died with the COMMIT: the server may have committed and
-                # lost only its answer (it died right after). Ask, rather than answer 503
-                # for workflows that are consumed and whose files are written.
-                if not committing or txid is None or not await self._committed(txid):
-                    raise
-                log.warning("a lost answer: the claim of %d workflows committed", len(consumed))
+            async with transaction(self._pool) as conn:
+                taken = await self._take_many(conn, [claim for claim, _ in batch], now)
+                mine = [
+                    (claim, future, workflow)
+                    for (claim, future), workflow in zip(batch, taken, strict=True)
+                    if workflow is not None
+                ]
+                outcomes = await asyncio.gather(
+                    *(claim.handle(workflow) for claim, _, workflow in mine),
+                    return_exceptions=True,
+                )
+                back: list[Workflow] = []
+                for (_, future, workflow), outcome in zip(mine, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        failed.append((future, outcome))
+                        back.append(workflow)
+                    elif future.done():  # the caller has gone: its row stays queued
+                        back.append(workflow)
+                    else:
+                        consumed.append(
+                            (future, workflow.with_status(WorkflowStatus.CONSUMED, now))
+                        )
+                if back:
+                    columns = ([w.uuid for w in back], [w.updated_at for w in back])
+                    await conn.execute(PUT_BACK, columns)
         finally:
             # Only now, with the transaction over and every lock released: a caller that
             # sees its handler's error may count the failure on that row at once.
@@ -202,18 +169,3 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
             settle(future, workflow)
         for _, future in batch:
             settle(future, None)  # found no row (or, below the others, nothing left)
-
-    async def _committed(self, txid: int) -> bool:
-        """Whether transaction `txid` committed; False when it aborted, or when the
-        database does not say so within VERIFY_WITHIN seconds (not known)."""
-        deadline = time.monotonic() + VERIFY_WITHIN
-        while True:
-            try:
-                within = max(deadline - time.monotonic(), 0.0)
-                row = await ask_patiently(self._pool, TRANSACTION_STATUS, (txid,), within=within)
-            except DependencyUnavailable:
-                return False
-            status = row[0] if row is not None else None
-            if status != "in progress" or time.monotonic() >= deadline:
-                return bool(status == "committed")
-            await asyncio.sleep(ASK_PAUSE)  # its server has not seen the connection go yet

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
@@ -10,14 +12,9 @@ from uuid import UUID
 from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
-from workflows.adapters.postgres.batching import (
-    Claim,
-    GroupClaim,
-    GroupCommit,
-    GroupRead,
-    Taken,
-)
+from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
 from workflows.adapters.postgres.database import (
+    ASK_PAUSE,
     Connection,
     Pool,
     ask_patiently,
@@ -39,7 +36,12 @@ log = logging.getLogger(__name__)
 VERIFY_WITHIN = 5.0
 """Seconds a group insert whose answer was lost keeps asking whether it committed (as long
 as a caller waits for a pooled connection) before its callers get the 503."""
-COUNT_STORED = "SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[])"
+# How many of the uuids are stored, and whether the server process that ran their insert
+# still runs (a process id can be reused after a restart: then we wait for nothing).
+STORED = """
+SELECT (SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[])),
+       EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)
+"""
 
 COLUMNS = (
     "uuid, status::text, data_text::text, steps, created_at, updated_at,"
@@ -102,11 +104,9 @@ RETURNING {}
 _LOCKED = (
     "uuid, status, data_text, steps, created_at, updated_at, delivery_attempts, dead_lettered_at"
 )
-# The claim's transaction id comes last: what became of a claim whose COMMIT was answered
-# by a dropped connection, `txid_status` says (GroupClaim).
 _TAKEN = (
     "taken.uuid, taken.status, taken.data_text::text, taken.steps, taken.created_at,"
-    " taken.updated_at, taken.delivery_attempts, taken.dead_lettered_at, txid_current()"
+    " taken.updated_at, taken.delivery_attempts, taken.dead_lettered_at"
 )
 TAKE_OLDEST_INSERTED = TAKE.format(
     f"SELECT {_LOCKED} FROM workflows WHERE {QUEUED} ORDER BY uuid LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -189,30 +189,37 @@ class PostgresWorkflowRepository(WorkflowRepository):
             [w.created_at for w in workflows],
             [w.updated_at for w in workflows],
         )
-        sent = False
+        sent_by: int | None = None
         try:
             async with connection(self._pool) as conn:
-                sent = True
+                sent_by = conn.info.backend_pid
                 await conn.execute(self._insert_many, columns)
         except DependencyUnavailable:
             # The statement may have gone out and committed, its answer lost with the
             # connection (a server that dies between its commit and its reply). Rather
             # than answer 503 for stored workflows, which a client would then POST again,
             # look: the statement is atomic, so all of them are stored or none.
-            if not sent or not await self._all_stored(columns[0]):
+            if sent_by is None or not await self._all_stored(columns[0], sent_by):
                 raise
 
-    async def _all_stored(self, uuids: list[UUID]) -> bool:
-        """Whether every one of `uuids` is stored; False when the database does not answer
-        within VERIFY_WITHIN seconds (not known)."""
-        try:
-            row = await ask_patiently(self._pool, COUNT_STORED, (uuids,), within=VERIFY_WITHIN)
-        except DependencyUnavailable:
-            return False
-        stored = row[0] if row is not None else 0
-        if stored:
-            log.warning("a lost answer: %d of %d new workflows were stored", stored, len(uuids))
-        return bool(stored == len(uuids))
+    async def _all_stored(self, uuids: list[UUID], sent_by: int) -> bool:
+        """Whether every one of `uuids` is stored. None stored is an answer only once the
+        server process that ran the statement (`sent_by`) is gone: until then it may
+        still commit. False too when the database cannot say within VERIFY_WITHIN seconds."""
+        deadline = time.monotonic() + VERIFY_WITHIN
+        while True:
+            within = max(deadline - time.monotonic(), 0.0)
+            try:
+                row = await ask_patiently(self._pool, STORED, (uuids, sent_by), within=within)
+            except DependencyUnavailable:
+                return False
+            stored, still_running = row if row is not None else (0, False)
+            if stored:
+                log.warning("a lost answer: %d of %d new workflows were stored", stored, len(uuids))
+                return bool(stored == len(uuids))
+            if not still_running or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(ASK_PAUSE)
 
     async def purge_expired_keys(self, now: datetime) -> int:
         async with connection(self._pool) as conn:
@@ -295,27 +302,25 @@ class PostgresQueue(WorkflowQueue):
         await ping_database(self._pool)
 
 
-async def _take_oldest(conn: Connection, claims: list[Claim], now: datetime) -> Taken:
+async def _take_oldest(
+    conn: Connection, claims: list[Claim], now: datetime
+) -> list[Workflow | None]:
     """The oldest queued rows no one else holds, one per claim while they last, locked and
     marked consumed at `now` (as they were before, in uuid order)."""
     cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, len(claims)))
     rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
-    workflows: list[Workflow | None] = [_workflow(row[:-1]) for row in rows]
-    return Taken(workflows + [None] * (len(claims) - len(workflows)), _txid(rows))
+    workflows: list[Workflow | None] = [_workflow(row) for row in rows]
+    return workflows + [None] * (len(claims) - len(workflows))
 
 
-async def _take_these(conn: Connection, claims: list[Claim], now: datetime) -> Taken:
+async def _take_these(
+    conn: Connection, claims: list[Claim], now: datetime
+) -> list[Workflow | None]:
     """Each claim's row if it is queued (waiting for a concurrent holder to finish), locked
     and marked consumed at `now`; a row that two claims of the batch name goes to the first."""
     cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, [claim.uuid for claim in claims]))
-    rows = await cursor.fetchall()
-    found = {workflow.uuid: workflow for workflow in (_workflow(row[:-1]) for row in rows)}
-    workflows = [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
-    return Taken(workflows, _txid(rows))
-
-
-def _txid(rows: list[TupleRow]) -> int | None:
-    return int(rows[0][-1]) if rows else None
+    found = {workflow.uuid: workflow for workflow in map(_workflow, await cursor.fetchall())}
+    return [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
 
 
 async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
