@@ -142,6 +142,9 @@ async def test_an_insert_still_running_when_its_connection_died_is_waited_for(
 
 
 async def waiting_for_a_lock(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
+    # `conn` is inside a transaction, which would see the activity of its first look again
+    # and again (the server caches it for the transaction): drop that snapshot every time.
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
     cursor = await conn.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO workflows%'"
