@@ -19,8 +19,9 @@ import httpx
 from scripts.chaos.services import HOST
 
 REQUEST_TIMEOUT = 10.0
-"""Seconds a client waits for an answer (POST waits up to CONFIRM_TIMEOUT for the broker,
-a pooled connection up to 5 s): past this it counts the call as unanswered."""
+"""Seconds a client waits for an answer (a pooled connection waits up to 5 s, POST up to
+CONFIRM_TIMEOUT for the broker when that is set): past this it counts the call as
+unanswered."""
 ERROR_PAUSE = 0.1
 EMPTY_PAUSE = 0.05
 CONSUME = "/workflow/consume"

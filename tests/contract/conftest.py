@@ -41,9 +41,11 @@ def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
     return PostgresWorkflowRepository(database.pool, outbox=False)
 
 
-@pytest.fixture(params=["memory", "postgres", "rabbitmq"])
+@pytest.fixture(params=["memory", "postgres", "rabbitmq", "rabbitmq-confirmed"])
 def queue_backend(request: pytest.FixtureRequest) -> tuple[str, Any]:
-    """The backend's name, and its started database (None for memory)."""
+    """The backend's name, and its started database (None for memory). `rabbitmq` answers
+    an enqueue at once and consumes unpublished workflows from the outbox; with
+    `rabbitmq-confirmed` an enqueue waits for the broker's confirm."""
     if request.param == "memory":
         return request.param, None
     return request.param, request.getfixturevalue("pg")
@@ -75,10 +77,14 @@ async def queue_setup(
     broker = RabbitMqBroker(url, queue=request.getfixturevalue("queue_name"))
     await broker.start()
     repository = PostgresWorkflowRepository(database.pool, outbox=True)
-    relay = OutboxRelay(PostgresOutbox(database.pool), broker)
+    outbox = PostgresOutbox(database.pool)
+    relay = OutboxRelay(outbox, broker)
     relay_task = asyncio.create_task(relay.run())
+    wait = backend == "rabbitmq-confirmed"
     try:
-        yield QueueSetup(repository, RabbitMqQueue(repository, broker, relay))
+        yield QueueSetup(
+            repository, RabbitMqQueue(repository, broker, relay, outbox, wait_for_confirm=wait)
+        )
     finally:
         relay_task.cancel()
         await asyncio.gather(relay_task, return_exceptions=True)

@@ -52,16 +52,27 @@ class MemoryOutbox(Outbox):
     async def size(self) -> int:
         return len(self.entries)
 
+    async def unconfirmed(self, limit: int) -> list[UUID]:
+        return [entry.workflow_uuid for entry in self.entries[:limit]]
+
 
 class Setup:
-    def __init__(self, broker: RabbitMqBroker) -> None:
+    def __init__(
+        self,
+        broker: RabbitMqBroker,
+        *,
+        wait_for_confirm: bool = True,
+        outbox: MemoryOutbox | None = None,
+    ) -> None:
         self.broker = broker
         self.repository = InMemoryWorkflowRepository()
-        self.outbox = MemoryOutbox()
+        self.outbox = MemoryOutbox() if outbox is None else outbox
         self.relay = OutboxRelay(
             self.outbox, broker, confirm_timeout=0.5, sweep_interval=0.1, outage_backoff=0.1
         )
-        self.queue = RabbitMqQueue(self.repository, broker, self.relay)
+        self.queue = RabbitMqQueue(
+            self.repository, broker, self.relay, self.outbox, wait_for_confirm=wait_for_confirm
+        )
 
     async def stored(self) -> Workflow:
         workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), ("step",), now())
@@ -82,16 +93,26 @@ def no_thread_left_behind() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def running(url: str, queue_name: str) -> AsyncIterator[Setup]:
+async def running(
+    url: str,
+    queue_name: str,
+    *,
+    relay: bool = True,
+    wait_for_confirm: bool = True,
+    outbox: MemoryOutbox | None = None,
+) -> AsyncIterator[Setup]:
+    """A started queue; without `relay`, a test flushes the relay when it wants the messages
+    published."""
     broker = RabbitMqBroker(url, queue=queue_name, timeout=2.0)
     await broker.start()
-    setup = Setup(broker)
-    relay_task = asyncio.create_task(setup.relay.run())
+    setup = Setup(broker, wait_for_confirm=wait_for_confirm, outbox=outbox)
+    relay_task = asyncio.create_task(setup.relay.run()) if relay else None
     try:
         yield setup
     finally:
-        relay_task.cancel()
-        await asyncio.gather(relay_task, return_exceptions=True)
+        if relay_task is not None:
+            relay_task.cancel()
+            await asyncio.gather(relay_task, return_exceptions=True)
         with contextlib.suppress(DependencyUnavailable):
             await broker.delete_queue()
         await broker.stop()
@@ -201,3 +222,61 @@ async def test_broker_dead_letters_a_crash_looping_message_and_the_sweep_records
     finally:
         await broker.delete_queue()
         await broker.stop()
+
+
+def answering_on_commit(
+    url: str, queue_name: str, outbox: MemoryOutbox | None = None
+) -> contextlib.AbstractAsyncContextManager[Setup]:
+    """`enqueued` hands the entry to the relay and returns at once; the relay is not running."""
+    return running(url, queue_name, relay=False, wait_for_confirm=False, outbox=outbox)
+
+
+async def test_enqueued_answers_without_waiting_for_the_broker(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    async with answering_on_commit(rabbitmq_url, queue_name) as setup:
+        workflow = await setup.stored()
+        setup.outbox.add(workflow.uuid)
+        # No relay runs: waiting for the confirm would take confirm_timeout (0.5 s).
+        await asyncio.wait_for(setup.queue.enqueued(workflow), timeout=0.1)
+        assert await setup.outbox.size() == 1
+        assert await setup.relay.flush(sweep=False) == 1  # the entry was handed over
+        assert await setup.outbox.size() == 0
+
+
+async def test_an_unpublished_workflow_is_consumed_from_the_outbox_and_its_message_skipped(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    async with answering_on_commit(rabbitmq_url, queue_name) as setup:
+        first, second = await setup.submit(), await setup.submit()
+        taken = await setup.queue.consume(record_nothing, now())  # nothing published yet
+        assert taken is not None
+        assert taken.uuid == first.uuid
+        assert await setup.relay.flush(sweep=False) == 2  # both messages reach the broker
+        assert await consumed(setup) == [second.uuid]  # first's message is skipped
+        assert await left_after_reconnecting(setup.broker) == 0
+
+
+class ConfirmingWhileAsked(MemoryOutbox):
+    """Its entries are published and deleted while a consume asks for them: the consume
+    has just found the broker's queue empty, and now finds no entry either."""
+
+    relay: OutboxRelay
+
+    async def unconfirmed(self, limit: int) -> list[UUID]:
+        await self.relay.flush(sweep=False)
+        return await super().unconfirmed(limit)
+
+
+async def test_a_workflow_published_while_the_consume_looks_at_the_outbox_is_found(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    outbox = ConfirmingWhileAsked()
+    async with answering_on_commit(rabbitmq_url, queue_name, outbox) as setup:
+        outbox.relay = setup.relay
+        workflow = await setup.submit()
+        taken = await setup.queue.consume(record_nothing, now())
+        assert taken is not None
+        assert taken.uuid == workflow.uuid
+        assert await setup.outbox.size() == 0
+        assert await left_after_reconnecting(setup.broker) == 0

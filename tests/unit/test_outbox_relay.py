@@ -61,6 +61,9 @@ class LockingOutbox(Outbox):
     async def size(self) -> int:
         return len(self.rows)
 
+    async def unconfirmed(self, limit: int) -> list[UUID]:
+        return [uuid for _, uuid in sorted(self.rows.items())][:limit]
+
 
 class RecordingPublisher(MessagePublisher):
     """Records each batch; while `gate` is clear, a batch waits for it (being confirmed)."""
@@ -211,3 +214,53 @@ async def test_a_failed_deletion_keeps_the_entries_for_a_sweep() -> None:
     outbox.delete_fails, outbox.all_stale = False, True
     assert await relay.flush() == 1
     assert outbox.rows == {}
+
+
+async def test_handed_over_entries_are_published_at_once_without_a_claim() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0)
+    uuids = [uuid4() for _ in range(3)]
+    async with running(relay):
+        for uuid in uuids:
+            outbox.add(uuid)
+            relay.hand_over(uuid)  # nobody waits for the confirm
+        await until(lambda: not outbox.rows)
+    assert [uuid for batch in publisher.batches for uuid in batch] == uuids
+    assert outbox.claimed == []
+
+
+async def test_entries_handed_over_while_the_broker_is_down_are_left_to_the_sweep() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0, outage_backoff=60.0)
+    publisher.fail = True
+    first, second = uuid4(), uuid4()
+    async with running(relay):
+        outbox.add(first)
+        relay.hand_over(first)
+        await until(lambda: publisher.batches == [[first]])
+        await asyncio.sleep(0.01)  # the failure is seen: the relay backs off
+        outbox.add(second)
+        relay.hand_over(second)  # not taken: only a sweep will publish it
+        await asyncio.sleep(0.05)
+    assert publisher.batches == [[first]]
+    assert sorted(outbox.rows.values()) == sorted([first, second])
+    publisher.fail, outbox.all_stale = False, True
+    assert await relay.flush() == 2
+
+
+async def test_no_more_than_max_handed_over_entries_wait_in_memory() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0, parallel=1, max_handed_over=2)
+    uuids = [uuid4() for _ in range(4)]
+    for uuid in uuids:
+        outbox.add(uuid)
+    publisher.gate.clear()  # the first batch is being confirmed
+    async with running(relay):
+        relay.hand_over(uuids[0])
+        await until(lambda: publisher.batches == [[uuids[0]]])
+        for uuid in uuids[1:]:
+            relay.hand_over(uuid)  # the last finds two waiting already: left to the sweep
+        publisher.gate.set()
+        await until(lambda: list(outbox.rows.values()) == [uuids[3]])
+        await asyncio.sleep(0.05)
+    assert publisher.batches == [[uuids[0]], uuids[1:3]]

@@ -140,6 +140,11 @@ class Outbox(abc.ABC):
     @abc.abstractmethod
     async def size(self) -> int: ...
 
+    @abc.abstractmethod
+    async def unconfirmed(self, limit: int) -> list[UUID]:
+        """The workflows of the oldest entries (at most `limit`, oldest first), held or not:
+        messages the broker may not have yet."""
+
 
 class MessagePublisher(abc.ABC):
     """Publishes workflow messages to the broker."""

@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 class OutboxRelay:
     """Publishes outbox entries and deletes each only after the broker confirms it.
 
-    A request that has just committed an entry awaits `publish(uuid)`, which returns once
-    that message is confirmed (True) or after `confirm_timeout` (False): the entry then
-    stays in the outbox and a later sweep delivers it. `run()` flushes whenever a request
-    asks: the entries of the requests waiting in this process are published at once,
-    without being claimed (no other relay takes an entry before it is `stale_after`
+    A request that has just committed an entry either hands it over (`hand_over(uuid)`)
+    and answers at once, or awaits `publish(uuid)`, which returns once that message is
+    confirmed (True) or after `confirm_timeout` (False): the entry then stays in the
+    outbox and a later sweep delivers it. `run()` flushes whenever a request asks: the
+    entries handed over and those of the requests waiting in this process are published
+    at once, without being claimed (no other relay takes an entry before it is `stale_after`
     seconds old), and deleted once confirmed. Every `sweep_interval` seconds, under load
     too, a sweep claims (locks) entries older than `stale_after` seconds, left by other
     processes, crashes or a broker outage, and publishes them. A flush takes up to
@@ -47,11 +48,23 @@ class OutboxRelay:
     outage_backoff: float = 1.0
     doorbell: Doorbell | None = None
     parallel: int = 3
+    max_handed_over: int = 10_000
     _waiters: dict[UUID, list[asyncio.Future[None]]] = attrs.field(factory=dict, init=False)
     _flushing: set[UUID] = attrs.field(factory=set, init=False)  # taken by a flush
+    _handed: dict[UUID, None] = attrs.field(factory=dict, init=False)  # hand_over, in order
     _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _down_until: float = attrs.field(default=0.0, init=False)
     _next_sweep: float = attrs.field(default=0.0, init=False)
+
+    def hand_over(self, uuid: UUID) -> None:
+        """An entry that has just committed and that no request waits for: the next flush
+        publishes it (within milliseconds, with the others handed over meanwhile) instead
+        of a sweep after `stale_after`. While the broker is down, or while `max_handed_over`
+        entries are already waiting, it is left to the sweep: the outbox keeps it."""
+        if time.monotonic() < self._down_until or len(self._handed) >= self.max_handed_over:
+            return
+        self._handed[uuid] = None
+        self._wake.set()
 
     async def publish(self, uuid: UUID) -> bool:
         if time.monotonic() < self._down_until:
@@ -115,7 +128,12 @@ class OutboxRelay:
             for uuid, futures in self._waiters.items()
             if uuid not in self._flushing and not all(future.done() for future in futures)
         ]
-        if len(wanted) > self.batch_limit:
+        while self._handed and len(wanted) < self.batch_limit:
+            uuid = next(iter(self._handed))
+            del self._handed[uuid]
+            if uuid not in self._flushing and uuid not in self._waiters:
+                wanted.append(uuid)
+        if len(wanted) > self.batch_limit or self._handed:
             wanted = wanted[: self.batch_limit]
             self._wake.set()  # the rest go in the next flush
         confirmed = await self._publish_waiting(wanted) if wanted else 0

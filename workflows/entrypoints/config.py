@@ -31,7 +31,7 @@ class Settings:
     embedded_data_dir: Path = Path("var/postgres")
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
-    confirm_timeout: float = 2.0
+    confirm_timeout: float = 0.0
     pool_size: int = 10
     idempotency_ttl: float = 24 * 3600.0
     max_delivery_attempts: int = 5

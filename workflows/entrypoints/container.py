@@ -92,7 +92,16 @@ class Container(containers.DeclarativeContainer):
         backend,
         memory=providers.Singleton(InMemoryQueue, repository),
         postgres=providers.Singleton(PostgresQueue, pool),
-        rabbitmq=providers.Singleton(RabbitMqQueue, repository, broker, relay),
+        rabbitmq=providers.Singleton(
+            lambda repository, broker, relay, outbox, s: RabbitMqQueue(
+                repository, broker, relay, outbox, wait_for_confirm=s.confirm_timeout > 0
+            ),
+            repository,
+            broker,
+            relay,
+            outbox,
+            settings,
+        ),
     )
     exporter = providers.Singleton(lambda s: CsvExporter(s.export_dir), settings)
 

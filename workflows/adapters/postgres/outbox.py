@@ -19,6 +19,7 @@ FOR UPDATE SKIP LOCKED
 DELETE = "DELETE FROM outbox WHERE id = ANY(%s::bigint[])"
 DELETE_OF_WORKFLOWS = "DELETE FROM outbox WHERE workflow_uuid = ANY(%s::uuid[])"
 SIZE = "SELECT count(*) FROM outbox"
+OLDEST = "SELECT workflow_uuid FROM outbox ORDER BY id LIMIT %s"
 
 
 class PostgresOutbox(Outbox):
@@ -47,3 +48,8 @@ class PostgresOutbox(Outbox):
         assert row is not None, "count(*) returns one row"
         count: int = row[0]
         return count
+
+    async def unconfirmed(self, limit: int) -> list[UUID]:
+        async with connection(self._pool) as conn:
+            cursor = await conn.execute(OLDEST, (limit,))
+            return [uuid for (uuid,) in await cursor.fetchall()]

@@ -7,7 +7,7 @@ from datetime import datetime
 from uuid import UUID
 
 from workflows.adapters.rabbitmq.broker import RabbitMqBroker
-from workflows.application.ports import ClaimHandler, WorkflowQueue, WorkflowRepository
+from workflows.application.ports import ClaimHandler, Outbox, WorkflowQueue, WorkflowRepository
 from workflows.application.relay import OutboxRelay
 from workflows.domain.model import Workflow
 
@@ -17,20 +17,50 @@ log = logging.getLogger(__name__)
 class RabbitMqQueue(WorkflowQueue):
     """A RabbitMQ queue of uuids in front of the repository, which stays the truth: a
     message whose workflow is unknown or no longer INSERTED (a duplicate from a retried
-    publish, or a workflow PATCHed to consumed) is acked and skipped."""
+    publish, or a workflow PATCHed to consumed) is acked and skipped.
+
+    With `wait_for_confirm` False, `enqueued` hands the committed outbox entry to the relay
+    and returns at once; a consume that finds the broker's queue empty then claims one of
+    the workflows whose entries are still in the outbox (`unconfirmed`), so a workflow is
+    consumable from its commit on, published or not. Its message, when it comes, is a
+    duplicate that consumers skip."""
 
     def __init__(
-        self, repository: WorkflowRepository, broker: RabbitMqBroker, relay: OutboxRelay
+        self,
+        repository: WorkflowRepository,
+        broker: RabbitMqBroker,
+        relay: OutboxRelay,
+        outbox: Outbox,
+        *,
+        wait_for_confirm: bool = False,
+        unconfirmed_batch: int = 16,
     ) -> None:
         self._repository = repository
         self._broker = broker
         self._relay = relay
+        self._outbox = outbox
+        self._wait_for_confirm = wait_for_confirm
+        self._unconfirmed_batch = unconfirmed_batch
 
     async def enqueued(self, workflow: Workflow) -> None:
-        if not await self._relay.publish(workflow.uuid):
+        if not self._wait_for_confirm:
+            self._relay.hand_over(workflow.uuid)
+        elif not await self._relay.publish(workflow.uuid):
             log.info("workflow %s not confirmed yet: the outbox keeps it", workflow.uuid)
 
     async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        claimed = await self._from_broker(handle, now)
+        if claimed is not None:
+            return claimed
+        for uuid in await self._outbox.unconfirmed(self._unconfirmed_batch):
+            claimed = await self._repository.claim(uuid, handle, now)
+            if claimed is not None:
+                return claimed
+        # An entry deleted since the broker was asked was confirmed before its deletion:
+        # its message is in the queue now.
+        return await self._from_broker(handle, now)
+
+    async def _from_broker(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
         while (delivery := await self._broker.get()) is not None:
             uuid = _parse_uuid(delivery.body)
             if uuid is None:
