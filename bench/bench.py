@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cpu
 import db as dbmod
 import phases
 import report
@@ -80,9 +81,12 @@ class Context:
             self.problems.append(f"{result.name}: no successful operation")
         if result.failures:
             self.problems.append(f"{result.name}: {result.failures} failed operations")
+        used = result.extra.get("cpu")
+        budget = "" if used is None else f"  cores {used['cores busy']:.2f}  µs/op "
+        budget += "" if used is None else cpu.per_op(used, result.ok)
         print(
             f"  {result.name:<48} {result.rate:>9,.0f}/s  p50 {_ms(result.p50_ms)} ms"
-            f"  p99 {_ms(result.p99_ms)} ms  {'; '.join(result.notes)}",
+            f"  p99 {_ms(result.p99_ms)} ms{budget}  {'; '.join(result.notes)}",
             flush=True,
         )
         return result
@@ -200,8 +204,10 @@ def write(ctx: Context, info: dict[str, str], elapsed: float) -> None:
     title = (
         f"workflows on {info['cores (nproc)']} cores, {info['date (UTC)']} UTC ({ctx.mode.name})"
     )
+    budget = report.budget_lines(rows, verdict.RATIO_TARGETS)
+    print("\n" + "\n".join(budget))
     report.chart(rows, png, title)
-    md.write_text(report.markdown(rows, targets, info, setup, png.name, pairs))
+    md.write_text(report.markdown(rows, targets, info, setup, png.name, pairs, budget))
     verdict.save_json(ctx, rows, targets, info, ctx.out / "results.json")
     print(f"wrote {md} and {png}")
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import cpu
 from tools import Result
 
 NOTES = Path(__file__).with_name("notes.md")
@@ -45,16 +46,43 @@ def ms(value: float | None) -> str:
 def table(rows: Sequence[Row]) -> list[str]:
     lines = [
         "| scenario | conc. | requests/s | p50 ms | p99 ms | raw limit (same run) | ratio "
-        "| notes |",
-        "|-|-:|-:|-:|-:|-|-:|-|",
+        "| cores busy | CPU µs per op: service / PostgreSQL / RabbitMQ / rest | notes |",
+        "|-|-:|-:|-:|-:|-|-:|-:|-:|-|",
     ]
     for row in rows:
         r = row.result
         basis = "—" if row.basis is None else f"{row.basis.name}: {row.basis.rate:,.0f}/s"
         ratio = "—" if row.ratio is None else f"{row.ratio:.2f}"
+        used = r.extra.get("cpu")
+        busy = "—" if used is None else f"{used['cores busy']:.2f}"
+        per_op = "—" if used is None else cpu.per_op(used, r.ok)
         lines.append(
             f"| {r.name} | {r.concurrency} | {r.rate:,.0f} | {ms(r.p50_ms)} | {ms(r.p99_ms)} "
-            f"| {basis} | {ratio} | {'; '.join(r.notes)} |"
+            f"| {basis} | {ratio} | {busy} | {per_op} | {'; '.join(r.notes)} |"
+        )
+    return lines
+
+
+def budget_lines(rows: Sequence[Row], wanted: dict[str, float]) -> list[str]:
+    """For each ratio target: the rate the whole machine would reach if every core did
+    nothing but this scenario's work at the CPU cost per request measured in its run, and
+    that rate over the raw limit. A ceiling only at that cost: batching makes a request
+    cheaper under more load."""
+    cores = os.cpu_count() or 1
+    lines = [
+        f"| scenario | CPU µs per request, all processes | all {cores} cores at that cost "
+        "| ÷ raw limit (same run) | wanted |",
+        "|-|-:|-:|-:|-:|",
+    ]
+    for row in rows:
+        r, used = row.result, row.result.extra.get("cpu")
+        if r.name not in wanted or used is None or row.basis is None or not r.ok:
+            continue
+        total = sum(used[g] for g in cpu.ORDER) / r.ok
+        ceiling = cores / total if total else 0.0
+        lines.append(
+            f"| {r.name} | {total * 1e6:,.0f} | {ceiling:,.0f}/s "
+            f"| {ceiling / row.basis.rate:.2f} | {wanted[r.name]} |"
         )
     return lines
 
@@ -110,6 +138,7 @@ def markdown(
     setup: list[str],
     chart: str,
     pairs: Sequence[str] = (),
+    budget: Sequence[str] = (),
 ) -> str:
     parts = [
         "# Benchmarks",
@@ -140,6 +169,22 @@ def markdown(
                 "",
             ]
             if pairs
+            else []
+        ),
+        *(
+            [
+                "### CPU budget of the ratio targets",
+                "",
+                "Each run's CPU time (from /proc: the service's processes, PostgreSQL's, "
+                "RabbitMQ's, and the rest of the machine's busy time, mostly the load generator) "
+                "per request, and the rate the whole machine would reach if every core did "
+                "nothing but that work at that cost. When that ceiling is below a target, the "
+                "target needs cheaper requests, not less waiting:",
+                "",
+                *budget,
+                "",
+            ]
+            if len(budget) > 2
             else []
         ),
         "## How it was run",

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cpu
+
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "lua"
 PGBENCH = HERE / "pgbench"
@@ -68,9 +70,11 @@ def pgbench(
     for key, value in (variables or {}).items():
         command += ["-D", f"{key}={value}"]
     command.append(db_url)
+    before = cpu.snapshot()
     out = subprocess.run(
         pinned(cpus, command), capture_output=True, text=True, check=False, timeout=seconds + 120
     )
+    used = cpu.between(before, cpu.snapshot())
     if out.returncode != 0:
         tail = "\n".join(out.stderr.strip().splitlines()[-6:])
         raise RuntimeError(f"pgbench {script} failed (exit {out.returncode}):\n{tail}")
@@ -89,6 +93,7 @@ def pgbench(
         percentile(latencies, 50),
         percentile(latencies, 99),
         failed,
+        extra={"cpu": used},
     )
 
 
@@ -125,6 +130,7 @@ def wrk(
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     command += ["--timeout", "10s", "-s", str(LUA / script), url]
     environment = {**os.environ, "BENCH_LUA": str(LUA), **(env or {})}
+    before = cpu.snapshot()
     out = subprocess.run(
         pinned(cpus, command),
         capture_output=True,
@@ -133,6 +139,7 @@ def wrk(
         check=False,
         timeout=seconds + 60,
     )
+    used = cpu.between(before, cpu.snapshot())
     match = re.search(r"^BENCH_JSON (.*)$", out.stdout, re.MULTILINE)
     if out.returncode != 0 or match is None:
         raise RuntimeError(f"wrk {script} failed:\n{out.stdout}\n{out.stderr}")
@@ -150,7 +157,12 @@ def wrk(
         report["p50_us"] / 1e3,
         report["p99_us"] / 1e3,
         bad,
-        extra={"statuses": statuses, "socket_errors": errors, "max_ms": report["max_us"] / 1e3},
+        extra={
+            "statuses": statuses,
+            "socket_errors": errors,
+            "max_ms": report["max_us"] / 1e3,
+            "cpu": used,
+        },
     )
     socket_errors = sum(errors[k] for k in ("connect", "read", "write", "timeout"))
     if socket_errors:
@@ -171,12 +183,15 @@ def broker(
 ) -> dict[str, Any]:
     args = [sys.executable, str(HERE / "broker.py"), command, "--url", url, "--queue", queue]
     args += ["--clients", str(clients), "--seconds", str(seconds), *(extra_args or [])]
+    before = cpu.snapshot()
     out = subprocess.run(
         pinned(cpus, args), capture_output=True, text=True, check=False, timeout=seconds + 180
     )
+    used = cpu.between(before, cpu.snapshot())
     if out.returncode != 0:
         raise RuntimeError(f"broker.py {command} failed:\n{out.stdout}\n{out.stderr}")
     report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    report["cpu"] = used
     return report
 
 
@@ -189,6 +204,7 @@ def broker_result(name: str, report: dict[str, Any]) -> Result:
         report["ops"],
         report["p50_ms"],
         report["p99_ms"],
+        extra={"cpu": report["cpu"]},
     )
     if report.get("empty_gets"):
         result.notes.append(f"ran dry ({report['empty_gets']} empty gets)")
