@@ -22,7 +22,7 @@ from workflows.adapters.postgres import (
 from workflows.adapters.postgres import workflows as workflows_module
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
-from workflows.domain.model import JsonDocument, Workflow
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
 
 pytestmark = pytest.mark.postgres
 
@@ -167,10 +167,11 @@ async def test_add_answers_every_caller_of_a_batch_whose_answer_was_lost(
 
 
 # --- consume: a claim whose COMMIT goes unanswered ---------------------------------------
-# A consume whose COMMIT's answer is lost still answers 503: `txid_status` of the claim's
-# transaction cannot tell, because after a crash PostgreSQL may give the same transaction
-# id to a new transaction when none of the lost one's WAL reached the disk (the chaos
-# suite caught a verification built on it handing out two workflows twice).
+# The claim's rows carry its token only if it committed. (`txid_status` of the claim's
+# transaction could not tell: after a crash PostgreSQL may give a lost transaction's id to
+# a new one, and the chaos suite caught a check built on it handing out workflows twice.)
+
+ANSWER_OF_A_COMMIT = b"COMMIT\x00"  # the CommandComplete tag of COMMIT
 
 
 async def one_queued(database: PostgresDatabase) -> tuple[PostgresQueue, Workflow]:
@@ -178,6 +179,74 @@ async def one_queued(database: PostgresDatabase) -> tuple[PostgresQueue, Workflo
     workflow = new_workflows(1)[0]
     await PostgresWorkflowRepository(database.pool, outbox=False).add(workflow)
     return PostgresQueue(database.pool), workflow
+
+
+async def test_a_claim_whose_commit_answer_is_lost_hands_out_its_workflow(
+    relay: TcpProxy, through: PostgresDatabase, database_url: str
+) -> None:
+    queue, workflow = await one_queued(through)
+    handled: list[Workflow] = []
+
+    async def handle(taken: Workflow) -> None:
+        handled.append(taken)
+
+    relay.trap("to_client", ANSWER_OF_A_COMMIT)
+    consumed = await queue.consume(handle, NOW)
+
+    assert relay.sprung == 1, "the COMMIT's answer was cut"
+    assert consumed is not None
+    assert consumed.uuid == workflow.uuid
+    assert consumed.status is WorkflowStatus.CONSUMED
+    assert handled == [workflow]
+    assert await status_of(database_url, workflow) == "consumed"
+    assert await queue.consume(handle, NOW) is None, "and it is not handed out again"
+
+
+async def test_a_claim_by_uuid_whose_commit_answer_is_lost_hands_out_its_workflow(
+    relay: TcpProxy, through: PostgresDatabase, database_url: str
+) -> None:
+    """The rabbitmq backend's claim (of the workflow its message names)."""
+    repository = PostgresWorkflowRepository(through.pool, outbox=True)
+    workflow = new_workflows(1)[0]
+    await repository.add(workflow)
+
+    async def handle(taken: Workflow) -> None:
+        pass
+
+    relay.trap("to_client", ANSWER_OF_A_COMMIT)
+    claimed = await repository.claim(workflow.uuid, handle, NOW)
+
+    assert relay.sprung == 1
+    assert claimed is not None
+    assert claimed.uuid == workflow.uuid
+    assert await status_of(database_url, workflow) == "consumed"
+
+
+async def test_a_claim_rolled_back_by_its_server_is_not_taken_for_committed(
+    relay: TcpProxy, through: PostgresDatabase, database_url: str
+) -> None:
+    """The COMMIT reaches a server that cannot commit (the claim's transaction was
+    already aborted there, as a crash would leave it): no row carries the token."""
+    queue, workflow = await one_queued(through)
+
+    async def handle(taken: Workflow) -> None:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND state = 'idle in transaction'"
+            )
+
+    with pytest.raises(DependencyUnavailable):
+        await queue.consume(handle, NOW)
+
+    assert await status_of(database_url, workflow) == "inserted"
+    again = await queue.consume(handle_nothing, NOW)
+    assert again is not None
+    assert again.uuid == workflow.uuid
+
+
+async def handle_nothing(taken: Workflow) -> None:
+    pass
 
 
 async def test_a_claim_whose_commit_never_arrived_fails_and_leaves_its_workflow_queued(

@@ -35,6 +35,7 @@ VERSIONS = [
     "0003_dead_letters",
     "0004_queue_index",
     "0005_outbox_without_foreign_key",
+    "0006_claim_token",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -101,7 +102,7 @@ async def test_consume_finds_the_oldest_inserted_row_by_index_among_many_consume
             " FROM generate_series(1, 20000)"
         )
         await conn.execute("ANALYZE workflows")
-        cursor = await conn.execute(f"EXPLAIN {TAKE_OLDEST_INSERTED}", (T0, 1))
+        cursor = await conn.execute(f"EXPLAIN {TAKE_OLDEST_INSERTED}", (T0, uuid4(), 1))
         plan = "\n".join(line for (line,) in await cursor.fetchall())
     # Either index reaches the INSERTED rows directly; neither scans the consumed ones.
     # (Which one the planner takes depends on its statistics.)

@@ -7,14 +7,21 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import attrs
 import psycopg
 
 from workflows.adapters.grouping import Group, settle
-from workflows.adapters.postgres.database import Connection, Pool, transaction
+from workflows.adapters.postgres.database import (
+    VERIFY_WITHIN,
+    Connection,
+    Pool,
+    rows_left_by,
+    transaction,
+)
 from workflows.application.ports import ClaimHandler
+from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import Workflow, WorkflowStatus
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,14 @@ class Claim:
     now: datetime
 
 
+# How many of a claim's rows carry its token (they do only if it committed), and whether
+# the server process that ran it still runs.
+CLAIMED = """
+SELECT (SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[]) AND claim_token = %s),
+       EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)
+"""
+
+
 class GroupClaim(Group[Claim, "Workflow | None"]):
     """Consumes in groups: one transaction locks a row for each claim of the batch (the
     oldest queued ones, or the named ones) and marks them CONSUMED in the same statement,
@@ -115,13 +130,17 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
     Each claim keeps the meaning of a lone one: it gets its row only after the commit; a
     handler that raises leaves its row queued as it was (and gets the error); a claim that
     finds no row gets None; a caller cancelled before the commit leaves its row queued.
-    A batch's rows share one consumed time, the latest `now` of its claims.
+    A batch's rows share one consumed time, the latest `now` of its claims, and one token
+    (`claim_token`, random): when the connection dies with the COMMIT, the rows tell
+    whether it committed, and the callers get their workflows rather than a 503.
     """
 
     def __init__(
         self,
         pool: Pool,
-        take_many: Callable[[Connection, list[Claim], datetime], Awaitable[list[Workflow | None]]],
+        take_many: Callable[
+            [Connection, list[Claim], datetime, UUID], Awaitable[list[Workflow | None]]
+        ],
         *,
         max_batch: int = 32,
         parallel: int = 2,
@@ -131,35 +150,48 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
         self._take_many = take_many
 
     async def run(self, batch: list[tuple[Claim, asyncio.Future[Workflow | None]]]) -> None:
-        now = max(claim.now for claim, _ in batch)
+        now, token = max(claim.now for claim, _ in batch), uuid4()
         consumed: list[tuple[asyncio.Future[Workflow | None], Workflow]] = []
         failed: list[tuple[asyncio.Future[Workflow | None], BaseException]] = []
+        mine: list[tuple[Claim, asyncio.Future[Workflow | None], Workflow]] = []
+        ran_by, committing = 0, False
         try:
-            async with transaction(self._pool) as conn:
-                taken = await self._take_many(conn, [claim for claim, _ in batch], now)
-                mine = [
-                    (claim, future, workflow)
-                    for (claim, future), workflow in zip(batch, taken, strict=True)
-                    if workflow is not None
-                ]
-                outcomes = await asyncio.gather(
-                    *(claim.handle(workflow) for claim, _, workflow in mine),
-                    return_exceptions=True,
-                )
-                back: list[Workflow] = []
-                for (_, future, workflow), outcome in zip(mine, outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
-                        failed.append((future, outcome))
-                        back.append(workflow)
-                    elif future.done():  # the caller has gone: its row stays queued
-                        back.append(workflow)
-                    else:
-                        consumed.append(
-                            (future, workflow.with_status(WorkflowStatus.CONSUMED, now))
-                        )
-                if back:
-                    columns = ([w.uuid for w in back], [w.updated_at for w in back])
-                    await conn.execute(PUT_BACK, columns)
+            try:
+                async with transaction(self._pool) as conn:
+                    ran_by = conn.info.backend_pid
+                    taken = await self._take_many(conn, [claim for claim, _ in batch], now, token)
+                    mine = [
+                        (claim, future, workflow)
+                        for (claim, future), workflow in zip(batch, taken, strict=True)
+                        if workflow is not None
+                    ]
+                    outcomes = await asyncio.gather(
+                        *(claim.handle(workflow) for claim, _, workflow in mine),
+                        return_exceptions=True,
+                    )
+                    back: list[Workflow] = []
+                    for (_, future, workflow), outcome in zip(mine, outcomes, strict=True):
+                        if isinstance(outcome, BaseException):
+                            failed.append((future, outcome))
+                            back.append(workflow)
+                        elif future.done():  # the caller has gone: its row stays queued
+                            back.append(workflow)
+                        else:
+                            consumed.append(
+                                (future, workflow.with_status(WorkflowStatus.CONSUMED, now))
+                            )
+                    if back:
+                        columns = ([w.uuid for w in back], [w.updated_at for w in back])
+                        await conn.execute(PUT_BACK, columns)
+                    committing = True
+            except DependencyUnavailable:
+                # The connection died with the COMMIT: the server may have committed and
+                # lost only its answer. Ask the rows, rather than answer 503 for workflows
+                # that are consumed and whose files are written.
+                uuids = [workflow.uuid for _, _, workflow in mine]
+                if not committing or not uuids or not await self._committed(uuids, token, ran_by):
+                    raise
+                log.warning("a lost answer: the claim of %d workflows committed", len(uuids))
         finally:
             # Only now, with the transaction over and every lock released: a caller that
             # sees its handler's error may count the failure on that row at once.
@@ -169,3 +201,12 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
             settle(future, workflow)
         for _, future in batch:
             settle(future, None)  # found no row (or, below the others, nothing left)
+
+    async def _committed(self, uuids: list[UUID], token: UUID, ran_by: int) -> bool:
+        """Whether the claim with `token` of these rows committed: some of them carry the
+        token. Not once its server process (`ran_by`) is gone without them, or when the
+        database cannot say within VERIFY_WITHIN seconds."""
+        found = await rows_left_by(
+            self._pool, CLAIMED, (uuids, token, ran_by), within=VERIFY_WITHIN
+        )
+        return bool(found)

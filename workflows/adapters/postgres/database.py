@@ -25,6 +25,9 @@ CONNECT_TIMEOUT = 5
 """libpq's connect_timeout (whole seconds), so an unreachable host cannot stall the pool."""
 ASK_PAUSE = 0.2
 """Seconds between two tries of `ask_patiently`."""
+VERIFY_WITHIN = 5.0
+"""Seconds a statement whose answer was lost keeps asking what became of it (as long as a
+caller waits for a pooled connection) before its callers get the 503."""
 RECONNECT_TIMEOUT = 10.0
 """How long the pool retries a failed connection, with backoff, before giving up; the next
 request then tries again at once. Kept short so the pool notices a returning database
@@ -147,6 +150,29 @@ async def ask_patiently(
             if time.monotonic() >= deadline:
                 raise
             await asyncio.sleep(ASK_PAUSE)
+
+
+async def rows_left_by(
+    pool: Pool, query: LiteralString, params: Sequence[object], *, within: float
+) -> int | None:
+    """What a write whose answer was lost left behind. `query` returns how many of the rows
+    it wrote are there, and whether the server process that ran it still runs. Asked again
+    every ASK_PAUSE seconds while it finds none and that process runs (it may still
+    commit): the rows found; 0 once the process is gone without them; None when the
+    database cannot say within `within` seconds (not known)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            left = max(deadline - time.monotonic(), 0.0)
+            row = await ask_patiently(pool, query, params, within=left)
+        except DependencyUnavailable:
+            return None
+        found, still_running = row if row is not None else (0, False)
+        if found or not still_running:
+            return int(found)
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(ASK_PAUSE)
 
 
 async def ping_database(pool: Pool) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
@@ -14,12 +12,12 @@ from psycopg.rows import TupleRow
 
 from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
 from workflows.adapters.postgres.database import (
-    ASK_PAUSE,
+    VERIFY_WITHIN,
     Connection,
     Pool,
-    ask_patiently,
     connection,
     ping_database,
+    rows_left_by,
     transaction,
 )
 from workflows.application.ports import (
@@ -33,9 +31,6 @@ from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, Workf
 
 log = logging.getLogger(__name__)
 
-VERIFY_WITHIN = 5.0
-"""Seconds a group insert whose answer was lost keeps asking whether it committed (as long
-as a caller waits for a pooled connection) before its callers get the 503."""
 # How many of the uuids are stored, and whether the server process that ran their insert
 # still runs (a process id can be reused after a restart: then we wait for nothing).
 STORED = """
@@ -96,7 +91,7 @@ LOCK = f"{GET} FOR UPDATE"
 # rows cannot deadlock.
 TAKE = """
 UPDATE workflows
-SET status = 'consumed', updated_at = %s
+SET status = 'consumed', updated_at = %s, claim_token = %s
 FROM ({}) AS taken
 WHERE workflows.uuid = taken.uuid
 RETURNING {}
@@ -206,20 +201,10 @@ class PostgresWorkflowRepository(WorkflowRepository):
         """Whether every one of `uuids` is stored. None stored is an answer only once the
         server process that ran the statement (`sent_by`) is gone: until then it may
         still commit. False too when the database cannot say within VERIFY_WITHIN seconds."""
-        deadline = time.monotonic() + VERIFY_WITHIN
-        while True:
-            within = max(deadline - time.monotonic(), 0.0)
-            try:
-                row = await ask_patiently(self._pool, STORED, (uuids, sent_by), within=within)
-            except DependencyUnavailable:
-                return False
-            stored, still_running = row if row is not None else (0, False)
-            if stored:
-                log.warning("a lost answer: %d of %d new workflows were stored", stored, len(uuids))
-                return bool(stored == len(uuids))
-            if not still_running or time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(ASK_PAUSE)
+        stored = await rows_left_by(self._pool, STORED, (uuids, sent_by), within=VERIFY_WITHIN)
+        if stored:
+            log.warning("a lost answer: %d of %d new workflows were stored", stored, len(uuids))
+        return stored == len(uuids)
 
     async def purge_expired_keys(self, now: datetime) -> int:
         async with connection(self._pool) as conn:
@@ -303,22 +288,24 @@ class PostgresQueue(WorkflowQueue):
 
 
 async def _take_oldest(
-    conn: Connection, claims: list[Claim], now: datetime
+    conn: Connection, claims: list[Claim], now: datetime, token: UUID
 ) -> list[Workflow | None]:
     """The oldest queued rows no one else holds, one per claim while they last, locked and
-    marked consumed at `now` (as they were before, in uuid order)."""
-    cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, len(claims)))
+    marked consumed at `now` with the claim's `token` (as they were before, in uuid order)."""
+    cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, token, len(claims)))
     rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
     workflows: list[Workflow | None] = [_workflow(row) for row in rows]
     return workflows + [None] * (len(claims) - len(workflows))
 
 
 async def _take_these(
-    conn: Connection, claims: list[Claim], now: datetime
+    conn: Connection, claims: list[Claim], now: datetime, token: UUID
 ) -> list[Workflow | None]:
     """Each claim's row if it is queued (waiting for a concurrent holder to finish), locked
-    and marked consumed at `now`; a row that two claims of the batch name goes to the first."""
-    cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, [claim.uuid for claim in claims]))
+    and marked consumed at `now` with the claim's `token`; a row that two claims of the
+    batch name goes to the first."""
+    uuids = [claim.uuid for claim in claims]
+    cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, token, uuids))
     found = {workflow.uuid: workflow for workflow in map(_workflow, await cursor.fetchall())}
     return [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
 
