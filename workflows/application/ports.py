@@ -76,6 +76,15 @@ class WorkflowRepository(abc.ABC):
         one uuid: exactly one succeeds."""
 
     @abc.abstractmethod
+    async def claim_any(
+        self, uuids: Sequence[UUID], handle: ClaimHandler, now: datetime
+    ) -> Workflow | None:
+        """As `claim`, for the oldest (in uuid order) of these workflows that is queued and
+        that no other claim holds: one that another claim has locked is skipped, not waited
+        for. None, changing nothing, when there is none. Concurrent calls never get the
+        same workflow."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise DependencyUnavailable unless the store answers."""
 

@@ -110,6 +110,8 @@ class Claim:
     """The workflow to claim; None for the oldest queued one no one else holds."""
     handle: ClaimHandler
     now: datetime
+    among: tuple[UUID, ...] = ()
+    """With no `uuid`: the candidates to take the oldest from (empty: the whole queue)."""
 
 
 # How many of a claim's rows carry its token (they do only if it committed), and whether

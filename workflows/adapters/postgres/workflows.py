@@ -107,6 +107,11 @@ TAKE_OLDEST_INSERTED = TAKE.format(
     f"SELECT {_LOCKED} FROM workflows WHERE {QUEUED} ORDER BY uuid LIMIT %s FOR UPDATE SKIP LOCKED",
     _TAKEN,
 )
+TAKE_ANY_QUEUED = TAKE.format(
+    f"SELECT {_LOCKED} FROM workflows WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}"
+    " ORDER BY uuid LIMIT 1 FOR UPDATE SKIP LOCKED",
+    _TAKEN,
+)
 TAKE_THESE_IF_QUEUED = TAKE.format(
     f"SELECT {_LOCKED} FROM workflows WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}"
     " ORDER BY uuid FOR UPDATE",
@@ -146,6 +151,9 @@ class PostgresWorkflowRepository(WorkflowRepository):
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
         self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
         self._claims = GroupClaim(pool, _take_these)
+        # A claim among candidates is the rabbitmq backend's fallback when the broker's queue
+        # is empty: rare under load, so one claim per transaction, several at once.
+        self._any_claims = GroupClaim(pool, _take_any, max_batch=1, parallel=4)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
         if idempotency is None:
@@ -266,6 +274,13 @@ class PostgresWorkflowRepository(WorkflowRepository):
     async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
         return await self._claims.call(Claim(uuid, handle, now))
 
+    async def claim_any(
+        self, uuids: Sequence[UUID], handle: ClaimHandler, now: datetime
+    ) -> Workflow | None:
+        if not uuids:
+            return None
+        return await self._any_claims.call(Claim(None, handle, now, among=tuple(uuids)))
+
     async def ping(self) -> None:
         await ping_database(self._pool)
 
@@ -308,6 +323,21 @@ async def _take_these(
     cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, token, uuids))
     found = {workflow.uuid: workflow for workflow in map(_workflow, await cursor.fetchall())}
     return [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
+
+
+async def _take_any(
+    conn: Connection, claims: list[Claim], now: datetime, token: UUID
+) -> list[Workflow | None]:
+    """For each claim, the oldest of its candidates that is queued and that no other
+    transaction holds, locked and marked consumed at `now` with the claim's `token`. One
+    statement per claim: a row an earlier claim of the batch took is consumed by now, so a
+    later one cannot take it again."""
+    taken: list[Workflow | None] = []
+    for claim in claims:
+        cursor = await conn.execute(TAKE_ANY_QUEUED, (now, token, list(claim.among)))
+        row = await cursor.fetchone()
+        taken.append(None if row is None else _workflow(row))
+    return taken
 
 
 async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
