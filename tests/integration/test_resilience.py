@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +24,7 @@ import httpx
 import pika
 import pytest
 
+from tests.support.processes import running as running_process
 from tests.support.tcp_proxy import TcpProxy, free_port
 from workflows.adapters.postgres import PostgresDatabase
 from workflows.adapters.postgres import database as database_module
@@ -36,7 +36,6 @@ pytestmark = pytest.mark.postgres
 
 RECOVERY_DEADLINE = 60.0
 """Seconds a dependency's return may take to show; generous for a loaded 2-core machine."""
-WORKFLOWS_BIN = Path(sys.executable).with_name("workflows")
 PROBLEM = "application/problem+json"
 
 
@@ -277,35 +276,17 @@ def serving(env: dict[str, str], cwd: Path, workers: int) -> Iterator[Server]:
     """`workflows serve` on a free port, in a session of its own, once /readyz says ready;
     stopped (SIGTERM, then SIGKILL of its whole session as a last resort) on the way out."""
     port = free_port()
-    log = cwd / f"serve-{port}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                *(str(WORKFLOWS_BIN), "serve", "--port", str(port), "--workers", str(workers)),
-                *("--graceful-timeout", str(GRACEFUL_TIMEOUT)),
-            ],
-            env=env,
-            cwd=cwd,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    try:
+    name = f"serve-{port}"
+    arguments = ("serve", "--port", str(port), "--workers", str(workers))
+    arguments += ("--graceful-timeout", str(GRACEFUL_TIMEOUT))
+    with running_process(env, cwd, *arguments, name=name, stop_timeout=30) as process:
+        server = Server(process, f"http://127.0.0.1:{port}", cwd / f"{name}.log")
         deadline = time.monotonic() + RECOVERY_DEADLINE
         while not ready(server.url):
             assert process.poll() is None, f"serve exited {process.returncode}:\n{server.tail()}"
             assert time.monotonic() < deadline, f"serve not ready:\n{server.tail()}"
             time.sleep(0.2)
         yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def ready(url: str) -> bool:

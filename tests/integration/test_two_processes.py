@@ -1,7 +1,6 @@
 """Real `workflows` processes on one database and broker, as N replicas would run.
 
-Each test starts servers with the console script (`workflows serve`), talks to them over
-TCP, and stops them (SIGTERM, then SIGKILL of their own process group) however it ends.
+Each test starts servers with the console script (tests/support/processes.py).
 """
 
 from __future__ import annotations
@@ -9,12 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
 
@@ -25,6 +21,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.processes import WORKFLOWS_BIN, running, served
 from workflows.adapters.postgres import PostgresDatabase, PostgresWorkflowRepository
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
@@ -35,7 +32,6 @@ CONSUMERS = 8
 DEADLINE = 60.0
 TOKEN = "two-processes-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-WORKFLOWS_BIN = Path(sys.executable).with_name("workflows")
 OUR_VARIABLES = (
     "API_TOKENS",
     "ALLOW_UNAUTHENTICATED",
@@ -75,62 +71,6 @@ def server_env(
         connection = pika.BlockingConnection(pika.URLParameters(env["RABBITMQ_URL"]))
         connection.channel().queue_delete(env["RABBITMQ_QUEUE"])
         connection.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def running(
-    env: dict[str, str], cwd: Path, *arguments: str, name: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A `workflows` process in a process group of its own, stopped on the way out."""
-    log = (cwd / f"{name}.log").open("wb")
-    process = subprocess.Popen(
-        [str(WORKFLOWS_BIN), *arguments],
-        env=env,
-        cwd=cwd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
-
-
-@contextmanager
-def served(env: dict[str, str], cwd: Path, name: str, workers: int = 1) -> Iterator[str]:
-    """`workflows serve` on a free port; its base URL once /readyz answers 200."""
-    port = free_port()
-    arguments = ("serve", "--port", str(port), "--workers", str(workers))
-    with running(env, cwd, *arguments, name=name) as process:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                log = (cwd / f"{name}.log").read_text()
-                pytest.fail(f"{name} exited with {process.returncode}:\n{log}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{name} not ready in 30 s"
-            time.sleep(0.1)
-        yield url
 
 
 @pytest.fixture
