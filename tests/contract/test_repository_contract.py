@@ -338,3 +338,26 @@ async def test_failures_of_a_consumed_workflow_are_not_counted(
     await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, T0)
     assert await repository.record_failure(workflow.uuid, T0, max_attempts=1) is None
     assert await repository.record_failure(uuid7(), T0, max_attempts=1) is None
+
+
+async def test_updated_since_names_the_workflows_updated_at_or_after_a_time(
+    repository: WorkflowRepository,
+) -> None:
+    untouched, patched, claimed = (make() for _ in range(3))
+    for workflow in (untouched, patched, claimed):
+        await repository.add(workflow)
+    await repository.set_status(patched.uuid, WorkflowStatus.CONSUMED, T0 + timedelta(seconds=10))
+
+    async def export(workflow: Workflow) -> None:
+        pass
+
+    await repository.claim(claimed.uuid, export, T0 + timedelta(seconds=20))
+
+    assert set(await repository.updated_since(T0)) == {untouched.uuid, patched.uuid, claimed.uuid}
+    since_patch = await repository.updated_since(T0 + timedelta(seconds=10))
+    assert set(since_patch) == {patched.uuid, claimed.uuid}
+    assert len(since_patch) == 2
+    assert await repository.updated_since(T0 + timedelta(seconds=10, microseconds=1)) == [
+        claimed.uuid
+    ]
+    assert await repository.updated_since(T0 + timedelta(days=1)) == []

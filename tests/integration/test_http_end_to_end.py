@@ -79,7 +79,7 @@ async def test_readiness_reports_both_dependencies(live: Live) -> None:
     client, _ = live
     ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "queue": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "queue": "ok", "exports": "ok"}
 
 
 async def test_concurrent_duplicates_with_one_idempotency_key_create_one_workflow(

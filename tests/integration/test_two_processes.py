@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import WORKFLOWS_BIN, running, served
+from tests.support.processes import WORKFLOWS_BIN, running, served, serving
 from workflows.adapters.postgres import PostgresDatabase, PostgresWorkflowRepository
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
@@ -110,6 +110,37 @@ async def test_two_api_processes_hand_each_workflow_to_exactly_one_consumer(
     assert report["workflows"] == {"consumed": WORKFLOWS}
     if server_env["QUEUE_BACKEND"] == "rabbitmq":
         assert report["outbox"]["entries"] == 0
+
+
+async def test_a_restart_after_kill_rewrites_the_torn_exports_the_flush_had_not_reached(
+    server_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """kill -9, then what a power failure could have done to the files written since the
+    last flush (with EXPORT_FLUSH_INTERVAL=3600 none was flushed): the next start rewrites
+    them before it is ready, from the data in the database."""
+    env = server_env | {"EXPORT_FLUSH_INTERVAL": "3600"}
+    exports = tmp_path / "exports"
+    with serving(env, tmp_path, "before") as (url, process):
+        posted = await post_all(http, (url, url))
+        consumed = await consume_all(http, (url, url))
+        first_flush = (exports / ".flushed").read_text()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    csvs = {uuid: (exports / f"{uuid}.csv").read_bytes() for uuid, _ in consumed}
+    assert set(csvs) == posted
+    torn = sorted(csvs)[::3]
+    for n, uuid in enumerate(torn):
+        (exports / f"{uuid}.csv").write_bytes(csvs[uuid][: n % 5])  # empty, or cut short
+    # No stale temporary file or record: the kill left the directory as it was.
+    assert (exports / ".flushed").read_text() == first_flush
+
+    with served(env, tmp_path, "after") as url:
+        for uuid in torn:  # ready means repaired (EXPORT_FLUSH_INTERVAL=3600: not flushed)
+            response = await http.get(f"{url}/workflow/{uuid}/csv")
+            assert (exports / f"{uuid}.csv").read_bytes() == response.content == csvs[uuid]
+    log = (tmp_path / "after.log").read_text()
+    assert f"rewrote {len(torn)} export files left torn by a crash" in log
+    assert (exports / ".flushed").read_text() > first_flush, "a clean stop flushes"
 
 
 async def post_all(http: httpx.AsyncClient, urls: tuple[str, str]) -> set[UUID]:

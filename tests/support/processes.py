@@ -51,6 +51,15 @@ def running(
 @contextmanager
 def served(env: dict[str, str], cwd: Path, name: str, workers: int = 1) -> Iterator[str]:
     """`workflows serve` on a free port; its base URL once /readyz answers 200."""
+    with serving(env, cwd, name, workers) as (url, _):
+        yield url
+
+
+@contextmanager
+def serving(
+    env: dict[str, str], cwd: Path, name: str, workers: int = 1
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As `served`, with the process too (the leader of its own process group)."""
     port = free_port()
     arguments = ("serve", "--port", str(port), "--workers", str(workers))
     with running(env, cwd, *arguments, name=name) as process:
@@ -67,4 +76,4 @@ def served(env: dict[str, str], cwd: Path, name: str, workers: int = 1) -> Itera
                 pass
             assert time.monotonic() < deadline, f"{name} not ready in 30 s"
             time.sleep(0.1)
-        yield url
+        yield url, process

@@ -157,7 +157,7 @@ async def test_health_readiness_and_version(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "queue": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "queue": "ok", "exports": "ok"}
     version = (await client.get("/v1/version")).json()
     assert set(version) == {"version", "commit"}
     assert version["version"]

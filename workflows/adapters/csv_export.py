@@ -21,31 +21,43 @@ docs/csv.md describes the format for users, with examples. Where the contract is
 - Intake also refuses lone surrogates; should one get here, it becomes U+FFFD, as UTF-8
   cannot hold it. A document that is not an object or an array of objects, or that
   holds `NaN` or `Infinity`, raises ValueError.
-- `write` fsyncs the temporary file before renaming it over `{uuid}.csv`, so even after
-  a power failure the name holds a complete file or the previous one, never a torn one.
-  On Linux the fsync goes through the kernel's asynchronous I/O (`IOCB_CMD_FSYNC`, with
-  caio): the kernel's own workers run the same fsync and wake the event loop when it is
-  done, so no Python thread takes the GIL for it (bench/notes.md has what that saved).
-  Where that is not available (another OS, no AIO context to spare, a filesystem that
-  refuses), the fsync runs in a thread.
+- `write` renames a complete temporary file over `{uuid}.csv` (`.{uuid}.csv.{random}.tmp`,
+  removed on failure), so readers and a process crash never see a partial file. What a
+  power failure may leave is the flusher's business (`Exporter` port, README
+  *Guarantees*): a file written `LATE_AFTER` s or more after its consume began, or with no
+  consume time, is fsynced before its rename, as every file once was; any other is left to
+  `flush`, which runs `syncfs` on the directory's filesystem (one flush for every file
+  written since the last) and then records in `.flushed` the time it started. After a
+  crash, the files possibly torn are those of workflows whose consume began after
+  `.flushed`'s time less `LATE_AFTER` (`suspects`, from their modification times), and
+  `repair` rewrites any of them that is not what its data renders, with an fsync.
+  The fsyncs go through the kernel's asynchronous I/O (`IOCB_CMD_FSYNC`, with caio): the
+  kernel's own workers run the same fsync and wake the event loop when it is done, so no
+  Python thread takes the GIL for it (bench/notes.md has what that saved). Where that is
+  not available (another OS, no AIO context to spare, a filesystem that refuses), the
+  fsync runs in a thread.
   The directory is not fsynced: a lost rename only loses the file, which is a pure
   function of the stored data and can be downloaded again. OSError becomes
-  DependencyUnavailable; the temporary file (`.{uuid}.csv.{random}.tmp`) is removed.
+  DependencyUnavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import ctypes
 import io
 import json
 import logging
 import os
 import re
 import secrets
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable, Collection
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
+from uuid import UUID
 
 from workflows.application.ports import Exporter
 from workflows.domain.errors import DependencyUnavailable
@@ -58,29 +70,131 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _json_string = json.JSONEncoder(ensure_ascii=False).encode
 
 
+LATE_AFTER = 10.0
+"""Seconds after its consume began from which a file is fsynced before its rename rather
+than left to `flush`: what the recovery's look-back allows for a slow consume."""
+MTIME_SLACK = 2.0
+"""Seconds allowed between a file's modification time and the flush it may have missed."""
+MARKER = ".flushed"
+
+
 class CsvExporter(Exporter):
     media_type = "text/csv; charset=utf-8"
 
-    def __init__(self, export_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        export_dir: str | os.PathLike[str],
+        *,
+        flush_behind: bool = True,
+        late_after: float = LATE_AFTER,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._dir = Path(export_dir)
         self._fsync = Fsync()
+        self._flush_behind = flush_behind
+        self._late_after = late_after
+        self._time = wall_clock
+        self._marked = False  # MARKER exists: any flush-behind write is after its time
+        self._unflushed = False  # a file was left to `flush` since the last one began
+        self._flushed_at: float | None = None  # MARKER's time, once read by unflushed_since
 
     def render(self, workflow: Workflow) -> bytes:
         return _render(workflow.data.text)
 
-    async def write(self, workflow: Workflow, content: bytes) -> None:
+    async def write(
+        self, workflow: Workflow, content: bytes, consumed_at: datetime | None = None
+    ) -> None:
+        target = self._dir / f"{workflow.uuid}.csv"
+        late = (
+            not self._flush_behind
+            or consumed_at is None
+            or self._time() - consumed_at.timestamp() >= self._late_after
+        )
+        try:
+            if not late and not self._marked:
+                await self._mark_if_missing()
+            await _replace_atomically(target, content, self._fsync if late else None)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{target}: {error}") from error
+        if not late:
+            # Set with no await since the rename: a flush that began before it sees it
+            # next time; one that began after it covers the file.
+            self._unflushed = True
+
+    async def flush(self) -> None:
+        if not self._unflushed:
+            return
+        self._unflushed = False
+        started = self._time()
+        try:
+            await asyncio.to_thread(_sync_filesystem, self._dir)
+            await self._write_marker(started)
+        except OSError as error:
+            self._unflushed = True
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+        except BaseException:
+            self._unflushed = True
+            raise
+
+    async def unflushed_since(self) -> datetime | None:
+        try:
+            text = (self._dir / MARKER).read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+        try:
+            flushed_at = datetime.fromisoformat(text.strip()).timestamp()
+        except ValueError:
+            log.warning("%s holds %r, not a time: checking every export", MARKER, text[:40])
+            flushed_at = 0.0
+        self._flushed_at = flushed_at
+        # What the crashed process left may still be only in the page cache (a process
+        # crash, not a power failure): the first flush after the recovery covers it.
+        self._unflushed = True
+        return datetime.fromtimestamp(max(0.0, flushed_at - self._late_after - MTIME_SLACK), UTC)
+
+    async def suspects(self, uuids: Collection[UUID]) -> list[UUID]:
+        if self._flushed_at is None:
+            raise RuntimeError("suspects() needs unflushed_since() first")
+        written_after = self._flushed_at - MTIME_SLACK
+        try:
+            return await asyncio.to_thread(_modified_after, self._dir, uuids, written_after)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+
+    async def repair(self, workflow: Workflow, content: bytes) -> bool:
         target = self._dir / f"{workflow.uuid}.csv"
         try:
+            try:
+                if target.read_bytes() == content:
+                    return False
+            except FileNotFoundError:
+                return False
             await _replace_atomically(target, content, self._fsync)
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{target}: {error}") from error
+        return True
+
+    async def _mark_if_missing(self) -> None:
+        """Before the first file left to `flush`: MARKER must exist, so that a crash
+        before the first flush still leaves a time to look back from."""
+        if not (self._dir / MARKER).exists():
+            await self._write_marker(self._time())
+        self._marked = True
+
+    async def _write_marker(self, flushed_at: float) -> None:
+        text = datetime.fromtimestamp(flushed_at, UTC).isoformat() + "\n"
+        await _replace_atomically(self._dir / MARKER, text.encode(), self._fsync)
+        self._marked = True
 
 
-async def _replace_atomically(target: Path, content: bytes, fsync: Fsync) -> None:
-    """Write `content` to a temporary file, fsync it, rename it over `target`.
+async def _replace_atomically(target: Path, content: bytes, fsync: Fsync | None) -> None:
+    """Write `content` to a temporary file, fsync it (unless `fsync` is None), rename it
+    over `target`.
 
     The short system calls run on the event loop; only the fsync, which waits for the
-    disk, leaves it (`Fsync`)."""
+    disk, leaves it (`Fsync`). Without it nothing here awaits."""
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     # os.open, not mkstemp: the file gets the umask's permissions, not 0600.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -95,11 +209,57 @@ async def _replace_atomically(target: Path, content: bytes, fsync: Fsync) -> Non
         except BaseException:
             os.close(descriptor)
             raise
-        await fsync.sync_and_close(descriptor)
+        if fsync is None:
+            os.close(descriptor)
+        else:
+            await fsync.sync_and_close(descriptor)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _modified_after(directory: Path, uuids: Collection[UUID], after: float) -> list[UUID]:
+    found = []
+    for uuid in uuids:
+        try:
+            modified = os.stat(directory / f"{uuid}.csv").st_mtime
+        except FileNotFoundError:
+            continue
+        if modified >= after:
+            found.append(uuid)
+    return found
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):  # not Linux (or no glibc symbol)
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs
+
+
+_syncfs = _load_syncfs()
+
+
+def _sync_filesystem(directory: Path) -> None:
+    """Flush the filesystem that holds `directory`: syncfs(2), or sync(2) where there is
+    none. Since Linux 5.8 syncfs reports a writeback error of any file on it."""
+    if _syncfs is None:
+        os.sync()
+        return
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:  # nothing was ever written there
+        return
+    try:
+        if _syncfs(descriptor) != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, os.strerror(number))
+    finally:
+        os.close(descriptor)
 
 
 def _write_all(descriptor: int, content: bytes) -> None:

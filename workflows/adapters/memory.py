@@ -51,6 +51,9 @@ class InMemoryWorkflowRepository(WorkflowRepository):
     async def get(self, uuid: UUID) -> Workflow | None:
         return self._rows.get(uuid)
 
+    async def updated_since(self, since: datetime) -> list[UUID]:
+        return [uuid for uuid, row in self._rows.items() if row.updated_at >= since]
+
     async def list(
         self,
         *,

@@ -42,6 +42,10 @@ class WorkflowRepository(abc.ABC):
     async def get(self, uuid: UUID) -> Workflow | None: ...
 
     @abc.abstractmethod
+    async def updated_since(self, since: datetime) -> list[UUID]:
+        """The uuids of the workflows whose `updated_at` is at or after `since`."""
+
+    @abc.abstractmethod
     async def list(
         self,
         *,
@@ -120,8 +124,31 @@ class Exporter(abc.ABC):
         """The file's content: a pure function of `workflow.data`."""
 
     @abc.abstractmethod
-    async def write(self, workflow: Workflow, content: bytes) -> None:
-        """Store `content` as this workflow's export, atomically (all or nothing)."""
+    async def write(
+        self, workflow: Workflow, content: bytes, consumed_at: datetime | None = None
+    ) -> None:
+        """Store `content` as this workflow's export, atomically (all or nothing): durable
+        when this returns, or, given `consumed_at` (when the consume that took the workflow
+        began, its `updated_at`), by the next `flush` instead."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every export written so far durable, and record that it is."""
+
+    @abc.abstractmethod
+    async def unflushed_since(self) -> datetime | None:
+        """After a crash: exports that may not be durable belong to workflows updated at or
+        after this time (None: there are none). Read once, before `suspects`."""
+
+    @abc.abstractmethod
+    async def suspects(self, uuids: Collection[UUID]) -> list[UUID]:
+        """Of these workflows, those whose export may have been written after the last
+        flush, and so may be torn by a power failure."""
+
+    @abc.abstractmethod
+    async def repair(self, workflow: Workflow, content: bytes) -> bool:
+        """If this workflow has an export and it is not `content`, replace it durably;
+        True when it did."""
 
 
 @attrs.frozen

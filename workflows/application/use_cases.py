@@ -148,11 +148,12 @@ class ConsumeWorkflow:
     async def _once(self) -> Consumed | None:
         exported: list[bytes] = []
         failed: list[Workflow] = []
+        now = self.clock()  # the consumed workflow's updated_at
 
         async def export(workflow: Workflow) -> None:
             try:
                 content = self.exporter.render(workflow)
-                await self.exporter.write(workflow, content)
+                await self.exporter.write(workflow, content, now)
             except DependencyUnavailable:
                 raise  # the export directory's fault, not the workflow's: no attempt counted
             except Exception:
@@ -161,7 +162,7 @@ class ConsumeWorkflow:
             exported.append(content)
 
         try:
-            workflow = await self.queue.consume(export, self.clock())
+            workflow = await self.queue.consume(export, now)
         except Exception:
             if failed and self.repository is not None:
                 await self._count_failure(failed[-1])

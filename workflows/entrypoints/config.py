@@ -28,6 +28,7 @@ class Settings:
     rabbitmq_url: str | None = attrs.field(default=None, repr=False)
     rabbitmq_queue: str = "workflows"
     export_dir: Path = Path("var/exports")
+    export_flush_interval: float = 1.0
     embedded_data_dir: Path = Path("var/postgres")
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
@@ -62,6 +63,7 @@ class Settings:
             rabbitmq_url=rabbitmq_url,
             rabbitmq_queue=env.get("RABBITMQ_QUEUE", d.rabbitmq_queue),
             export_dir=Path(env.get("EXPORT_DIR", str(d.export_dir))),
+            export_flush_interval=_float(env, "EXPORT_FLUSH_INTERVAL", d.export_flush_interval),
             embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, low=1),
             log_level=env.get("LOG_LEVEL", d.log_level).upper(),

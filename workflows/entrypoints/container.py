@@ -21,6 +21,7 @@ from workflows.adapters.postgres import (
 )
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 from workflows.application.doorbell import Doorbell
+from workflows.application.flusher import ExportFlusher
 from workflows.application.relay import OutboxRelay
 from workflows.application.use_cases import (
     ConsumeWorkflow,
@@ -103,7 +104,9 @@ class Container(containers.DeclarativeContainer):
             settings,
         ),
     )
-    exporter = providers.Singleton(lambda s: CsvExporter(s.export_dir), settings)
+    exporter = providers.Singleton(
+        lambda s: CsvExporter(s.export_dir, flush_behind=s.export_flush_interval > 0), settings
+    )
 
     create_workflow = providers.Singleton(
         lambda repository, queue, clock, new_id, s, doorbell: CreateWorkflow(
@@ -131,6 +134,17 @@ class Container(containers.DeclarativeContainer):
         settings,
     )
     export_workflow = providers.Singleton(ExportWorkflow, repository, exporter)
+    export_flusher = providers.Singleton(
+        lambda repository, exporter, s: ExportFlusher(
+            repository,
+            exporter,
+            s.export_flush_interval or 1.0,
+            needs_recovery=s.queue_backend != "memory",
+        ),
+        repository,
+        exporter,
+        settings,
+    )
 
 
 @asynccontextmanager
@@ -160,6 +174,11 @@ async def running(container: Container) -> AsyncIterator[None]:
             stack.push_async_callback(_cancel, relay_task)
             sweeper = asyncio.create_task(_sweep_dead_letters(container), name="dead-letters")
             stack.push_async_callback(_cancel, sweeper)
+        flusher = container.export_flusher()
+        await flusher.try_recover()  # if it cannot yet, its task retries (not ready until then)
+        stack.push_async_callback(flusher.close)  # after the task below is cancelled
+        flusher_task = asyncio.create_task(flusher.run(), name="export-flusher")
+        stack.push_async_callback(_cancel, flusher_task)
         housekeeping = asyncio.create_task(_housekeeping(container), name="housekeeping")
         stack.push_async_callback(_cancel, housekeeping)
         stack.callback(container.doorbell().close)  # long-polling consumers answer now

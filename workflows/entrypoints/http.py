@@ -133,6 +133,9 @@ async def healthz(request: Request) -> Response:
     return json_response(b'{"status":"ok"}')
 
 
+RECOVERING = "checking the export files written since the last flush (after a crash)"
+
+
 async def readyz(request: Request) -> Response:
     container = container_of(request)
     checks: dict[str, str] = {}
@@ -145,6 +148,7 @@ async def readyz(request: Request) -> Response:
             checks[name] = "ok"
         except DependencyUnavailable as exc:
             checks[name] = exc.detail
+    checks["exports"] = "ok" if container.export_flusher().recovered else RECOVERING
     ready = all(value == "ok" for value in checks.values())
     body = orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks})
     if ready:
