@@ -340,11 +340,11 @@ async def test_failures_of_a_consumed_workflow_are_not_counted(
     assert await repository.record_failure(uuid7(), T0, max_attempts=1) is None
 
 
-async def test_updated_since_names_the_workflows_updated_at_or_after_a_time(
+async def test_consumed_since_names_the_workflows_consumed_at_or_after_a_time(
     repository: WorkflowRepository,
 ) -> None:
-    untouched, patched, claimed = (make() for _ in range(3))
-    for workflow in (untouched, patched, claimed):
+    untouched, patched, claimed, replayed = (make() for _ in range(4))
+    for workflow in (untouched, patched, claimed, replayed):
         await repository.add(workflow)
     await repository.set_status(patched.uuid, WorkflowStatus.CONSUMED, T0 + timedelta(seconds=10))
 
@@ -352,12 +352,13 @@ async def test_updated_since_names_the_workflows_updated_at_or_after_a_time(
         pass
 
     await repository.claim(claimed.uuid, export, T0 + timedelta(seconds=20))
+    await repository.claim(replayed.uuid, export, T0 + timedelta(seconds=20))
+    await repository.set_status(replayed.uuid, WorkflowStatus.INSERTED, T0 + timedelta(seconds=30))
 
-    assert set(await repository.updated_since(T0)) == {untouched.uuid, patched.uuid, claimed.uuid}
-    since_patch = await repository.updated_since(T0 + timedelta(seconds=10))
-    assert set(since_patch) == {patched.uuid, claimed.uuid}
-    assert len(since_patch) == 2
-    assert await repository.updated_since(T0 + timedelta(seconds=10, microseconds=1)) == [
+    assert set(await repository.consumed_since(T0)) == {patched.uuid, claimed.uuid}
+    assert len(await repository.consumed_since(T0)) == 2
+    assert await repository.consumed_since(T0 + timedelta(seconds=10, microseconds=1)) == [
         claimed.uuid
     ]
-    assert await repository.updated_since(T0 + timedelta(days=1)) == []
+    assert await repository.consumed_since(T0 + timedelta(seconds=20)) == [claimed.uuid]
+    assert await repository.consumed_since(T0 + timedelta(days=1)) == []

@@ -36,6 +36,7 @@ VERSIONS = [
     "0004_queue_index",
     "0005_outbox_without_foreign_key",
     "0006_claim_token",
+    "0007_consumed_index",
 ]
 
 

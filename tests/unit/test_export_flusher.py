@@ -7,6 +7,7 @@ import asyncio
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
@@ -93,10 +94,10 @@ class DownRepository(InMemoryWorkflowRepository):
         super().__init__()
         self.down = True
 
-    async def updated_since(self, since: datetime) -> list[Workflow]:  # type: ignore[override]
+    async def consumed_since(self, since: datetime) -> list[UUID]:
         if self.down:
             raise DependencyUnavailable("database", "down")
-        return await super().updated_since(since)  # type: ignore[return-value]
+        return await super().consumed_since(since)
 
 
 async def test_the_flush_record_waits_for_the_recovery(tmp_path: Path) -> None:

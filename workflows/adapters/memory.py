@@ -51,8 +51,12 @@ class InMemoryWorkflowRepository(WorkflowRepository):
     async def get(self, uuid: UUID) -> Workflow | None:
         return self._rows.get(uuid)
 
-    async def updated_since(self, since: datetime) -> list[UUID]:
-        return [uuid for uuid, row in self._rows.items() if row.updated_at >= since]
+    async def consumed_since(self, since: datetime) -> list[UUID]:
+        return [
+            uuid
+            for uuid, row in self._rows.items()
+            if row.status is WorkflowStatus.CONSUMED and row.updated_at >= since
+        ]
 
     async def list(
         self,

@@ -48,7 +48,7 @@ class ExportFlusher:
         if since is None:
             return 0
         repaired = 0
-        suspects = await self.exporter.suspects(await self.repository.updated_since(since))
+        suspects = await self.exporter.suspects(await self.repository.consumed_since(since))
         for uuid in suspects:
             workflow = await self.repository.get(uuid)
             if workflow is None:

@@ -42,8 +42,8 @@ class WorkflowRepository(abc.ABC):
     async def get(self, uuid: UUID) -> Workflow | None: ...
 
     @abc.abstractmethod
-    async def updated_since(self, since: datetime) -> list[UUID]:
-        """The uuids of the workflows whose `updated_at` is at or after `since`."""
+    async def consumed_since(self, since: datetime) -> list[UUID]:
+        """The uuids of the CONSUMED workflows whose `updated_at` is at or after `since`."""
 
     @abc.abstractmethod
     async def list(
@@ -137,7 +137,7 @@ class Exporter(abc.ABC):
 
     @abc.abstractmethod
     async def unflushed_since(self) -> datetime | None:
-        """After a crash: exports that may not be durable belong to workflows updated at or
+        """After a crash: exports that may not be durable belong to workflows consumed at or
         after this time (None: there are none). Read once, before `suspects`."""
 
     @abc.abstractmethod

@@ -84,8 +84,8 @@ PURGE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= %s"
 GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
 GET_MANY = f"SELECT {COLUMNS} FROM workflows WHERE uuid = ANY(%b::uuid[])"
 LOCK = f"{GET} FOR UPDATE"
-# Only after a crash, at start-up (RecoverExports): a sequential scan, no index to keep.
-UPDATED_SINCE = "SELECT uuid FROM workflows WHERE updated_at >= %s"
+# At start-up (ExportFlusher), on workflows_consumed_idx.
+CONSUMED_SINCE = "SELECT uuid FROM workflows WHERE status = 'consumed' AND updated_at >= %s"
 # Claims lock the rows and mark them CONSUMED in one statement, inside the claim's
 # transaction (GroupClaim); RETURNING gives each row as it was, for the handler. 'inserted'
 # is a literal, not a parameter, so even a generic (prepared) plan can use the partial index
@@ -223,9 +223,9 @@ class PostgresWorkflowRepository(WorkflowRepository):
     async def get(self, uuid: UUID) -> Workflow | None:
         return await self._reads.call(uuid)
 
-    async def updated_since(self, since: datetime) -> list[UUID]:
+    async def consumed_since(self, since: datetime) -> list[UUID]:
         async with connection(self._pool) as conn:
-            rows = await (await conn.execute(UPDATED_SINCE, (since,))).fetchall()
+            rows = await (await conn.execute(CONSUMED_SINCE, (since,))).fetchall()
         return [row[0] for row in rows]
 
     async def _get_many(self, uuids: list[UUID]) -> dict[UUID, Workflow]:
