@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from workflows.adapters.csv_export import MARKER
 from workflows.adapters.postgres.database import utc_options
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow
 from workflows.entrypoints.config import ConfigError, Settings
+from workflows.entrypoints.container import Container
 
 
 def test_defaults_apply_when_nothing_is_set() -> None:
@@ -15,6 +20,7 @@ def test_defaults_apply_when_nothing_is_set() -> None:
     assert settings.database_url is None
     assert settings.export_dir == Path("var/exports")
     assert settings.max_body_bytes == 1024 * 1024
+    assert settings.export_flush_interval == 1.0
 
 
 def test_rabbitmq_is_the_default_backend_when_its_url_is_set() -> None:
@@ -37,6 +43,10 @@ def test_explicit_backend_wins() -> None:
         ({"PORT": "70000"}, "PORT"),
         ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
         ({"CONFIRM_TIMEOUT": "-1"}, "CONFIRM_TIMEOUT"),
+        ({"EXPORT_FLUSH_INTERVAL": "-1"}, "EXPORT_FLUSH_INTERVAL"),
+        ({"EXPORT_FLUSH_INTERVAL": "soon"}, "EXPORT_FLUSH_INTERVAL"),
+        ({"EXPORT_FLUSH_INTERVAL": "inf"}, "EXPORT_FLUSH_INTERVAL"),
+        ({"EXPORT_FLUSH_INTERVAL": "3601"}, "EXPORT_FLUSH_INTERVAL"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
@@ -54,3 +64,24 @@ def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: 
 )
 def test_database_sessions_use_utc_unless_the_url_sets_a_time_zone(url: str, options: str) -> None:
     assert utc_options(url) == options
+
+
+@pytest.mark.parametrize(
+    ("interval", "flushed_behind", "every"),
+    [("0", False, 1.0), ("0.5", True, 0.5), ("", True, 1.0)],
+)
+async def test_export_flush_interval_zero_fsyncs_each_file_instead(
+    tmp_path: Path, interval: str, flushed_behind: bool, every: float
+) -> None:
+    env = {
+        "QUEUE_BACKEND": "memory",
+        "EXPORT_DIR": str(tmp_path),
+        "EXPORT_FLUSH_INTERVAL": interval,
+    }
+    container = Container(settings=Settings.from_env(env))
+    item = Workflow.new(uuid7(), JsonDocument("{}"), (), datetime.now(UTC))
+    await container.exporter().write(item, b"\r\n\r\n", item.updated_at)
+    assert (tmp_path / f"{item.uuid}.csv").read_bytes() == b"\r\n\r\n"
+    # Only a file left to the flusher needs the flush record first.
+    assert (tmp_path / MARKER).exists() is flushed_behind
+    assert container.export_flusher().interval == every  # 0: the recovery's retries only

@@ -63,7 +63,7 @@ class Settings:
             rabbitmq_url=rabbitmq_url,
             rabbitmq_queue=env.get("RABBITMQ_QUEUE", d.rabbitmq_queue),
             export_dir=Path(env.get("EXPORT_DIR", str(d.export_dir))),
-            export_flush_interval=_float(env, "EXPORT_FLUSH_INTERVAL", d.export_flush_interval),
+            export_flush_interval=_flush_interval(env),
             embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, low=1),
             log_level=env.get("LOG_LEVEL", d.log_level).upper(),
@@ -105,6 +105,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
     if not value >= 0:
         raise ConfigError(f"{name} must not be negative")
+    return value
+
+
+def _flush_interval(env: Mapping[str, str]) -> float:
+    value = _float(env, "EXPORT_FLUSH_INTERVAL", DEFAULTS.export_flush_interval)
+    if value > 3600:  # inf too: a flusher that never runs would leave every file unflushed
+        raise ConfigError("EXPORT_FLUSH_INTERVAL must be at most 3600 (seconds)")
     return value
 
 
