@@ -280,3 +280,33 @@ async def test_a_workflow_published_while_the_consume_looks_at_the_outbox_is_fou
         assert taken.uuid == workflow.uuid
         assert await setup.outbox.size() == 0
         assert await left_after_reconnecting(setup.broker) == 0
+
+
+class ConfirmingTheOldestWhileAsked(MemoryOutbox):
+    """Its oldest entry is published, confirmed and deleted while a consume asks for the
+    entries: the consume found the broker's queue empty a moment before that message got
+    there, and now finds only the younger entries in the outbox."""
+
+    broker: RabbitMqBroker
+
+    async def unconfirmed(self, limit: int) -> list[UUID]:
+        oldest = self.entries[0].workflow_uuid
+        await self.broker.publish([oldest])
+        await self.delete([oldest])
+        return await super().unconfirmed(limit)
+
+
+async def test_a_consume_takes_the_oldest_even_when_it_was_confirmed_while_asked(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    outbox = ConfirmingTheOldestWhileAsked()
+    async with answering_on_commit(rabbitmq_url, queue_name, outbox) as setup:
+        outbox.broker = setup.broker
+        first, second = await setup.submit(), await setup.submit()
+        taken = await setup.queue.consume(record_nothing, now())
+        assert taken is not None
+        assert taken.uuid == first.uuid
+        stored = await setup.repository.get(second.uuid)
+        assert stored is not None
+        assert stored.status is WorkflowStatus.INSERTED
+        assert await left_after_reconnecting(setup.broker) == 0

@@ -20,10 +20,12 @@ class RabbitMqQueue(WorkflowQueue):
     publish, or a workflow PATCHed to consumed) is acked and skipped.
 
     With `wait_for_confirm` False, `enqueued` hands the committed outbox entry to the relay
-    and returns at once; a consume that finds the broker's queue empty then claims the
-    oldest queued workflow whose entry is still in the outbox (`unconfirmed`) and that no
-    other consume is taking (`claim_any`), so a workflow is consumable from its commit on,
-    published or not. Its message, when it comes, is a duplicate that consumers skip."""
+    and returns at once; a consume that finds the broker's queue empty then reads the
+    oldest entries still in the outbox (`unconfirmed`), asks the broker again (a message
+    confirmed meanwhile goes first: it is older), and claims the oldest of those queued
+    workflows that no other consume is taking (`claim_any`), so a workflow is consumable
+    from its commit on, published or not. Its message, when it comes, is a duplicate that
+    consumers skip."""
 
     def __init__(
         self,
@@ -55,11 +57,15 @@ class RabbitMqQueue(WorkflowQueue):
         # The oldest of them that is queued and not being claimed by another consume: one
         # statement, which skips the rows other fallbacks hold rather than queue behind them.
         unconfirmed = await self._outbox.unconfirmed(self._unconfirmed_batch)
+        # An entry deleted between the broker's answer and that read was confirmed before
+        # its deletion: its message, older than every entry read, is in the queue now.
+        claimed = await self._from_broker(handle, now)
+        if claimed is not None:
+            return claimed
         claimed = await self._repository.claim_any(unconfirmed, handle, now)
         if claimed is not None:
             return claimed
-        # An entry deleted since the broker was asked was confirmed before its deletion:
-        # its message is in the queue now.
+        # Likewise for an entry deleted since the broker was last asked.
         return await self._from_broker(handle, now)
 
     async def _from_broker(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
