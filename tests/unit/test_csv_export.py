@@ -263,14 +263,19 @@ async def test_write_replaces_an_existing_export(tmp_path: Path) -> None:
     assert (tmp_path / f"{item.uuid}.csv").read_bytes() == b"new\r\n"
 
 
-async def test_write_gives_the_file_ordinary_permissions(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fresh", [False, True], ids=["fsynced", "flushed-behind"])
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+async def test_write_gives_the_file_ordinary_permissions(
+    tmp_path: Path, fresh: bool, umask: int, mode: int
+) -> None:
     item = workflow('{"a":1}')
-    previous = os.umask(0o022)
+    exporter = CsvExporter(tmp_path, wall_clock=NOW.timestamp)
+    previous = os.umask(umask)
     try:
-        await CsvExporter(tmp_path).write(item, b"a\r\n")
+        await exporter.write(item, b"a\r\n", NOW if fresh else None)
     finally:
         os.umask(previous)
-    assert (tmp_path / f"{item.uuid}.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / f"{item.uuid}.csv").stat().st_mode & 0o777 == mode
 
 
 async def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temporary_file(

@@ -21,13 +21,18 @@ docs/csv.md describes the format for users, with examples. Where the contract is
 - Intake also refuses lone surrogates; should one get here, it becomes U+FFFD, as UTF-8
   cannot hold it. A document that is not an object or an array of objects, or that
   holds `NaN` or `Infinity`, raises ValueError.
-- `write` renames a complete temporary file over `{uuid}.csv` (`.{uuid}.csv.{random}.tmp`,
-  removed on failure), so readers and a process crash never see a partial file. What a
-  power failure may leave is the flusher's business (`Exporter` port, README
-  *Guarantees*): a file written `LATE_AFTER` s or more after its consume began, or with no
-  consume time, is fsynced before its rename, as every file once was; any other is left to
-  `flush`, which runs `syncfs` on the directory's filesystem (one flush for every file
-  written since the last) and then records in `.flushed` the time it started. After a
+- `write` puts a complete file in place of `{uuid}.csv` at once, so readers and a process
+  crash never see a partial file. A file left to `flush` (below) is written unnamed
+  (`O_TMPFILE`) and linked in: a process killed mid-write leaves nothing, and one
+  directory entry is made instead of two (in-process, 80-85 → 45-54 µs of CPU per file).
+  Where the filesystem has no unnamed files (NFS, no /proc), and for a file fsynced before
+  it appears, a named temporary file (`.{uuid}.csv.{random}.tmp`, removed on failure) is
+  renamed over it instead. What a power failure may leave is the flusher's business
+  (`Exporter` port, README *Guarantees*): a file written `LATE_AFTER` s or more after its
+  consume began, or with no consume time, is fsynced before its rename, as every file once
+  was; any other is left to `flush`, which runs `syncfs` on the directory's filesystem
+  (one flush for every file written since the last) and then records in `.flushed` the
+  time it started. After a
   crash, the files possibly torn are those of workflows whose consume began after
   `.flushed`'s time less `LATE_AFTER` (`suspects`, from their modification times), and
   `repair` rewrites any of them that is not what its data renders, with an fsync.
@@ -44,6 +49,7 @@ docs/csv.md describes the format for users, with examples. Where the contract is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import ctypes
 import io
@@ -90,7 +96,10 @@ class CsvExporter(Exporter):
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._dir = Path(export_dir)
+        self._dir_name = os.fspath(export_dir)
         self._fsync = Fsync()
+        # Whether the directory's filesystem gives unnamed files (None: not tried yet).
+        self._unnamed: bool | None = None if _O_TMPFILE else False
         self._flush_behind = flush_behind
         self._late_after = late_after
         self._time = wall_clock
@@ -104,16 +113,24 @@ class CsvExporter(Exporter):
     async def write(
         self, workflow: Workflow, content: bytes, consumed_at: datetime | None = None
     ) -> None:
-        target = self._dir / f"{workflow.uuid}.csv"
+        target = f"{self._dir_name}/{workflow.uuid}.csv"
         late = (
             not self._flush_behind
             or consumed_at is None
             or self._time() - consumed_at.timestamp() >= self._late_after
         )
         try:
-            if not late and not self._marked:
-                await self._mark_if_missing()
-            await _replace_atomically(target, content, self._fsync if late else None)
+            if late:
+                await _replace_atomically(Path(target), content, self._fsync)
+            else:
+                if not self._marked:
+                    await self._mark_if_missing()
+                if self._unnamed is None:
+                    self._unnamed = _unnamed_files_work(self._dir_name)
+                if self._unnamed:
+                    _link_unnamed(self._dir_name, target, content)
+                else:
+                    await _replace_atomically(Path(target), content, None)
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{target}: {error}") from error
         if not late:
@@ -195,7 +212,7 @@ async def _replace_atomically(target: Path, content: bytes, fsync: Fsync | None)
 
     The short system calls run on the event loop; only the fsync, which waits for the
     disk, leaves it (`Fsync`). Without it nothing here awaits."""
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    temporary = _temporary_name(os.fspath(target))
     # os.open, not mkstemp: the file gets the umask's permissions, not 0600.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
@@ -215,8 +232,81 @@ async def _replace_atomically(target: Path, content: bytes, fsync: Fsync | None)
             await fsync.sync_and_close(descriptor)
         os.replace(temporary, target)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
         raise
+
+
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
+
+def _link_unnamed(directory: str, target: str, content: bytes) -> None:
+    """Write `content` to an unnamed file in `directory` (`O_TMPFILE`) and link it in as
+    `target` whole, replacing any file there: the flush-behind write, all on the loop.
+
+    One directory entry is made instead of a temporary one made, then renamed; a process
+    killed in the middle leaves no file at all, where a named temporary file would stay.
+    Over an existing `target` (a workflow consumed again) the file is linked in under a
+    temporary name and renamed over it."""
+    flags = os.O_WRONLY | _O_TMPFILE
+    try:
+        descriptor = os.open(directory, flags, 0o666)
+    except FileNotFoundError:  # the directory was removed since it was made
+        os.makedirs(directory, exist_ok=True)
+        descriptor = os.open(directory, flags, 0o666)
+    try:
+        _write_all(descriptor, content)
+        try:
+            _link_in(descriptor, target)
+        except FileExistsError:
+            temporary = _temporary_name(target)
+            _link_in(descriptor, temporary)
+            try:
+                os.replace(temporary, target)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+    finally:
+        os.close(descriptor)
+
+
+def _link_in(descriptor: int, path: str) -> None:
+    """linkat(2) of the open file itself, following /proc's link to it. Given a directory
+    descriptor, os.link calls linkat with AT_SYMLINK_FOLLOW (plain link(2), which it calls
+    otherwise, would link the /proc entry, refused as EXDEV); with an absolute source
+    path the kernel ignores that descriptor."""
+    os.link(f"/proc/self/fd/{descriptor}", path, src_dir_fd=descriptor)
+
+
+def _unnamed_files_work(directory: str) -> bool:
+    """Whether `directory`'s filesystem makes `O_TMPFILE` files and they can be linked in
+    through /proc (not on NFS, or without /proc): tried once per exporter."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        descriptor = os.open(directory, os.O_WRONLY | _O_TMPFILE, 0o666)
+    except OSError as error:
+        log.info("no unnamed files in %s (%s): using named temporary files", directory, error)
+        return False
+    probe = _temporary_name(f"{directory}/probe")
+    try:
+        _link_in(descriptor, probe)
+        os.unlink(probe)
+    except OSError as error:
+        log.info(
+            "unnamed files in %s cannot be linked in (%s): using named temporary files",
+            directory,
+            error,
+        )
+        return False
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def _temporary_name(target: str) -> str:
+    head, name = os.path.split(target)
+    return os.path.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
 
 
 def _modified_after(directory: Path, uuids: Collection[UUID], after: float) -> list[UUID]:
