@@ -158,7 +158,10 @@ def _service(ctx: Context, backend: str, port: int, queue: str) -> Service:
         port=port,
         workers=ctx.workers,
         cpus=ctx.server_cpus,
-        export_dir=ctx.out / "exports",
+        # One directory per backend, as each deployment has its own: the backends share
+        # the prefilled uuids, and a consume that replaces a file costs far more than one
+        # that makes it, as a real consume does (bench/notes.md).
+        export_dir=ctx.out / "exports" / backend,
         log=ctx.out / f"service-{backend}.log",
     )
 

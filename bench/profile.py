@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             database.prefill(1, 60_000)
             service = Service(
                 backend=backend, database_url=database.url, rabbitmq_url=rabbitmq, queue=queue,
-                port=free_port(), workers=1, cpus=server_cpus, export_dir=out / "exports",
+                port=free_port(), workers=1, cpus=server_cpus,
+                export_dir=out / "exports" / f"{run_id}-{backend}",
                 log=out / f"service-{backend}.log",
             )  # fmt: skip
             service.start()
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                     tools.broker("delete", "delete", url=rabbitmq, queue=queue)
     finally:
         database.drop()
+        # Deleted only now: a new file's inode costs more for minutes after many deletions
+        # (bench/notes.md), and the prefilled uuids are the same in every run, so a kept
+        # directory would make the next run's consumes replace files, not make them.
+        shutil.rmtree(out / "exports", ignore_errors=True)
     return 0
 
 
