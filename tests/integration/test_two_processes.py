@@ -6,6 +6,7 @@ Each test starts servers with the console script (tests/support/processes.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -141,6 +142,29 @@ async def test_a_restart_after_kill_rewrites_the_torn_exports_the_flush_had_not_
     log = (tmp_path / "after.log").read_text()
     assert f"rewrote {len(torn)} export files left torn by a crash" in log
     assert (exports / ".flushed").read_text() > first_flush, "a clean stop flushes"
+
+
+async def test_a_long_poll_whose_client_hung_up_takes_nothing(
+    server_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A waiting consume whose client has closed its connection is woken by the next POST,
+    sees that its client has gone (uvicorn's http.disconnect) and leaves the workflow
+    queued for a consumer that is there."""
+    with served(server_env, tmp_path, "api") as url:
+        async with httpx.AsyncClient(headers=AUTH, timeout=30) as leaving:
+            waiting = asyncio.create_task(leaving.get(f"{url}/workflow/consume?wait=20"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        await asyncio.sleep(0.2)  # the server has seen the connection close
+        uuid = (await http.post(f"{url}/workflow", json={"data": {"a": 1}})).json()["uuid"]
+        await asyncio.sleep(1.0)  # the doorbell has woken the abandoned waiter by now
+        assert (await http.get(f"{url}/workflow/{uuid}")).json()["status"] == "inserted"
+        response = await http.get(f"{url}/workflow/consume")
+        assert response.status_code == 200
+        assert response.headers["x-workflow-uuid"] == uuid
 
 
 async def post_all(http: httpx.AsyncClient, urls: tuple[str, str]) -> set[UUID]:

@@ -7,6 +7,7 @@ order) and body must match, once uuids, timestamps and generated request ids are
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from prometheus_client import REGISTRY
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
-from workflows.entrypoints.hot import HotRoutes
+from workflows.entrypoints.hot import HotRoutes, _ready_message
 from workflows.entrypoints.http import create_app
 
 UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -304,3 +305,39 @@ async def test_hot_routes_are_counted_under_their_route_template(settings: Setti
     await exchange(hot, [post(), post(path="/v1/workflow"), get_created()])
     assert count() == before + 1
     assert got() == before_got + 1
+
+
+class UvicornLikeReceive:
+    """A receive as uvicorn's: it waits for an event unless the client has gone."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.disconnected = False
+
+    async def __call__(self) -> dict[str, Any]:
+        if not self.disconnected:
+            await self.arrived.wait()
+            self.arrived.clear()
+        if self.disconnected:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_a_ready_message_is_taken_without_waiting() -> None:
+    receive = UvicornLikeReceive()
+    receive.arrived.set()
+    assert _ready_message(receive) == {
+        "type": "http.request",
+        "body": b"",
+        "more_body": False,
+    }
+    receive.disconnected = True
+    assert _ready_message(receive) == {"type": "http.disconnect"}
+
+
+async def test_a_receive_that_would_wait_gives_nothing_and_leaves_no_waiter() -> None:
+    receive = UvicornLikeReceive()
+    assert _ready_message(receive) == {}
+    assert not receive.arrived._waiters  # type: ignore[attr-defined]  # the step was closed
+    receive.arrived.set()  # a later message is still there for the next receive
+    assert (await receive())["type"] == "http.request"
