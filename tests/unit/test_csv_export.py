@@ -210,6 +210,13 @@ def test_a_lone_surrogate_becomes_a_replacement_character() -> None:
     assert records('{"k":"a\\ud800b"}') == [["k"], ["a\ufffdb"]]
 
 
+def test_a_lone_surrogate_in_an_array_cell_becomes_a_replacement_character() -> None:
+    assert records('{"k":["a\\ud800b",{"x":"\\udc00"}]}') == [
+        ["k"],
+        ['["a\ufffdb",{"x":"\ufffd"}]'],
+    ]
+
+
 def test_deeply_nested_objects_and_arrays_render() -> None:
     depth = 400
     data = '{"a":' * depth + "[" * depth + "1" + "]" * depth + "}" * depth

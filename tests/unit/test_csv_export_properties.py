@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import attrs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from workflows.adapters import csv_export
 from workflows.adapters.csv_export import CsvExporter
 from workflows.domain.model import JsonDocument, Workflow
 
@@ -214,3 +216,31 @@ def test_output_is_utf8_without_bom_and_lines_end_with_crlf(
     assert "\r" not in outside_quotes.replace("\r\n", "")
     assert "\n" not in outside_quotes.replace("\r\n", "")
     assert outside_quotes.count("\r\n") == 1 + len(rows_of(document))
+
+
+@property_settings
+@given(values.filter(lambda value: isinstance(value, list | dict)), st.booleans())
+def test_an_array_or_object_cell_is_written_as_the_work_list_writes_it(
+    value: Value, ascii_escapes: bool
+) -> None:
+    """The orjson path (numbers as Fragments of their tokens) against the work list."""
+    raw = csv_export._Raw
+    parsed = json.loads(to_json(value, ascii_escapes), parse_int=raw, parse_float=raw)
+    assert csv_export._compact_json(parsed) == csv_export._compact_json_slowly(parsed)
+
+
+def test_an_ordinary_cell_is_written_by_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(value: object) -> str:
+        raise AssertionError("the work list was used")
+
+    monkeypatch.setattr(csv_export, "_compact_json_slowly", refuse)
+    data = '{"a":[1.50,-0,1e5,"x\\u0001",{"b":null,"c":[true,false]}]}'
+    assert read(render_text(data)) == [
+        ["a"],
+        ['[1.50,-0,1e5,"x\\u0001",{"b":null,"c":[true,false]}]'],
+    ]
+
+
+def render_text(text: str) -> bytes:
+    item = Workflow.new(uuid.uuid4(), JsonDocument(text), (), datetime.now(UTC))
+    return CsvExporter("unused").render(item)
