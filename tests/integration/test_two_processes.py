@@ -22,7 +22,13 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import WORKFLOWS_BIN, running, served, serving
+from tests.support.processes import (
+    WORKFLOWS_BIN,
+    inherited_environment,
+    running,
+    served,
+    serving,
+)
 from workflows.adapters.postgres import PostgresDatabase, PostgresWorkflowRepository
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
@@ -33,16 +39,6 @@ CONSUMERS = 8
 DEADLINE = 60.0
 TOKEN = "two-processes-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-OUR_VARIABLES = (
-    "API_TOKENS",
-    "ALLOW_UNAUTHENTICATED",
-    "PROMETHEUS_MULTIPROC_DIR",
-    "QUEUE_BACKEND",
-    "RABBITMQ_URL",
-    "RABBITMQ_QUEUE",
-    "HOST",
-    "PORT",
-)
 
 
 @pytest.fixture(params=["postgres", "rabbitmq"])
@@ -52,7 +48,7 @@ def server_env(
     """The environment of every server of one test: one database (emptied by `pg`), one
     queue of its own, one export directory, a token; no .env (they run in tmp_path), and a
     TMPDIR of their own (the metrics directories)."""
-    env = {k: v for k, v in os.environ.items() if k not in OUR_VARIABLES}
+    env = inherited_environment()
     (tmp_path / "tmp").mkdir()
     env |= {
         "TMPDIR": str(tmp_path / "tmp"),

@@ -18,6 +18,22 @@ import pytest
 from tests.support.tcp_proxy import free_port
 
 WORKFLOWS_BIN = Path(sys.executable).with_name("workflows")
+# Settings a test's servers must not inherit from the environment pytest runs in.
+SERVER_VARIABLES = (
+    "API_TOKENS",
+    "ALLOW_UNAUTHENTICATED",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "QUEUE_BACKEND",
+    "RABBITMQ_URL",
+    "RABBITMQ_QUEUE",
+    "HOST",
+    "PORT",
+)
+
+
+def inherited_environment() -> dict[str, str]:
+    """This process's environment without SERVER_VARIABLES: a server's base."""
+    return {k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES}
 
 
 @contextmanager
