@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 from pathlib import Path
 
 import httpx
 
-from workflows.entrypoints.container import Container
+from workflows.entrypoints.config import Settings
+from workflows.entrypoints.container import Container, running
+from workflows.entrypoints.http import create_app
 
 Live = tuple[httpx.AsyncClient, Container]
 
@@ -96,3 +99,28 @@ async def test_concurrent_duplicates_with_one_idempotency_key_create_one_workflo
     assert len((await client.get("/workflow")).json()) == 1
     assert (await client.get("/workflow/consume")).status_code == 200
     assert (await client.get("/workflow/consume")).status_code == 204
+
+
+async def test_consumes_link_in_files_opened_ahead_which_stopping_closes(
+    backend_settings: Settings,
+) -> None:
+    container = Container(settings=backend_settings)
+    async with running(container):
+        transport = httpx.ASGITransport(app=create_app(container))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for n in range(3):
+                await client.post("/workflow", json={"data": {"n": n}})
+            bodies = [(await client.get("/workflow/consume")).content for _ in range(3)]
+            spares = container.exporter()._spares
+            assert spares is not None
+            for _ in range(500):
+                if spares.ready >= 16:
+                    break
+                await asyncio.sleep(0.01)
+            assert spares.ready >= 16
+            assert spares.filling
+        if backend_settings.queue_backend == "rabbitmq":
+            await container.broker().delete_queue()
+    assert bodies == [b"n\r\n0\r\n", b"n\r\n1\r\n", b"n\r\n2\r\n"]
+    assert (spares.ready, spares.filling) == (0, False)
+    assert len(os.listdir(backend_settings.export_dir)) == 4  # 3 files, .flushed: no spare

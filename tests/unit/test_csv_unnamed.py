@@ -4,11 +4,14 @@ file is renamed into place instead."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,3 +174,123 @@ async def test_where_unnamed_files_are_refused_a_named_one_is_renamed_into_place
     assert sorted(os.listdir(tmp_path)) == sorted(
         [MARKER, f"{first.uuid}.csv", f"{second.uuid}.csv"]
     )
+
+
+async def spares_of(exporter: CsvExporter, at_least: int = 16) -> csv_export.SpareFiles:
+    """The exporter's spare files, once its thread has opened `at_least` of them."""
+    spares = exporter._spares
+    assert spares is not None
+    for _ in range(500):
+        if spares.ready >= at_least:
+            return spares
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"only {spares.ready} spare files after 5 s")
+
+
+def open_in(directory: Path) -> int:
+    """How many of this process's descriptors are files in `directory` (spares among them:
+    unnamed, they read as `directory/#inode (deleted)`)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{name}").startswith(f"{directory}/")
+    return count
+
+
+async def test_files_are_opened_ahead_so_that_a_write_only_fills_and_links_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = fresh(tmp_path)
+    first = workflow()
+    await exporter.write(first, b"a\r\n0\r\n", NOW)  # the marker, the probe, the thread
+    spares = await spares_of(exporter)
+    before = spares.ready
+    real_open = os.open
+    loop_thread = threading.get_ident()
+
+    def open_(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & csv_export._O_TMPFILE == csv_export._O_TMPFILE:
+            assert threading.get_ident() != loop_thread, "the write opened its own file"
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", open_)
+    items = [workflow() for _ in range(3)]
+    for n, item in enumerate(items):
+        await exporter.write(item, f"a\r\n{n}\r\n".encode(), NOW)
+    assert before >= 16
+    for n, item in enumerate(items):
+        assert (tmp_path / f"{item.uuid}.csv").read_bytes() == f"a\r\n{n}\r\n".encode()
+    names = [MARKER, f"{first.uuid}.csv", *(f"{item.uuid}.csv" for item in items)]
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+    exporter.close()
+
+
+async def test_the_spares_are_topped_up_as_they_are_taken(tmp_path: Path) -> None:
+    exporter = fresh(tmp_path)
+    await exporter.write(workflow(), b"a\r\n0\r\n", NOW)
+    await spares_of(exporter, at_least=32)
+    for n in range(40):  # more than were ready
+        await exporter.write(workflow(), f"a\r\n{n}\r\n".encode(), NOW)
+    assert await spares_of(exporter, at_least=16)
+    assert len(os.listdir(tmp_path)) == 42  # 41 files and the marker: no spare shows
+    exporter.close()
+
+
+async def test_a_spare_that_cannot_be_linked_in_gives_way_to_a_file_opened_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = fresh(tmp_path)
+    await exporter.write(workflow(), b"a\r\n0\r\n", NOW)
+    spares = await spares_of(exporter)
+    real_link_in, linked = csv_export._link_in, []
+
+    def link_in(descriptor: int, path: str) -> None:
+        if not linked:
+            linked.append(descriptor)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link_in(descriptor, path)
+
+    monkeypatch.setattr(csv_export, "_link_in", link_in)
+    item = workflow()
+    await exporter.write(item, b"a\r\n1\r\n", NOW)
+    assert (tmp_path / f"{item.uuid}.csv").read_bytes() == b"a\r\n1\r\n"
+    assert linked  # the spare was tried first
+    with pytest.raises(OSError, match="Bad file descriptor"):  # and closed, with the others
+        os.fstat(linked[0])
+    assert spares.ready < 16 or spares.filling
+    exporter.close()
+
+
+async def test_spares_survive_their_directory_being_removed_and_made_again(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "exports"
+    exporter = fresh(directory)
+    await exporter.write(workflow(), b"a\r\n1\r\n", NOW)
+    await spares_of(exporter)
+    for name in os.listdir(directory):
+        os.unlink(directory / name)
+    directory.rmdir()
+    item = workflow()
+    await exporter.write(item, b"a\r\n2\r\n", NOW)  # its spare cannot be linked: no directory
+    assert (directory / f"{item.uuid}.csv").read_bytes() == b"a\r\n2\r\n"
+    await exporter.write(workflow(), b"a\r\n2\r\n", NOW)  # asks the thread for more
+    await spares_of(exporter)  # opened in the directory made again
+    other = workflow()
+    await exporter.write(other, b"a\r\n3\r\n", NOW)
+    assert (directory / f"{other.uuid}.csv").read_bytes() == b"a\r\n3\r\n"
+    exporter.close()
+
+
+async def test_closing_the_exporter_stops_its_thread_and_closes_every_spare(
+    tmp_path: Path,
+) -> None:
+    exporter = fresh(tmp_path)
+    await exporter.write(workflow(), b"a\r\n1\r\n", NOW)
+    spares = await spares_of(exporter, at_least=32)
+    assert open_in(tmp_path) == 32
+    exporter.close()
+    assert not spares.filling
+    assert spares.ready == 0
+    assert open_in(tmp_path) == 0
+    assert len(os.listdir(tmp_path)) == 2  # the file and the marker: spares leave nothing

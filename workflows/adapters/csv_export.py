@@ -25,6 +25,8 @@ docs/csv.md describes the format for users, with examples. Where the contract is
   crash never see a partial file. A file left to `flush` (below) is written unnamed
   (`O_TMPFILE`) and linked in: a process killed mid-write leaves nothing, and one
   directory entry is made instead of two (in-process, 80-85 → 45-54 µs of CPU per file).
+  The unnamed files are opened ahead by a thread (`SpareFiles`): making the inode is the
+  dearest part of an export, and the event loop only writes and links.
   Where the filesystem has no unnamed files (NFS, no /proc), and for a file fsynced before
   it appears, a named temporary file (`.{uuid}.csv.{random}.tmp`, removed on failure) is
   renamed over it instead. What a power failure may leave is the flusher's business
@@ -58,7 +60,10 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +113,7 @@ class CsvExporter(Exporter):
         self._marked = False  # MARKER exists: any flush-behind write is after its time
         self._unflushed = False  # a file was left to `flush` since the last one began
         self._flushed_at: float | None = None  # MARKER's time, once read by unflushed_since
+        self._spares: SpareFiles | None = None  # unnamed files opened ahead, once they work
 
     def render(self, workflow: Workflow) -> bytes:
         return _render(workflow.data.text)
@@ -129,8 +135,11 @@ class CsvExporter(Exporter):
                     await self._mark_if_missing()
                 if self._unnamed is None:
                     self._unnamed = _unnamed_files_work(self._dir_name)
+                    if self._unnamed:
+                        self._spares = SpareFiles(self._dir_name)
+                        weakref.finalize(self, self._spares.close)
                 if self._unnamed:
-                    _link_unnamed(self._dir_name, target, content)
+                    _link_unnamed(self._dir_name, target, content, self._spares)
                 else:
                     await _replace_atomically(Path(target), content, None)
         except OSError as error:
@@ -139,6 +148,10 @@ class CsvExporter(Exporter):
             # Set with no await since the rename: a flush that began before it sees it
             # next time; one that began after it covers the file.
             self._unflushed = True
+
+    def close(self) -> None:
+        if self._spares is not None:
+            self._spares.close()
 
     async def flush(self) -> None:
         if not self._unflushed:
@@ -242,20 +255,39 @@ async def _replace_atomically(target: Path, content: bytes, fsync: Fsync | None)
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 
-def _link_unnamed(directory: str, target: str, content: bytes) -> None:
+def _link_unnamed(
+    directory: str, target: str, content: bytes, spares: SpareFiles | None = None
+) -> None:
     """Write `content` to an unnamed file in `directory` (`O_TMPFILE`) and link it in as
     `target` whole, replacing any file there: the flush-behind write, all on the loop.
 
     One directory entry is made instead of a temporary one made, then renamed; a process
     killed in the middle leaves no file at all, where a named temporary file would stay.
-    Over an existing `target` (a workflow consumed again) the file is linked in under a
-    temporary name and renamed over it."""
+    The file is one of `spares`, opened ahead by their thread, when one is ready; a spare
+    that cannot be linked in (its directory was removed and made again on another
+    filesystem, say) throws the others away, and a file opened now is tried instead."""
+    spare = spares.take() if spares is not None else None
+    if spare is not None:
+        try:
+            _write_and_link(spare, target, content)
+            return
+        except OSError as error:
+            assert spares is not None
+            log.info("a spare unnamed file failed (%s): opening one instead", error)
+            spares.discard()
     flags = os.O_WRONLY | _O_TMPFILE
     try:
         descriptor = os.open(directory, flags, 0o666)
     except FileNotFoundError:  # the directory was removed since it was made
         os.makedirs(directory, exist_ok=True)
         descriptor = os.open(directory, flags, 0o666)
+    _write_and_link(descriptor, target, content)
+
+
+def _write_and_link(descriptor: int, target: str, content: bytes) -> None:
+    """Fill the unnamed file `descriptor` and link it in as `target`; close it. Over an
+    existing `target` (a workflow consumed again) the file is linked in under a temporary
+    name and renamed over it."""
     try:
         _write_all(descriptor, content)
         try:
@@ -271,6 +303,79 @@ def _link_unnamed(directory: str, target: str, content: bytes) -> None:
                 raise
     finally:
         os.close(descriptor)
+
+
+class SpareFiles:
+    """Unnamed files (`O_TMPFILE`) opened ahead in `directory` by a thread of their own,
+    for consumes to fill and link in.
+
+    Making the file's inode is most of what an export costs the event loop, and on some
+    hosts far more than the rest (`open` with `O_TMPFILE` took 40 % of a consuming worker's
+    samples; bench/notes.md): here the loop only writes and links. The thread keeps up to
+    `keep` files ready, topping up whenever fewer than half are left. An unused spare is
+    nothing on disk: it goes with its descriptor (`close`, or the process's end)."""
+
+    def __init__(self, directory: str, keep: int = 32) -> None:
+        self._directory = directory
+        self._keep = keep
+        self._ready: deque[int] = deque()
+        self._wanted = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    @property
+    def filling(self) -> bool:
+        """Whether the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def take(self) -> int | None:
+        """A ready file's descriptor (the caller closes it), or None if none is ready."""
+        try:
+            descriptor: int | None = self._ready.popleft()
+        except IndexError:
+            descriptor = None
+        if len(self._ready) < self._keep // 2 and not self._closed:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._fill, name="export-spares", daemon=True
+                )
+                self._thread.start()
+            self._wanted.set()
+        return descriptor
+
+    def discard(self) -> None:
+        """Close every ready file; the thread opens new ones."""
+        while True:
+            try:
+                os.close(self._ready.popleft())
+            except IndexError:
+                return
+
+    def close(self) -> None:
+        """Stop the thread and close the ready files."""
+        self._closed = True
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.discard()
+
+    def _fill(self) -> None:
+        flags = os.O_WRONLY | _O_TMPFILE
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while len(self._ready) < self._keep and not self._closed:
+                try:
+                    self._ready.append(os.open(self._directory, flags, 0o666))
+                except OSError as error:  # the consume's own open will say what is wrong
+                    log.debug("no spare unnamed file in %s: %s", self._directory, error)
+                    break
+            if self._closed:
+                return
 
 
 def _link_in(descriptor: int, path: str) -> None:

@@ -136,6 +136,11 @@ class Exporter(abc.ABC):
         """Make every export written so far durable, and record that it is."""
 
     @abc.abstractmethod
+    def close(self) -> None:
+        """Let go of what the exporter holds (threads, open files), once no more exports
+        are written."""
+
+    @abc.abstractmethod
     async def unflushed_since(self) -> datetime | None:
         """After a crash: exports that may not be durable belong to workflows consumed at or
         after this time (None: there are none). Read once, before `suspects`."""

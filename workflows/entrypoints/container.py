@@ -174,6 +174,7 @@ async def running(container: Container) -> AsyncIterator[None]:
             stack.push_async_callback(_cancel, relay_task)
             sweeper = asyncio.create_task(_sweep_dead_letters(container), name="dead-letters")
             stack.push_async_callback(_cancel, sweeper)
+        stack.callback(container.exporter().close)  # after the flusher's last flush
         flusher = container.export_flusher()
         await flusher.try_recover()  # if it cannot yet, its task retries (not ready until then)
         stack.push_async_callback(flusher.close)  # after the task below is cancelled
