@@ -1,0 +1,174 @@
+"""A/B of two (or more) versions of the service: alternating rounds of one scenario.
+
+    .venv/bin/python bench/ab.py --trees A=HEAD~1,B=worktree --backend postgres \\
+        --scenario consume --rounds 4 --seconds 8 [--churn 60000]
+
+Each tree is a git revision (its `workflows/` package, from `git archive`) or `worktree`
+(the working tree's, as it is now), put in var/ab/trees/<name> and served by `workflows
+serve` with PYTHONPATH pointing there, one worker, pinned like `make bench`. Each round
+serves every tree in turn (the order flips every round, so neither always goes first) on a
+fresh database (prefilled with `--prefill` workflows, and the broker's queue with their
+uuids), runs wrk for 2 s of warm-up and `--seconds` measured, and prints the rate, p50 and
+the worker's CPU per request (user + system, from /proc); then the medians. Not part of
+`make bench`: it only compares versions, in one run, as bench/notes.md quotes them.
+
+The export directories are removed only at the end: on this host making a file costs
+several times more for a while after many were deleted (bench/notes.md, session 13), so
+removing a round's files would slow the next round. `--churn N` makes and deletes N files
+before every run on purpose, to measure in that state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import db as dbmod
+import tools
+from service import Service
+
+from bench import ROOT, cpus, free_port
+
+TICKS = os.sysconf("SC_CLK_TCK")
+SCENARIOS = {  # name: (wrk script, path, connections) as in `make bench`
+    "consume": ("consume.lua", "/workflow/consume", 8),
+    "post": ("post.lua", "/workflow", 32),
+    "mixed": ("mixed.lua", "/workflow", 32),
+    "get": ("get_one.lua", "/workflow", 32),
+}
+
+
+def build(name: str, revision: str, into: Path) -> Path:
+    tree = into / name
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    if revision == "worktree":
+        shutil.copytree(
+            ROOT / "workflows", tree / "workflows", ignore=shutil.ignore_patterns("__pycache__")
+        )
+    else:
+        archive = subprocess.run(
+            ["git", "archive", revision, "workflows"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def churn(directory: Path, count: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        os.close(os.open(directory / str(n), os.O_CREAT | os.O_WRONLY, 0o644))
+    shutil.rmtree(directory)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", required=True, help="NAME=REVISION,... (or NAME=worktree)")
+    parser.add_argument("--backend", default="postgres", choices=["postgres", "rabbitmq"])
+    parser.add_argument("--scenario", default="consume", choices=sorted(SCENARIOS))
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--prefill", type=int, default=60_000)
+    parser.add_argument("--churn", type=int, default=0, help="files made and deleted per run")
+    args = parser.parse_args()
+    out = ROOT / "var" / "ab"
+    trees = [
+        (name, build(name, revision, out / "trees"))
+        for name, revision in (spec.split("=", 1) for spec in args.trees.split(","))
+    ]
+    server_cpus, load_cpus = cpus()
+    script, path, connections = SCENARIOS[args.scenario]
+    rabbitmq = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    server = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    env = {"BENCH_BODY": str(ROOT / "bench" / "body.json"), "BENCH_ROWS": str(args.prefill)}
+    run_id = time.strftime("%H%M%S")
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in trees}
+    try:
+        for round_ in range(args.rounds):
+            for name, tree in trees if round_ % 2 == 0 else trees[::-1]:
+                tag = f"ab_{run_id}_{round_}_{name.lower()}"
+                if args.churn:
+                    churn(out / "churn", args.churn)
+                database = dbmod.Database(server, tag)
+                database.create()
+                os.environ["PYTHONPATH"] = str(tree)
+                queue = tag.replace("_", "-")
+                service = Service(
+                    backend=args.backend,
+                    database_url=database.url,
+                    rabbitmq_url=rabbitmq,
+                    queue=queue,
+                    port=free_port(),
+                    workers=1,
+                    cpus=server_cpus,
+                    export_dir=out / "exports" / tag,
+                    log=out / f"{tag}.log",
+                )
+                service.start()
+                try:
+                    if args.scenario in ("consume", "mixed", "get"):
+                        database.prefill(1, args.prefill)
+                        if args.backend == "rabbitmq":
+                            fill = ["--start", "1", "--count", str(args.prefill)]
+                            tools.broker("fill", "fill", url=rabbitmq, queue=queue, extra_args=fill)
+                        database.settle()
+                    url = service.url + path
+
+                    def wrk(label: str, seconds: float) -> tools.Result:
+                        return tools.wrk(
+                            label,
+                            url,  # noqa: B023 (called in this iteration only)
+                            script,
+                            connections=connections,
+                            seconds=seconds,
+                            cpus=load_cpus,
+                            env=env,
+                        )
+
+                    wrk("warm-up", 2)
+                    pids = service.worker_pids()
+                    before = cpu_seconds(pids)
+                    result = wrk(name, args.seconds)
+                    cpu_us = (cpu_seconds(pids) - before) / max(result.ok, 1) * 1e6
+                finally:
+                    service.stop()
+                    if args.backend == "rabbitmq":
+                        tools.broker("delete", "delete", url=rabbitmq, queue=queue)
+                    database.drop()
+                results[name].append((result.rate, cpu_us))
+                print(
+                    f"round {round_} {name}: {result.rate:,.0f}/s, p50 {result.p50_ms:.2f} ms,"
+                    f" worker CPU {cpu_us:,.0f} µs per request, non-2xx {result.failures}"
+                    + (f" {result.notes}" if result.notes else ""),
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(out / "exports", ignore_errors=True)
+    for name, rows in results.items():
+        rates = ", ".join(f"{rate:,.0f}" for rate, _ in rows)
+        cpus_ = ", ".join(f"{cpu:,.0f}" for _, cpu in rows)
+        print(
+            f"{name}: {rates}/s (median {statistics.median(r for r, _ in rows):,.0f});"
+            f" worker CPU {cpus_} µs (median {statistics.median(c for _, c in rows):,.0f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
