@@ -70,6 +70,23 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def one_worker(
+    backend: str, database_url: str, rabbitmq_url: str, queue: str, out: Path, tag: str
+) -> Service:
+    """The service as `make bench` serves it, with one worker, its exports and log in `out`."""
+    return Service(
+        backend=backend,
+        database_url=database_url,
+        rabbitmq_url=rabbitmq_url,
+        queue=queue,
+        port=free_port(),
+        workers=1,
+        cpus=cpus()[0],
+        export_dir=out / "exports" / tag,
+        log=out / f"{tag}.log",
+    )
+
+
 def churn(directory: Path, count: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for n in range(count):
@@ -92,7 +109,7 @@ def main() -> int:
         (name, build(name, revision, out / "trees"))
         for name, revision in (spec.split("=", 1) for spec in args.trees.split(","))
     ]
-    server_cpus, load_cpus = cpus()
+    load_cpus = cpus()[1]
     script, path, connections = SCENARIOS[args.scenario]
     rabbitmq = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     server = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -109,17 +126,7 @@ def main() -> int:
                 database.create()
                 os.environ["PYTHONPATH"] = str(tree)
                 queue = tag.replace("_", "-")
-                service = Service(
-                    backend=args.backend,
-                    database_url=database.url,
-                    rabbitmq_url=rabbitmq,
-                    queue=queue,
-                    port=free_port(),
-                    workers=1,
-                    cpus=server_cpus,
-                    export_dir=out / "exports" / tag,
-                    log=out / f"{tag}.log",
-                )
+                service = one_worker(args.backend, database.url, rabbitmq, queue, out, tag)
                 service.start()
                 try:
                     if args.scenario in ("consume", "mixed", "get"):
