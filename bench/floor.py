@@ -200,7 +200,7 @@ def main() -> int:
                     _migrate(database.url)
                     database.prefill(1, args.prefill)
                     database.settle()
-                    file_us = file_cost_us(out / "probe" / tag)
+                    file_us = tools.file_cost_us(out / "probe" / tag)
                     if kind == "HTTP":
                         got = run_http(database, out, tag, args.seconds)
                     else:
@@ -232,20 +232,6 @@ def main() -> int:
                 f" CPU {med['cpu_us']:,.0f} µs per consume"
             )
     return 0
-
-
-def file_cost_us(directory: Path, count: int = 2000) -> float:
-    """CPU µs to make one 700-byte file (create, write, close) in a new directory beside the
-    exports, now: tens of µs normally, hundreds for minutes after many deletions on this
-    host (bench/notes.md, session 13), which the runs with files feel. Kept until the end."""
-    directory.mkdir(parents=True)
-    content = b"x" * 700
-    start = time.process_time()
-    for n in range(count):
-        fd = os.open(directory / str(n), os.O_CREAT | os.O_WRONLY, 0o644)
-        os.write(fd, content)
-        os.close(fd)
-    return (time.process_time() - start) / count * 1e6
 
 
 def _migrate(url: str) -> None:

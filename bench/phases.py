@@ -216,6 +216,7 @@ def http(ctx: Context, backend: str, port: int) -> None:
             fill = ["--start", str(first), "--count", str(m.consume_prefill)]
             tools.broker("fill", "fill", url=ctx.rabbitmq_url, queue=queue, extra_args=fill)
         db.settle()
+        probe = _probe_files(ctx, f"{backend}-table")
         consume = _wrk(
             ctx,
             f"consume [{backend}]",
@@ -226,6 +227,7 @@ def http(ctx: Context, backend: str, port: int) -> None:
         )
         if consume.extra["statuses"].get(204):
             consume.notes.append(f"ran dry ({consume.extra['statuses'][204]} x 204)")
+        consume.notes.append(probe)
         ctx.add(consume)
         pairs(ctx, backend, service, queue, "consume", first + m.consume_prefill)
         _mixed(ctx, backend, service)
@@ -314,6 +316,7 @@ def pairs(
             tools.broker("fill", "fill", url=ctx.rabbitmq_url, queue=queue, extra_args=fill)
         first += m.consume_prefill
         db.settle()
+        probe = _probe_files(ctx, name.rsplit(" ", 3)[-2] + "-" + backend)
         result = _wrk(
             ctx,
             name,
@@ -324,6 +327,7 @@ def pairs(
         )
         if result.extra["statuses"].get(204):
             result.notes.append(f"ran dry ({result.extra['statuses'][204]} x 204)")
+        result.notes.append(probe)
         return result
 
     if target == "POST":
@@ -346,6 +350,15 @@ def pairs(
     finally:
         if broker_raw:
             tools.broker("delete", "delete", **broker)
+
+
+def _probe_files(ctx: Context, label: str) -> str:
+    """A consume writes a file: how dear making one is right before a consume run (on this
+    host's root filesystem it costs several times more for minutes after many deletions,
+    bench/notes.md, session 13), as a note for the run. Beside the exports, removed with
+    them at the end."""
+    cost = tools.file_cost_us(ctx.out / "exports" / f"probe-{label}")
+    return f"a file cost {cost:,.0f} µs just before"
 
 
 def _wait_drain(ctx: Context, result: Result) -> None:

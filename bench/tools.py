@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,17 @@ def _search(pattern: str, text: str, default: str | None = None) -> str:
             return default
         raise RuntimeError(f"pgbench output has no {pattern!r}:\n{text}")
     return match.group(1)
+
+
+def file_cost_us(directory: Path, count: int = 2000) -> float:
+    """CPU µs to make one 700-byte file (create, write, close) in `directory`, a new one whose
+    files the caller removes later: tens of µs normally, hundreds for minutes after many
+    deletions on this host (bench/notes.md, session 13), which a consume run feels too."""
+    directory.mkdir(parents=True)
+    content = b"x" * 700
+    start = time.process_time()
+    for n in range(count):
+        fd = os.open(directory / str(n), os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, content)
+        os.close(fd)
+    return (time.process_time() - start) / count * 1e6

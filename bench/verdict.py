@@ -183,6 +183,9 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
         "pairs, the tail target on the table's runs (the pairs' p50/p99 are in their table)",
         "raw p50/p99: pgbench per-transaction log; pika: per operation; the prefetching "
         "consumer reports a rate only",
+        "before each consume run, the CPU to make one 700-byte file (2,000 made beside the "
+        "exports) is in the run's notes: a consume writes one, and on this host that costs "
+        "several times more for minutes after many files were deleted (bench/notes.md)",
         f"mixed: 35 % POST, 30 % GET one, 10 % list, 25 % consume, {POST_CONNECTIONS} "
         f"connections, {m.mixed_seconds:g} s"
         + (
