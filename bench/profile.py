@@ -62,8 +62,12 @@ def summarise(raw: Path, out: Path, title: str, requests: int) -> str:
     inclusive: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in raw.read_text().splitlines():
+    # Split on newlines only: a frame's text may hold other characters that splitlines()
+    # takes for line breaks (py-spy 0.4.3 wrote one such).
+    for line in raw.read_text(errors="replace").split("\n"):
         stack_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
         count = int(count_text)
         frames = [f for f in stack_text.split(";") if f]
         total += count
