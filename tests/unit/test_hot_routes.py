@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
-from workflows.entrypoints.hot import HotRoutes, _ready_message
+from workflows.entrypoints.hot import HotRoutes, _ClientWatch, _ready_message
 from workflows.entrypoints.http import create_app
 
 UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -326,18 +326,112 @@ class UvicornLikeReceive:
 async def test_a_ready_message_is_taken_without_waiting() -> None:
     receive = UvicornLikeReceive()
     receive.arrived.set()
-    assert _ready_message(receive) == {
+    assert _ready_message(receive()) == {
         "type": "http.request",
         "body": b"",
         "more_body": False,
     }
     receive.disconnected = True
-    assert _ready_message(receive) == {"type": "http.disconnect"}
+    assert _ready_message(receive()) == {"type": "http.disconnect"}
 
 
 async def test_a_receive_that_would_wait_gives_nothing_and_leaves_no_waiter() -> None:
     receive = UvicornLikeReceive()
-    assert _ready_message(receive) == {}
+    assert _ready_message(receive()) == {}
     assert not receive.arrived._waiters  # type: ignore[attr-defined]  # the step was closed
     receive.arrived.set()  # a later message is still there for the next receive
     assert (await receive())["type"] == "http.request"
+
+
+class NotACoroutine:
+    """An awaitable that is not a coroutine (no send/throw/close), as the `receive()` of a
+    server written in another language (granian) returns."""
+
+    def __init__(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        self._future = future
+
+    def __await__(self) -> NotACoroutine:
+        return self
+
+    def __iter__(self) -> NotACoroutine:
+        return self
+
+    def __next__(self) -> asyncio.Future[dict[str, Any]]:
+        if self._future.done():
+            raise StopIteration(self._future.result())
+        self._future._asyncio_future_blocking = True  # what Future.__await__ does
+        return self._future
+
+
+class ForeignReceive:
+    """A receive returning such awaitables, each settled by the test."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[dict[str, Any]]] = []
+
+    def __call__(self) -> NotACoroutine:
+        future = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        return NotACoroutine(future)
+
+
+async def test_a_receive_that_is_not_a_coroutine_is_watched_by_a_task() -> None:
+    receive = ForeignReceive()
+    watch = _ClientWatch(receive)  # type: ignore[arg-type]
+    assert await watch.still_wanted()  # nothing came yet
+    await asyncio.sleep(0)
+    receive.futures[0].set_result({"type": "http.request", "body": b"", "more_body": False})
+    await asyncio.sleep(0)  # the task takes the request's own message, awaits the next
+    assert await watch.still_wanted()
+    assert len(receive.futures) == 2
+    receive.futures[1].set_result({"type": "http.disconnect"})
+    await asyncio.sleep(0)
+    assert not await watch.still_wanted()  # the next ask sees it: no message left unread
+    assert not await watch.still_wanted()
+    assert len(receive.futures) == 2
+
+
+async def test_closing_the_watch_cancels_its_pending_receive() -> None:
+    receive = ForeignReceive()
+    watch = _ClientWatch(receive)  # type: ignore[arg-type]
+    assert await watch.still_wanted()
+    await asyncio.sleep(0)  # the task awaits the receive
+    watch.close()
+    await asyncio.sleep(0)
+    assert receive.futures[0].cancelled()
+
+
+async def test_the_hot_consume_answers_under_a_receive_that_is_not_a_coroutine(
+    settings: Settings,
+) -> None:
+    """Under granian every hot consume answered 500: the disconnect check closed the
+    receive's awaitable, which has no close()."""
+    hot, _ = apps(settings)
+    assert [status for status, _, _ in await exchange(hot, [post()])] == [201]
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    receive = ForeignReceive()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/workflow/consume",
+        "raw_path": b"/workflow/consume",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("test", 80),
+    }
+    await hot(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 200
+    assert dict(sent[0]["headers"])[b"content-type"] == b"text/csv; charset=utf-8"
+    assert sent[1]["body"].startswith(b"a,b.c")  # the CSV of BODY's data
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() == {asyncio.current_task()}  # no receive left awaited

@@ -1,4 +1,5 @@
-"""The ASGI app as uvicorn runs it: `uvicorn --factory workflows.entrypoints.asgi:create`."""
+"""The ASGI app as uvicorn runs it: `uvicorn --factory workflows.entrypoints.asgi:create`
+(`workflows serve` does; other ASGI servers can run the same factory, README)."""
 
 from __future__ import annotations
 

@@ -16,10 +16,11 @@ under a root path goes to the Starlette app too, as does every other route.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
@@ -166,15 +167,11 @@ class HotRoutes:
         """Consume.get (http.py), without the Starlette layers."""
         query = scope.get("query_string", b"")
         wait = consume_wait(QueryParams(query)) if query else 0.0
-        disconnected = False
-
-        async def still_wanted() -> bool:
-            nonlocal disconnected
-            if not disconnected:
-                disconnected = _ready_message(receive).get("type") == "http.disconnect"
-            return not disconnected
-
-        consumed = await self.container.consume_workflow()(wait, still_wanted)
+        client = _ClientWatch(receive)
+        try:
+            consumed = await self.container.consume_workflow()(wait, client.still_wanted)
+        finally:
+            client.close()
         if consumed is None:
             return 204, [], b""
         uuid = str(consumed.workflow.uuid).encode()
@@ -194,18 +191,62 @@ class HotRoutes:
         return 200, [(b"content-length", str(len(rendered)).encode()), JSON_TYPE], rendered
 
 
-def _ready_message(receive: Receive) -> Message:
-    """The message `receive` has ready now, or {} when it would wait for one: one step of
-    its coroutine, closed where it would suspend. What Starlette's `is_disconnected` does
-    with a cancelled anyio scope, without the scope, which cost 8 % of a consume's CPU
+class _ClientWatch:
+    """Whether a consume's client is still there, asked without waiting (`still_wanted`).
+
+    A `receive()` that returns a coroutine (uvicorn's, hypercorn's, httpx's ASGI transport)
+    is stepped once and closed where it would wait (`_ready_message`). A server may instead
+    return an awaitable that is not a coroutine (granian's), which cannot be closed half-way:
+    then a task receives until the client's `http.disconnect` comes, and `close()` cancels
+    it when the consume is done."""
+
+    __slots__ = ("_gone", "_receive", "_watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+        self._gone = False
+
+    async def still_wanted(self) -> bool:
+        if self._gone:
+            return False
+        watcher = self._watcher
+        if watcher is None:
+            receiving = self._receive()
+            if isinstance(receiving, Coroutine):
+                self._gone = _ready_message(receiving).get("type") == "http.disconnect"
+                return not self._gone
+            self._watcher = asyncio.ensure_future(_until_disconnect(receiving, self._receive))
+            return True
+        if watcher.done():
+            self._gone = True
+            if not watcher.cancelled():
+                watcher.exception()  # a receive that failed: no client to answer either
+        return not self._gone
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+
+async def _until_disconnect(first: Awaitable[Message], receive: Receive) -> None:
+    message = await first
+    while message["type"] != "http.disconnect":
+        message = await receive()
+
+
+def _ready_message(receiving: Coroutine[Any, Any, Message]) -> Message:
+    """The message a `receive()` coroutine has ready now, or {} when it would wait for one:
+    one step, closed where it would suspend. What Starlette's `is_disconnected` does with a
+    cancelled anyio scope, without the scope, which cost 8 % of a consume's CPU
     (bench/notes.md)."""
-    step = receive().__await__()
     try:
-        next(step)
+        receiving.send(None)
     except StopIteration as done:
         message: Message = done.value
         return message
-    step.close()
+    receiving.close()
     return {}
 
 
