@@ -131,20 +131,24 @@ def measure(url: str, queue: str, command: str, clients: int, seconds: float, pr
     }
 
 
-def fill(url: str, queue: str, start: int, count: int) -> Any:
+def fill(url: str, queue: str, start: int, count: int, prefetch: int) -> Any:
     """Publish the uuids of prefilled workflows start..start+count-1 (no confirms: fast),
-    then wait until the broker holds them all. The queue must exist."""
+    then wait until the broker holds them all. The queue must exist. A running service's
+    prefetching consumers take up to `prefetch` each meanwhile: those are not counted
+    ready (AMQP tells only the ready messages and the consumers)."""
     connection, ch = channel(url, queue, passive=True)
     try:
         before = ch.queue_declare(queue, passive=True).method.message_count
         for n in range(start, start + count):
             ch.basic_publish("", queue, prefilled_uuid(n).encode(), PERSISTENT)
         deadline = time.monotonic() + 60
-        while (depth := ch.queue_declare(queue, passive=True).method.message_count) < (
-            before + count
-        ):
+        while True:
+            method = ch.queue_declare(queue, passive=True).method
+            depth, expected = method.message_count, before + count
+            if depth >= expected - method.consumer_count * prefetch:
+                break
             if time.monotonic() > deadline:
-                raise SystemExit(f"fill: the queue holds {depth}, expected {before + count}")
+                raise SystemExit(f"fill: the queue holds {depth}, expected {expected}")
             connection.sleep(0.1)
         return {"command": "fill", "queue": queue, "depth": depth}
     finally:
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=10_000, help="fill: how many")
     args = parser.parse_args(argv)
     if args.command == "fill":
-        result = fill(args.url, args.queue, args.start, args.count)
+        result = fill(args.url, args.queue, args.start, args.count, args.prefetch)
     elif args.command == "declare":
         connection, _ = channel(args.url, args.queue)
         connection.close()

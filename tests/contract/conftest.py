@@ -41,11 +41,15 @@ def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
     return PostgresWorkflowRepository(database.pool, outbox=False)
 
 
-@pytest.fixture(params=["memory", "postgres", "rabbitmq", "rabbitmq-confirmed"])
+@pytest.fixture(
+    params=["memory", "postgres", "rabbitmq", "rabbitmq-confirmed", "rabbitmq-prefetch"]
+)
 def queue_backend(request: pytest.FixtureRequest) -> tuple[str, Any]:
     """The backend's name, and its started database (None for memory). `rabbitmq` answers
     an enqueue at once and consumes unpublished workflows from the outbox; with
-    `rabbitmq-confirmed` an enqueue waits for the broker's confirm."""
+    `rabbitmq-confirmed` an enqueue waits for the broker's confirm; `rabbitmq-prefetch` is
+    `rabbitmq` with a prefetching consumer and the database's rows as its fallback (the
+    service's default)."""
     if request.param == "memory":
         return request.param, None
     return request.param, request.getfixturevalue("pg")
@@ -74,16 +78,21 @@ async def queue_setup(
     from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 
     url = request.getfixturevalue("rabbitmq_url")
-    broker = RabbitMqBroker(url, queue=request.getfixturevalue("queue_name"))
+    prefetch = 32 if backend == "rabbitmq-prefetch" else 0
+    broker = RabbitMqBroker(url, queue=request.getfixturevalue("queue_name"), prefetch=prefetch)
     await broker.start()
     repository = PostgresWorkflowRepository(database.pool, outbox=True)
     outbox = PostgresOutbox(database.pool)
     relay = OutboxRelay(outbox, broker)
     relay_task = asyncio.create_task(relay.run())
     wait = backend == "rabbitmq-confirmed"
+    fallback = PostgresQueue(database.pool) if prefetch else None
     try:
         yield QueueSetup(
-            repository, RabbitMqQueue(repository, broker, relay, outbox, wait_for_confirm=wait)
+            repository,
+            RabbitMqQueue(
+                repository, broker, relay, outbox, wait_for_confirm=wait, fallback=fallback
+            ),
         )
     finally:
         relay_task.cancel()

@@ -21,11 +21,17 @@ def test_defaults_apply_when_nothing_is_set() -> None:
     assert settings.export_dir == Path("var/exports")
     assert settings.max_body_bytes == 1024 * 1024
     assert settings.export_flush_interval == 1.0
+    assert settings.rabbitmq_prefetch == 32
 
 
 def test_rabbitmq_is_the_default_backend_when_its_url_is_set() -> None:
     settings = Settings.from_env({"RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/%2F"})
     assert settings.queue_backend == "rabbitmq"
+
+
+def test_prefetch_zero_turns_the_prefetching_consumer_off() -> None:
+    env = {"RABBITMQ_URL": "amqp://x", "RABBITMQ_PREFETCH": "0"}
+    assert Settings.from_env(env).rabbitmq_prefetch == 0
 
 
 def test_explicit_backend_wins() -> None:
@@ -47,6 +53,8 @@ def test_explicit_backend_wins() -> None:
         ({"EXPORT_FLUSH_INTERVAL": "soon"}, "EXPORT_FLUSH_INTERVAL"),
         ({"EXPORT_FLUSH_INTERVAL": "inf"}, "EXPORT_FLUSH_INTERVAL"),
         ({"EXPORT_FLUSH_INTERVAL": "3601"}, "EXPORT_FLUSH_INTERVAL"),
+        ({"RABBITMQ_PREFETCH": "-1"}, "RABBITMQ_PREFETCH"),
+        ({"RABBITMQ_PREFETCH": "many"}, "RABBITMQ_PREFETCH"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:

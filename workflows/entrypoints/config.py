@@ -27,6 +27,7 @@ class Settings:
     queue_backend: str = "postgres"
     rabbitmq_url: str | None = attrs.field(default=None, repr=False)
     rabbitmq_queue: str = "workflows"
+    rabbitmq_prefetch: int = 32
     export_dir: Path = Path("var/exports")
     export_flush_interval: float = 1.0
     embedded_data_dir: Path = Path("var/postgres")
@@ -62,6 +63,9 @@ class Settings:
             queue_backend=backend,
             rabbitmq_url=rabbitmq_url,
             rabbitmq_queue=env.get("RABBITMQ_QUEUE", d.rabbitmq_queue),
+            rabbitmq_prefetch=_int(
+                env, "RABBITMQ_PREFETCH", d.rabbitmq_prefetch, low=0, high=65535
+            ),
             export_dir=Path(env.get("EXPORT_DIR", str(d.export_dir))),
             export_flush_interval=_flush_interval(env),
             embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),

@@ -61,6 +61,7 @@ class Container(containers.DeclarativeContainer):
             s.rabbitmq_url,
             queue=s.rabbitmq_queue,
             arguments={"x-delivery-limit": 2 * s.max_delivery_attempts},
+            prefetch=s.rabbitmq_prefetch,
         ),
         settings,
     )
@@ -89,19 +90,27 @@ class Container(containers.DeclarativeContainer):
         postgres=providers.Singleton(PostgresWorkflowRepository, pool, outbox=False),
         rabbitmq=providers.Singleton(PostgresWorkflowRepository, pool, outbox=True),
     )
+    postgres_queue = providers.Singleton(PostgresQueue, pool)
     queue = providers.Selector(
         backend,
         memory=providers.Singleton(InMemoryQueue, repository),
-        postgres=providers.Singleton(PostgresQueue, pool),
+        postgres=postgres_queue,
         rabbitmq=providers.Singleton(
-            lambda repository, broker, relay, outbox, s: RabbitMqQueue(
-                repository, broker, relay, outbox, wait_for_confirm=s.confirm_timeout > 0
+            lambda repository, broker, relay, outbox, s, rows: RabbitMqQueue(
+                repository,
+                broker,
+                relay,
+                outbox,
+                wait_for_confirm=s.confirm_timeout > 0,
+                # Messages other processes prefetched are only in the database's rows.
+                fallback=rows if s.rabbitmq_prefetch > 0 else None,
             ),
             repository,
             broker,
             relay,
             outbox,
             settings,
+            postgres_queue,
         ),
     )
     exporter = providers.Singleton(

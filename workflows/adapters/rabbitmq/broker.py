@@ -22,23 +22,21 @@ log = logging.getLogger(__name__)
 PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="text/plain")
 CONSUMER_LANES = 8
 """Channels of a process's consumer connection: how many basic.get it can have on the
-wire at once. A basic.get takes a message only for a consume call waiting for one. No
-prefetching consumer (basic.consume): messages prefetched into one process would be
-missing to the others' consume calls, and every message handed back unused to a quorum
-queue counts towards its x-delivery-limit, so idle prefetching would dead-letter healthy
-workflows."""
+wire at once, for the consume calls that find no prefetched message."""
 
 
 @attrs.frozen
 class Delivery:
-    """A message taken with basic.get, unacked. Its tag is only valid on the channel that
-    delivered it (`lane` of connection `generation`); once that channel is gone the
-    broker requeues it."""
+    """A message taken with basic.get, or delivered to the prefetching consumer
+    (`prefetched`), unacked. Its tag is only valid on the channel that delivered it
+    (`lane` of that connection's `generation`); once that channel is gone the broker
+    requeues it."""
 
     body: bytes
     tag: int
     generation: int
     lane: int
+    prefetched: bool = False
 
 
 class RabbitMqBroker(MessagePublisher):
@@ -53,6 +51,16 @@ class RabbitMqBroker(MessagePublisher):
     hanging it. `arguments` are extra queue arguments (`x-delivery-limit`, dead-lettering).
     Both connections run on the event loop that calls `start()`; every call must come
     from that loop.
+
+    With `prefetch` > 0 a third connection consumes the queue (basic.consume) with up to
+    `prefetch` messages unacked, held in this process until a consume call takes one
+    (`get` hands those out first, then asks with basic.get). The broker pushes a message
+    for every ack instead of answering a basic.get per message, which on a quorum queue
+    costs it a Raft command each (docs/benchmarks.md). What a process holds, no other sees:
+    the queue adapter therefore looks in the database when the broker has nothing. `stop()`
+    publishes what is still held anew and acks it, so a restart does not count towards
+    the messages' delivery limit; a process that dies gives its held messages back, each
+    counted as a delivery.
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class RabbitMqBroker(MessagePublisher):
         timeout: float = 5.0,
         arguments: Mapping[str, object] | None = None,
         consumer_lanes: int = CONSUMER_LANES,
+        prefetch: int = 0,
     ) -> None:
         parameters = pika.URLParameters(url)
         parameters.connection_attempts = 1
@@ -90,15 +99,32 @@ class RabbitMqBroker(MessagePublisher):
             setup=self._declare,
             timeout=timeout,
         )
+        self._prefetch = prefetch
+        self._held: collections.deque[Delivery] = collections.deque()
+        self._consumer_tag = ""
+        self._prefetcher = (
+            AmqpConnection(parameters, lanes=1, setup=self._consume_ahead, timeout=timeout)
+            if prefetch > 0
+            else None
+        )
+
+    @property
+    def held(self) -> int:
+        """Prefetched messages this process holds for its next consume calls."""
+        return len(self._held)
 
     async def start(self) -> None:
-        """Connect both and declare the queues. When the broker is unreachable, raise
+        """Connect and declare the queues. When the broker is unreachable, raise
         DependencyUnavailable but keep running: the next call connects again."""
         self._publisher.start()
         self._consumer.start()
+        if self._prefetcher is not None:
+            self._prefetcher.start()
         try:
             await self._publisher.call(_nothing)
             await self._consumer.call(_nothing)
+            if self._prefetcher is not None:
+                await self._prefetcher.call(_nothing)
         except DependencyUnavailable:
             raise
         except BaseException:
@@ -106,6 +132,9 @@ class RabbitMqBroker(MessagePublisher):
             raise
 
     async def stop(self) -> None:
+        if self._prefetcher is not None:
+            await self._give_back_held()
+            await self._prefetcher.stop()
         await self._publisher.stop()
         await self._consumer.stop()
 
@@ -113,7 +142,9 @@ class RabbitMqBroker(MessagePublisher):
         """Publish the whole batch at once, then wait for the broker's confirms of all of
         it (it confirms many with one `multiple` ack): one wait per batch, not a round trip
         per message, and batches of concurrent callers are on the wire together."""
-        bodies = [str(uuid).encode() for uuid in uuids]
+        await self._publish([str(uuid).encode() for uuid in uuids])
+
+    async def _publish(self, bodies: Sequence[bytes]) -> None:
         if not bodies:
             return
 
@@ -127,6 +158,10 @@ class RabbitMqBroker(MessagePublisher):
         """Take the next message (of the dead-letter queue, with `dead`), unacked; None
         when the queue is empty."""
         name = self.dead_letter_queue if dead else self.queue
+        if not dead and self._prefetcher is not None:
+            held = self._take_held(self._prefetcher)
+            if held is not None:
+                return held
 
         def get(lane: Lane, request: Request[Delivery | None]) -> None:
             generation = self._consumer.generation
@@ -142,7 +177,7 @@ class RabbitMqBroker(MessagePublisher):
 
     def ack(self, delivery: Delivery) -> None:
         """Remove the message, before any later call on this broker; never raises."""
-        self._consumer.post(
+        self._delivered_by(delivery).post(
             lambda lane: lane.channel.basic_ack(delivery.tag),
             generation=delivery.generation,
             lane=delivery.lane,
@@ -150,11 +185,79 @@ class RabbitMqBroker(MessagePublisher):
 
     def requeue(self, delivery: Delivery) -> None:
         """Hand the message back to the queue, before any later call; never raises."""
-        self._consumer.post(
+        self._delivered_by(delivery).post(
             lambda lane: lane.channel.basic_nack(delivery.tag, requeue=True),
             generation=delivery.generation,
             lane=delivery.lane,
         )
+
+    def _delivered_by(self, delivery: Delivery) -> AmqpConnection:
+        if delivery.prefetched and self._prefetcher is not None:
+            return self._prefetcher
+        return self._consumer
+
+    def _take_held(self, prefetcher: AmqpConnection) -> Delivery | None:
+        """The oldest prefetched message still valid (its connection's), if any; (re)open
+        the prefetching connection when it is down, for the calls to come."""
+        if not prefetcher.ready:
+            self._held.clear()  # their connection is gone: the broker requeued them
+            prefetcher.connect()
+            return None
+        while self._held:
+            held = self._held.popleft()
+            if held.generation == prefetcher.generation:
+                return held
+        return None
+
+    def _consume_ahead(self, lane: Lane, done: Ready) -> None:
+        """The prefetching connection's setup: declare the queues, then consume with at
+        most `prefetch` messages unacked, each held until a consume call takes it."""
+        assert self._prefetcher is not None
+        generation = self._prefetcher.generation + 1  # this connection's, once it is ready
+
+        def on_message(_channel: Any, method: Any, _properties: Any, body: bytes) -> None:
+            tag = method.delivery_tag
+            self._held.append(Delivery(body or b"", tag, generation, lane.number, True))
+
+        def on_cancelled(_frame: Any) -> None:
+            # The broker cancelled the consumer (say its queue was deleted): start anew.
+            assert self._prefetcher is not None
+            self._prefetcher.broken("the broker cancelled the prefetching consumer")
+
+        def consume(_frame: Any) -> None:
+            lane.channel.add_on_cancel_callback(lane.guard(on_cancelled))
+            self._consumer_tag = lane.channel.basic_consume(
+                self.queue, lane.guard(on_message), auto_ack=False, callback=lambda _frame: done()
+            )
+
+        self._declare(
+            lane, lambda: lane.channel.basic_qos(prefetch_count=self._prefetch, callback=consume)
+        )
+
+    async def _give_back_held(self) -> None:
+        """Stop consuming, publish the held messages anew, then ack them: back in the
+        queue without a delivery counted. If the broker fails meanwhile, closing the
+        connection gives them back instead (counted)."""
+        prefetcher = self._prefetcher
+        if prefetcher is None or not prefetcher.ready:
+            self._held.clear()
+            return
+
+        def cancel(lane: Lane, request: Request[None]) -> None:
+            lane.channel.basic_cancel(
+                self._consumer_tag, callback=lane.guard(lambda _frame: request.succeed(None))
+            )
+
+        try:
+            await prefetcher.call(cancel)  # deliveries sent before its answer are held now
+            held = [d for d in self._held if d.generation == prefetcher.generation]
+            self._held.clear()
+            await self._publish([d.body for d in held])
+        except DependencyUnavailable as error:
+            log.warning("prefetched messages given back unpublished: %s", error)
+            return
+        for delivery in held:
+            self.ack(delivery)
 
     async def depth(self) -> int:
         """Messages ready in the queue (not counting those taken and not yet acked)."""

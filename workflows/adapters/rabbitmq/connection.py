@@ -161,6 +161,18 @@ class AmqpConnection:
     def running(self) -> bool:
         return self._loop is not None and not self._stopping
 
+    @property
+    def ready(self) -> bool:
+        """Connected, its lanes set up (`generation` is this connection's)."""
+        return self._ready
+
+    def connect(self) -> None:
+        """Open a connection now if none is open or opening, without a request: for a
+        consumer, whose deliveries come unasked (a failed attempt is retried at the next
+        call of this)."""
+        if self.running and self._connection is None:
+            self._connect()
+
     def start(self) -> None:
         """Accept requests, on the running loop (every call must come from it); the first
         request connects."""

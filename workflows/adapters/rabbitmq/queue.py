@@ -25,7 +25,12 @@ class RabbitMqQueue(WorkflowQueue):
     confirmed meanwhile goes first: it is older), and claims the oldest of those queued
     workflows that no other consume is taking (`claim_any`), so a workflow is consumable
     from its commit on, published or not. Its message, when it comes, is a duplicate that
-    consumers skip."""
+    consumers skip.
+
+    With a broker that prefetches, a message another process holds is in no queue this one
+    can see; so when all of the above finds nothing, the consume takes the oldest queued
+    workflow from `fallback` (the repository's own queue: the INSERTED rows, `SKIP
+    LOCKED`), and the held message, when its holder gets to it, is skipped."""
 
     def __init__(
         self,
@@ -36,6 +41,7 @@ class RabbitMqQueue(WorkflowQueue):
         *,
         wait_for_confirm: bool = False,
         unconfirmed_batch: int = 16,
+        fallback: WorkflowQueue | None = None,
     ) -> None:
         self._repository = repository
         self._broker = broker
@@ -43,6 +49,7 @@ class RabbitMqQueue(WorkflowQueue):
         self._outbox = outbox
         self._wait_for_confirm = wait_for_confirm
         self._unconfirmed_batch = unconfirmed_batch
+        self._fallback = fallback
 
     async def enqueued(self, workflow: Workflow) -> None:
         if not self._wait_for_confirm:
@@ -66,7 +73,10 @@ class RabbitMqQueue(WorkflowQueue):
         if claimed is not None:
             return claimed
         # Likewise for an entry deleted since the broker was last asked.
-        return await self._from_broker(handle, now)
+        claimed = await self._from_broker(handle, now)
+        if claimed is not None or self._fallback is None:
+            return claimed
+        return await self._fallback.consume(handle, now)
 
     async def _from_broker(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
         while (delivery := await self._broker.get()) is not None:

@@ -1,0 +1,252 @@
+"""The prefetching consumer (RABBITMQ_PREFETCH) on the real RabbitMQ: messages held in a
+process, handed out, given back on stop without a delivery counted, dropped with their
+connection, and, across processes, never in the way of a consume elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import pika
+import pytest
+
+from tests.integration.test_rabbitmq_broker import broker_threads, take, uuids_of
+from tests.support.tcp_proxy import TcpProxy
+from workflows.adapters.postgres import (
+    PostgresDatabase,
+    PostgresOutbox,
+    PostgresQueue,
+    PostgresWorkflowRepository,
+)
+from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
+from workflows.application.relay import OutboxRelay
+from workflows.domain.errors import DependencyUnavailable
+from workflows.domain.ids import uuid7
+from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+pytestmark = pytest.mark.rabbitmq
+
+PREFETCH = 32
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    yield
+    assert broker_threads() == []
+
+
+@contextlib.asynccontextmanager
+async def prefetching(url: str, queue_name: str) -> AsyncIterator[RabbitMqBroker]:
+    broker = RabbitMqBroker(url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+
+
+async def until_held(broker: RabbitMqBroker, count: int, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while broker.held < count:
+        assert time.monotonic() < deadline, f"held {broker.held} of {count}"
+        await asyncio.sleep(0.01)
+
+
+def read_all(url: str, queue: str) -> list[tuple[str, Any]]:
+    """Every message of `queue` as (body, its x-delivery-count), taken with pika and acked."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        found = []
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            headers = properties.headers or {}
+            found.append((body.decode(), headers.get("x-delivery-count")))
+    finally:
+        connection.close()
+
+
+async def test_prefetched_messages_are_handed_out_in_order_once_each(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    async with prefetching(rabbitmq_url, queue_name) as broker:
+        published = [uuid4() for _ in range(5)]
+        await broker.publish(published)
+        await until_held(broker, 5)
+        assert await broker.depth() == 0  # all pushed to this process
+        deliveries = [await broker.get() for _ in range(5)]
+        taken = [d for d in deliveries if d is not None]
+        assert uuids_of(taken) == published
+        assert all(d.prefetched for d in taken)
+        assert broker.held == 0
+        assert await broker.get() is None
+        for delivery in taken:
+            broker.ack(delivery)
+        await asyncio.sleep(0.5)  # rabbitmq/rabbitmq-server#10327, as left_after_reconnecting
+    assert read_all(rabbitmq_url, queue_name) == []
+
+
+async def test_a_requeued_prefetched_message_is_delivered_again(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    async with prefetching(rabbitmq_url, queue_name) as broker:
+        uuid = uuid4()
+        await broker.publish([uuid])
+        await until_held(broker, 1)
+        first = await broker.get()
+        assert first is not None
+        assert first.prefetched
+        broker.requeue(first)
+        again = await take(broker, 1)
+        assert uuids_of(again) == [uuid]
+        broker.ack(again[0])
+        assert await broker.get() is None
+
+
+async def test_stop_gives_the_held_messages_back_without_counting_a_delivery(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    broker = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    await broker.start()
+    published = [uuid4() for _ in range(3)]
+    await broker.publish(published)
+    await until_held(broker, 3)
+    await broker.stop()
+    back = read_all(rabbitmq_url, queue_name)
+    assert sorted(body for body, _ in back) == sorted(str(u) for u in published)
+    # Published anew: first deliveries (a count of 0, or none on brokers that omit it), so
+    # the queue's delivery limit counts nothing.
+    assert [count or 0 for _, count in back] == [0, 0, 0]
+
+
+async def test_a_process_that_dies_gives_its_held_messages_back_counted(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """What stop() avoids: a connection that goes away returns what it held, each message
+    counted as a delivery (towards x-delivery-limit)."""
+    proxy = TcpProxy.to_amqp(rabbitmq_url)
+    await proxy.up()
+    broker = RabbitMqBroker(proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    try:
+        await broker.start()
+        published = [uuid4() for _ in range(2)]
+        await broker.publish(published)
+        await until_held(broker, 2)
+        await proxy.down()  # as a kill -9 would: no stop()
+        await asyncio.sleep(0.5)
+        back = read_all(rabbitmq_url, queue_name)
+        assert sorted(body for body, _ in back) == sorted(str(u) for u in published)
+        assert [count for _, count in back] == [1, 1]
+    finally:
+        await broker.stop()
+        await proxy.down()
+
+
+async def test_held_messages_of_a_cut_connection_are_not_handed_out_and_come_again(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    proxy = TcpProxy.to_amqp(rabbitmq_url)
+    await proxy.up()
+    broker = RabbitMqBroker(proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    try:
+        await broker.start()
+        published = [uuid4(), uuid4()]
+        await broker.publish(published)
+        await until_held(broker, 2)
+        await proxy.cut()
+        # The two held deliveries died with their channel: whatever comes now is a new
+        # delivery (by basic.get or by the reopened prefetching connection), acked for good.
+        again = await take(broker, 2)
+        assert sorted(uuids_of(again)) == sorted(published)
+        for delivery in again:
+            broker.ack(delivery)
+        await asyncio.sleep(0.5)
+        assert await broker.get() is None
+        assert broker.held == 0
+    finally:
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+        await proxy.down()
+
+
+async def test_messages_are_still_taken_after_the_queue_was_deleted_under_the_consumer(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """The prefetching consumer dies with its queue (RabbitMQ 3.10 cancels it or closes its
+    connection, not always at once); basic.get serves meanwhile."""
+    async with prefetching(rabbitmq_url, queue_name) as broker:
+        await broker.delete_queue()
+        for _ in range(2):
+            uuid = uuid4()
+            await broker.publish([uuid])  # declares the queue again
+            taken = await take(broker, 1)
+            assert uuids_of(taken) == [uuid]
+            broker.ack(taken[0])
+
+
+# --- across processes ---------------------------------------------------------------------
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def record_nothing(workflow: Workflow) -> None:
+    return None
+
+
+@contextlib.asynccontextmanager
+async def replica(
+    database: PostgresDatabase, url: str, queue_name: str
+) -> AsyncIterator[tuple[RabbitMqBroker, RabbitMqQueue]]:
+    """One API process's queue, as the container builds it with the default prefetch."""
+    broker = RabbitMqBroker(url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    await broker.start()
+    outbox = PostgresOutbox(database.pool)
+    repository = PostgresWorkflowRepository(database.pool, outbox=True)
+    relay = OutboxRelay(outbox, broker)
+    queue = RabbitMqQueue(repository, broker, relay, outbox, fallback=PostgresQueue(database.pool))
+    try:
+        yield broker, queue
+    finally:
+        await broker.stop()
+
+
+async def test_messages_held_by_another_process_do_not_hide_their_workflows(
+    pg: PostgresDatabase, rabbitmq_url: str, queue_name: str
+) -> None:
+    repository = PostgresWorkflowRepository(pg.pool, outbox=True)
+    async with replica(pg, rabbitmq_url, queue_name) as (holder, holder_queue):
+        submitted = []
+        for _ in range(3):
+            workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), ("s",), now())
+            await repository.add(workflow)  # with its outbox row
+            submitted.append(workflow.uuid)
+        await holder.publish(submitted)
+        async with pg.pool.connection() as conn:
+            await conn.execute("DELETE FROM outbox")  # confirmed: as the relay would
+        await until_held(holder, 3)  # every message is in the holder's hands
+        async with replica(pg, rabbitmq_url, queue_name) as (_, other_queue):
+            taken: list[UUID] = []
+            while (workflow := await other_queue.consume(record_nothing, now())) is not None:
+                taken.append(workflow.uuid)
+            assert taken == submitted  # from the database, oldest first, none hidden
+        # The holder's messages are duplicates now: skipped and acked, nothing consumed.
+        assert await holder_queue.consume(record_nothing, now()) is None
+        assert holder.held == 0
+    for uuid in submitted:
+        stored = await repository.get(uuid)
+        assert stored is not None
+        assert stored.status is WorkflowStatus.CONSUMED
+    await asyncio.sleep(0.5)
+    assert read_all(rabbitmq_url, queue_name) == []
