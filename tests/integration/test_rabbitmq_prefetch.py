@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+import orjson
 import pika
 import pytest
 
@@ -28,6 +29,8 @@ from workflows.application.relay import OutboxRelay
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+from workflows.entrypoints import operations
+from workflows.entrypoints.config import Settings
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -250,3 +253,32 @@ async def test_messages_held_by_another_process_do_not_hide_their_workflows(
         assert stored.status is WorkflowStatus.CONSUMED
     await asyncio.sleep(0.5)
     assert read_all(rabbitmq_url, queue_name) == []
+
+
+# --- processes that do not consume ----------------------------------------------------
+
+
+async def test_workflows_stats_takes_no_message_ahead(
+    pg: PostgresDatabase,
+    database_url: str,
+    rabbitmq_url: str,
+    queue_name: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`workflows stats` (and `workflows relay`) build the service's container but never
+    consume: with the default RABBITMQ_PREFETCH they would hold messages, report them
+    missing from the depth, and publish them anew, at the back, when they stop."""
+    broker = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0)
+    await broker.start()
+    published = [uuid4() for _ in range(3)]
+    await broker.publish(published)
+    await broker.stop()
+    settings = Settings.from_env(
+        {"DATABASE_URL": database_url, "RABBITMQ_URL": rabbitmq_url, "RABBITMQ_QUEUE": queue_name}
+    )
+    assert settings.rabbitmq_prefetch > 0
+    assert await asyncio.to_thread(operations.stats, settings, as_json=True) == 0
+    assert orjson.loads(capsys.readouterr().out)["queue_depth"] == 3
+    back = read_all(rabbitmq_url, queue_name)
+    assert [body for body, _ in back] == [str(u) for u in published]  # in order, untouched
+    assert [count or 0 for _, count in back] == [0, 0, 0]

@@ -81,7 +81,7 @@ def stats(settings: Settings, *, as_json: bool) -> int:
     if settings.queue_backend == "memory":
         print("workflows stats: QUEUE_BACKEND=memory keeps its queue inside the serving process")
         return 2
-    report = asyncio.run(_gather_stats(settings))
+    report = asyncio.run(_gather_stats(_not_consuming(settings)))
     if as_json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -136,8 +136,15 @@ def relay(settings: Settings) -> int:
             f"(this one is {settings.queue_backend})"
         )
         return 2
-    asyncio.run(_relay(settings))
+    asyncio.run(_relay(_not_consuming(settings)))
     return 0
+
+
+def _not_consuming(settings: Settings) -> Settings:
+    """The settings of a process that never consumes (`stats`, `relay`): no prefetching
+    consumer, which would hold messages it never hands out, hide them from the depth, and
+    publish them anew, at the back of the queue, when the process stops."""
+    return attrs.evolve(settings, rabbitmq_prefetch=0)
 
 
 async def _relay(settings: Settings) -> None:
