@@ -35,6 +35,7 @@ from workflows.entrypoints.config import Settings
 pytestmark = pytest.mark.rabbitmq
 
 PREFETCH = 32
+STEADY = 60.0  # seconds of idling before a broker pauses its prefetching: never, here
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,9 @@ def no_thread_left_behind() -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def prefetching(url: str, queue_name: str) -> AsyncIterator[RabbitMqBroker]:
-    broker = RabbitMqBroker(url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    broker = RabbitMqBroker(
+        url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=STEADY
+    )
     await broker.start()
     try:
         yield broker
@@ -118,7 +121,9 @@ async def test_a_requeued_prefetched_message_is_delivered_again(
 async def test_stop_gives_the_held_messages_back_without_counting_a_delivery(
     rabbitmq_url: str, queue_name: str
 ) -> None:
-    broker = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    broker = RabbitMqBroker(
+        rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=STEADY
+    )
     await broker.start()
     published = [uuid4() for _ in range(3)]
     await broker.publish(published)
@@ -131,6 +136,37 @@ async def test_stop_gives_the_held_messages_back_without_counting_a_delivery(
     assert [count or 0 for _, count in back] == [0, 0, 0]
 
 
+async def test_a_process_asked_for_nothing_gives_back_what_it_holds_until_asked_again(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    broker = RabbitMqBroker(
+        rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=0.3
+    )
+    await broker.start()
+    try:
+        published = [uuid4() for _ in range(3)]
+        await broker.publish(published)
+        await until_held(broker, 3)
+        deadline = time.monotonic() + 5
+        while broker.held or await broker.depth() < 3:  # idle for 0.3 s: given back
+            assert time.monotonic() < deadline, f"held {broker.held}"
+            await asyncio.sleep(0.05)
+        first = await broker.get()  # asked again: basic.get, and the consumer restarts
+        assert first is not None
+        assert uuids_of([first]) == published[:1]  # given back in their order
+        broker.ack(first)
+        await until_held(broker, 2)
+        rest = await take(broker, 2)
+        assert uuids_of(rest) == published[1:]
+        assert all(delivery.prefetched for delivery in rest)
+        for delivery in rest:
+            broker.ack(delivery)
+    finally:
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+
+
 async def test_a_process_that_dies_gives_its_held_messages_back_counted(
     rabbitmq_url: str, queue_name: str
 ) -> None:
@@ -138,7 +174,9 @@ async def test_a_process_that_dies_gives_its_held_messages_back_counted(
     counted as a delivery (towards x-delivery-limit)."""
     proxy = TcpProxy.to_amqp(rabbitmq_url)
     await proxy.up()
-    broker = RabbitMqBroker(proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    broker = RabbitMqBroker(
+        proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=STEADY
+    )
     try:
         await broker.start()
         published = [uuid4() for _ in range(2)]
@@ -159,7 +197,9 @@ async def test_held_messages_of_a_cut_connection_are_not_handed_out_and_come_aga
 ) -> None:
     proxy = TcpProxy.to_amqp(rabbitmq_url)
     await proxy.up()
-    broker = RabbitMqBroker(proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    broker = RabbitMqBroker(
+        proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=STEADY
+    )
     try:
         await broker.start()
         published = [uuid4(), uuid4()]
@@ -213,7 +253,9 @@ async def replica(
     database: PostgresDatabase, url: str, queue_name: str
 ) -> AsyncIterator[tuple[RabbitMqBroker, RabbitMqQueue]]:
     """One API process's queue, as the container builds it with the default prefetch."""
-    broker = RabbitMqBroker(url, queue=queue_name, timeout=2.0, prefetch=PREFETCH)
+    broker = RabbitMqBroker(
+        url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=STEADY
+    )
     await broker.start()
     outbox = PostgresOutbox(database.pool)
     repository = PostgresWorkflowRepository(database.pool, outbox=True)

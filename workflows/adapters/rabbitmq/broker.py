@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -60,7 +62,9 @@ class RabbitMqBroker(MessagePublisher):
     the queue adapter therefore looks in the database when the broker has nothing. `stop()`
     publishes what is still held anew and acks it, so a restart does not count towards
     the messages' delivery limit; a process that dies gives its held messages back, each
-    counted as a delivery.
+    counted as a delivery. A process asked for no message for `prefetch_idle` seconds
+    gives back what it holds in the same way and stops consuming until it is asked again,
+    so that messages do not wait in a process that is not consuming.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class RabbitMqBroker(MessagePublisher):
         arguments: Mapping[str, object] | None = None,
         consumer_lanes: int = CONSUMER_LANES,
         prefetch: int = 0,
+        prefetch_idle: float = 1.0,
     ) -> None:
         parameters = pika.URLParameters(url)
         parameters.connection_attempts = 1
@@ -102,6 +107,11 @@ class RabbitMqBroker(MessagePublisher):
         self._prefetch = prefetch
         self._held: collections.deque[Delivery] = collections.deque()
         self._consumer_tag = ""
+        self._prefetch_idle = prefetch_idle
+        self._last_asked = 0.0  # time.monotonic() of the last get()
+        self._taken = 0  # prefetched messages handed out and not yet acked or requeued
+        self._idle_watch: asyncio.TimerHandle | None = None
+        self._pausing: asyncio.Task[None] | None = None
         self._prefetcher = (
             AmqpConnection(parameters, lanes=1, setup=self._consume_ahead, timeout=timeout)
             if prefetch > 0
@@ -120,6 +130,8 @@ class RabbitMqBroker(MessagePublisher):
         self._consumer.start()
         if self._prefetcher is not None:
             self._prefetcher.start()
+            self._last_asked = time.monotonic()
+            self._watch_idle()
         try:
             await self._publisher.call(_nothing)
             await self._consumer.call(_nothing)
@@ -132,7 +144,12 @@ class RabbitMqBroker(MessagePublisher):
             raise
 
     async def stop(self) -> None:
-        if self._prefetcher is not None:
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+            self._idle_watch = None
+        if self._pausing is not None:
+            await asyncio.shield(self._pausing)
+        if self._prefetcher is not None and self._prefetcher.running:
             await self._give_back_held()
             await self._prefetcher.stop()
         await self._publisher.stop()
@@ -159,6 +176,7 @@ class RabbitMqBroker(MessagePublisher):
         when the queue is empty."""
         name = self.dead_letter_queue if dead else self.queue
         if not dead and self._prefetcher is not None:
+            self._last_asked = time.monotonic()
             held = self._take_held(self._prefetcher)
             if held is not None:
                 return held
@@ -177,6 +195,7 @@ class RabbitMqBroker(MessagePublisher):
 
     def ack(self, delivery: Delivery) -> None:
         """Remove the message, before any later call on this broker; never raises."""
+        self._taken -= delivery.prefetched
         self._delivered_by(delivery).post(
             lambda lane: lane.channel.basic_ack(delivery.tag),
             generation=delivery.generation,
@@ -185,6 +204,7 @@ class RabbitMqBroker(MessagePublisher):
 
     def requeue(self, delivery: Delivery) -> None:
         """Hand the message back to the queue, before any later call; never raises."""
+        self._taken -= delivery.prefetched
         self._delivered_by(delivery).post(
             lambda lane: lane.channel.basic_nack(delivery.tag, requeue=True),
             generation=delivery.generation,
@@ -198,7 +218,14 @@ class RabbitMqBroker(MessagePublisher):
 
     def _take_held(self, prefetcher: AmqpConnection) -> Delivery | None:
         """The oldest prefetched message still valid (its connection's), if any; (re)open
-        the prefetching connection when it is down, for the calls to come."""
+        the prefetching connection when it is down or paused, for the calls to come."""
+        if self._pausing is not None:
+            return None  # giving back what it held: basic.get meanwhile
+        if not prefetcher.running:  # paused after idling: consume again
+            prefetcher.start()
+            prefetcher.connect()
+            self._watch_idle()
+            return None
         if not prefetcher.ready:
             self._held.clear()  # their connection is gone: the broker requeued them
             prefetcher.connect()
@@ -206,6 +233,7 @@ class RabbitMqBroker(MessagePublisher):
         while self._held:
             held = self._held.popleft()
             if held.generation == prefetcher.generation:
+                self._taken += 1
                 return held
         return None
 
@@ -234,6 +262,35 @@ class RabbitMqBroker(MessagePublisher):
             lane, lambda: lane.channel.basic_qos(prefetch_count=self._prefetch, callback=consume)
         )
 
+    def _watch_idle(self) -> None:
+        """Check every half `prefetch_idle` whether this process was asked for nothing
+        since; then pause the prefetching (`_pause`) until the next get()."""
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle_watch = loop.call_later(self._prefetch_idle / 2, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_watch = None
+        prefetcher = self._prefetcher
+        if prefetcher is None or not prefetcher.running or self._pausing is not None:
+            return
+        # Not while a consume still has one of its messages: its ack would find the
+        # channel closed, and the message would come back counted.
+        if self._taken > 0 or time.monotonic() - self._last_asked < self._prefetch_idle:
+            self._watch_idle()
+            return
+        self._pausing = asyncio.ensure_future(self._pause(prefetcher))
+
+    async def _pause(self, prefetcher: AmqpConnection) -> None:
+        try:
+            await self._give_back_held()
+            await prefetcher.stop()
+        except Exception as error:  # a background task: nothing may escape it
+            log.warning("pausing the prefetching consumer failed: %r", error)
+        finally:
+            self._pausing = None
+
     async def _give_back_held(self) -> None:
         """Stop consuming, publish the held messages anew, then ack them: back in the
         queue without a delivery counted. If the broker fails meanwhile, closing the
@@ -256,8 +313,14 @@ class RabbitMqBroker(MessagePublisher):
         except DependencyUnavailable as error:
             log.warning("prefetched messages given back unpublished: %s", error)
             return
-        for delivery in held:
-            self.ack(delivery)
+        if not held:
+            return
+
+        def ack_held(lane: Lane) -> None:  # never handed out: not counted in _taken
+            for delivery in held:
+                lane.channel.basic_ack(delivery.tag)
+
+        prefetcher.post(ack_held, generation=held[0].generation, lane=held[0].lane)
 
     async def depth(self) -> int:
         """Messages ready in the queue (not counting those taken and not yet acked)."""
