@@ -221,6 +221,41 @@ async def test_metrics_add_up_the_workers_of_one_server(
     assert samples[("workflows_dead_letters", ())] == 0
 
 
+@pytest.mark.parametrize("server_env", ["rabbitmq"], indirect=True)
+async def test_metrics_show_the_messages_a_consuming_process_holds_apart_from_the_depth(
+    server_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A consuming process holds queued messages ahead (RABBITMQ_PREFETCH, 32 by default)
+    that the broker no longer counts as ready: workflows_queue_held shows them, and with
+    workflows_queue_depth they add up to what is queued. Left idle, the process gives them
+    back, and the depth counts them again."""
+    posted = 12
+    depth = ("workflows_queue_depth", (("backend", "rabbitmq"),))
+    held = ("workflows_queue_held", ())
+    with served(server_env, tmp_path, "api") as url:
+        for n in range(posted):
+            response = await http.post(f"{url}/workflow", json={"data": {"n": n}})
+            assert response.status_code == 201
+        deadline = time.monotonic() + 15
+        while (samples := await scrape(url))[depth] < posted:  # the relay has published all
+            assert time.monotonic() < deadline, samples[depth]
+            await asyncio.sleep(0.1)
+        assert samples[held] == 0, "nothing is held before the first consume"
+        queued = posted
+        while True:  # a consume each time round: the process never idles meanwhile
+            assert (await http.post(f"{url}/workflow/consume")).status_code == 200
+            queued -= 1
+            samples = await scrape(url)
+            if samples[held] > 0 and samples[held] + samples[depth] == queued:
+                break
+            assert queued > 1, f"never seen held: {samples[held]} + {samples[depth]}"
+        deadline = time.monotonic() + 15
+        while (samples := await scrape(url))[held] > 0:  # idle for a second: given back
+            assert time.monotonic() < deadline, samples[held]
+            await asyncio.sleep(0.2)
+        assert samples[depth] == queued
+
+
 async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"{url}/metrics")  # public by default, even with tokens

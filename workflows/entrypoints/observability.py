@@ -88,6 +88,12 @@ POOL_WAITING = Gauge(
     "Requests waiting for a PostgreSQL connection.",
     multiprocess_mode="livesum",
 )
+QUEUE_HELD = Gauge(
+    "workflows_queue_held",
+    "Queued messages the API processes hold ahead of their consumes (rabbitmq,"
+    " up to RABBITMQ_PREFETCH each); workflows_queue_depth does not count them.",
+    multiprocess_mode="livesum",
+)
 
 
 class RequestMiddleware:
@@ -204,10 +210,13 @@ class SnapshotCollector:
             )
 
 
-def sample_pool(container: Any) -> None:
-    """Record this process's connection pool figures."""
-    if container.settings().queue_backend == "memory":
+def sample_process(container: Any) -> None:
+    """Record this process's connection pool figures and the messages it holds."""
+    backend = container.settings().queue_backend
+    if backend == "memory":
         return
+    if backend == "rabbitmq":
+        QUEUE_HELD.set(container.broker().held)
     stats: dict[str, int] = container.pool().get_stats()
     size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
     POOL_CONNECTIONS.labels("idle").set(idle)
@@ -218,12 +227,13 @@ def sample_pool(container: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def sampling(container: Any, interval: float = POOL_SAMPLE_INTERVAL) -> AsyncIterator[None]:
-    """Sample the pool every `interval` seconds while the app runs; on the way out, take
-    this process's live gauges out of the sums."""
+    """Sample the pool and the held messages every `interval` seconds while the app runs
+    (a scrape samples its own process too); on the way out, take this process's live
+    gauges out of the sums."""
 
     async def loop() -> None:
         while True:
-            sample_pool(container)
+            sample_process(container)
             await asyncio.sleep(interval)
 
     task = asyncio.create_task(loop(), name="pool-sampler")
@@ -262,7 +272,7 @@ def forget_dead_processes(directory: Path) -> None:
 
 async def metrics(request: Request) -> Response:
     container = request.app.state.container
-    sample_pool(container)
+    sample_process(container)
     registry = scrape_registry(await snapshot(container))
     body = await asyncio.to_thread(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
