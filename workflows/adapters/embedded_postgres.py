@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
 
 
+class NotInstalled(RuntimeError):
+    """The `pgserver` wheel (the `embedded` extra) is not installed."""
+
+
 class EmbeddedPostgres:
     """The PostgreSQL bundled with the `pgserver` wheel, serving `data_dir` on a unix socket.
 
@@ -29,7 +33,13 @@ class EmbeddedPostgres:
         # uses /tmp/runtime-$UID, which suits us).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-            from pgserver.postgres_server import get_server
+            try:
+                from pgserver.postgres_server import get_server
+            except ImportError as error:
+                raise NotInstalled(
+                    "DATABASE_URL is not set and the embedded PostgreSQL is not installed:"
+                    " set DATABASE_URL, or install the extra (pip install 'workflows[embedded]')"
+                ) from error
 
         logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every command
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)

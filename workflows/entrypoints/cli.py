@@ -15,6 +15,7 @@ from dotenv import load_dotenv
 
 # Nothing imported here may import prometheus_client: `serve` must set
 # PROMETHEUS_MULTIPROC_DIR first (tests/unit/test_observability.py checks).
+from workflows.adapters.embedded_postgres import EmbeddedPostgres, NotInstalled
 from workflows.adapters.postgres import migrate
 from workflows.entrypoints import operations
 from workflows.entrypoints.config import ConfigError, Settings
@@ -59,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workflows: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        return _run(settings, args)
+    except NotInstalled as exc:
+        print(f"workflows: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "stats":
         return operations.stats(_with_database(settings), as_json=args.json)
     if args.command == "relay":
@@ -115,8 +124,6 @@ def _with_database(settings: Settings) -> Settings:
 def _database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
-    from workflows.adapters.embedded_postgres import EmbeddedPostgres
-
     log.info(
         "DATABASE_URL is not set: starting an embedded PostgreSQL in %s", settings.embedded_data_dir
     )
