@@ -1,15 +1,25 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.openapi_check import check_response
+from tests.support.threads import broker_threads
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.http import create_app
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test of the RabbitMQ adapter (marked `rabbitmq`) stops every connection it
+    started: none of their threads outlives it."""
+    yield
+    if request.node.get_closest_marker("rabbitmq"):
+        assert broker_threads() == []
 
 
 @pytest.fixture(params=["postgres", "rabbitmq"])

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
 import pika
@@ -15,22 +14,13 @@ import pika.exceptions
 import pytest
 
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.threads import broker_threads
 from workflows.adapters.rabbitmq import Delivery, RabbitMqBroker
 from workflows.domain.errors import DependencyUnavailable
 
 pytestmark = pytest.mark.rabbitmq
 
 CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:5999/%2F"
-
-
-def broker_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("rabbitmq-")]
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left_behind() -> Iterator[None]:
-    yield
-    assert broker_threads() == []
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -16,7 +16,7 @@ import orjson
 import pika
 import pytest
 
-from tests.integration.test_rabbitmq_broker import broker_threads, take, uuids_of
+from tests.integration.test_rabbitmq_broker import take, uuids_of
 from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.postgres import (
     PostgresDatabase,
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.rabbitmq
 
 PREFETCH = 32
 STEADY = 60.0  # seconds of idling before a broker pauses its prefetching: never, here
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left_behind() -> Iterator[None]:
-    yield
-    assert broker_threads() == []
 
 
 @contextlib.asynccontextmanager

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import pika
 import pytest
 
-from tests.integration.test_rabbitmq_broker import broker_threads, left_after_reconnecting
+from tests.integration.test_rabbitmq_broker import left_after_reconnecting
 from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.memory import InMemoryWorkflowRepository
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
@@ -84,12 +84,6 @@ class Setup:
         self.outbox.add(workflow.uuid)
         await self.queue.enqueued(workflow)
         return workflow
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left_behind() -> Iterator[None]:
-    yield
-    assert broker_threads() == []
 
 
 @contextlib.asynccontextmanager
