@@ -155,7 +155,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         self._claims = GroupClaim(pool, _take_these)
         # A claim among candidates is the rabbitmq backend's fallback when the broker's queue
         # is empty: rare under load, so one claim per transaction, several at once.
-        self._any_claims = GroupClaim(pool, _take_any, max_batch=1, parallel=4)
+        self._any_claims = GroupClaim(pool, _take_any, max_batch=1, parallel=4, linger=0)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
         if idempotency is None:
