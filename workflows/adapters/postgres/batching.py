@@ -56,13 +56,11 @@ class GroupCommit(Group[In, None]):
         *,
         max_batch: int = 256,
         parallel: int = 1,
-        linger: int = 1,
     ) -> None:
         # One batch in flight: the POSTs that arrive meanwhile all go in the next, bigger
-        # one. Against two in flight, measured median +10 % POST/s (bench/notes.md). It
-        # goes one loop pass late, with the POSTs read in that pass: POST rabbitmq +8 %,
-        # worker CPU -8 % per request (bench/notes.md, session 16).
-        super().__init__(max_batch=max_batch, parallel=parallel, linger=linger)
+        # one. Against two in flight, measured median +10 % POST/s (bench/notes.md). No
+        # linger: a batch one loop pass late measured -5 % POST/s (bench/notes.md).
+        super().__init__(max_batch=max_batch, parallel=parallel)
         self._write_many = write_many
 
     async def add(self, row: In) -> None:
