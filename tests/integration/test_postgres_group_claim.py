@@ -85,6 +85,29 @@ async def test_a_failing_handler_leaves_only_its_own_row_queued(pg: PostgresData
     assert again.uuid == bad
 
 
+async def test_the_handlers_of_a_batch_run_one_after_another(pg: PostgresDatabase) -> None:
+    """In the batch's own task: a handler that waits holds up the next, none overlap."""
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    workflows = [make(n) for n in range(5)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    running, most, order = 0, 0, []
+
+    async def handle(workflow: Workflow) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.005)
+        order.append(workflow.uuid)
+        running -= 1
+
+    results = await asyncio.gather(*(queue.consume(handle, T0) for _ in range(5)))
+    assert sorted(r.uuid for r in results if r is not None) == sorted(w.uuid for w in workflows)
+    assert most == 1
+    assert order == sorted(order)  # in the order the claim returned them: uuid order
+    assert set(await stored(repository, workflows)) == {"consumed"}
+
+
 async def test_claims_of_one_uuid_in_one_batch_give_it_to_one_claimant(
     pg: PostgresDatabase,
 ) -> None:

@@ -126,8 +126,8 @@ SELECT (SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[]) AND claim_to
 class GroupClaim(Group[Claim, "Workflow | None"]):
     """Consumes in groups: one transaction locks a row for each claim of the batch (the
     oldest queued ones, or the named ones) and marks them CONSUMED in the same statement,
-    runs every claim's handler side by side, puts back the rows whose handler failed and
-    commits: three round trips for the batch (BEGIN, the claim, COMMIT) when every handler
+    runs every claim's handler, one after another, puts back the rows whose handler failed
+    and commits: three round trips for the batch (BEGIN, the claim, COMMIT) when every handler
     succeeds.
 
     Each claim keeps the meaning of a lone one: it gets its row only after the commit; a
@@ -139,7 +139,11 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
 
     A batch goes one pass of the event loop after it could (`linger`): under load the
     consumes whose requests are read in that pass join it, about twice as many per
-    transaction at 8 concurrent consumes (bench/notes.md, session 16).
+    transaction at 8 concurrent consumes (bench/notes.md, session 16). The handlers run
+    in the batch's own task, not a task each: their work is CPU on the loop (a CSV and its
+    file, flushed behind), so side by side they only interleaved with the loop's other
+    work and the COMMIT went passes later; one handler that waits (a file written late,
+    with its fsync) holds up the ones after it.
     """
 
     def __init__(
@@ -173,16 +177,18 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
                         for (claim, future), workflow in zip(batch, taken, strict=True)
                         if workflow is not None
                     ]
-                    outcomes = await asyncio.gather(
-                        *(claim.handle(workflow) for claim, _, workflow in mine),
-                        return_exceptions=True,
-                    )
+                    # One after another, in this task: a handler is CPU on the loop (the
+                    # CSV and its file), and a task each would put the COMMIT passes of
+                    # the loop later (bench/notes.md, session 17).
                     back: list[Workflow] = []
-                    for (_, future, workflow), outcome in zip(mine, outcomes, strict=True):
-                        if isinstance(outcome, BaseException):
-                            failed.append((future, outcome))
+                    for claim, future, workflow in mine:
+                        try:
+                            await claim.handle(workflow)
+                        except Exception as raised:
+                            failed.append((future, raised))
                             back.append(workflow)
-                        elif future.done():  # the caller has gone: its row stays queued
+                            continue
+                        if future.done():  # the caller has gone: its row stays queued
                             back.append(workflow)
                         else:
                             consumed.append(
