@@ -42,22 +42,14 @@ def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
 
 
 @pytest.fixture(
-    params=[
-        "memory",
-        "postgres",
-        "postgres-ahead",
-        "rabbitmq",
-        "rabbitmq-confirmed",
-        "rabbitmq-prefetch",
-    ]
+    params=["memory", "postgres", "rabbitmq", "rabbitmq-confirmed", "rabbitmq-prefetch"]
 )
 def queue_backend(request: pytest.FixtureRequest) -> tuple[str, Any]:
     """The backend's name, and its started database (None for memory). `rabbitmq` answers
     an enqueue at once and consumes unpublished workflows from the outbox; with
     `rabbitmq-confirmed` an enqueue waits for the broker's confirm; `rabbitmq-prefetch` is
     `rabbitmq` with a prefetching consumer and the database's rows as its fallback (the
-    service's default). `postgres-ahead` is `postgres` with consumes served from rows
-    claimed ahead (the service's default for that backend)."""
+    service's default)."""
     if request.param == "memory":
         return request.param, None
     return request.param, request.getfixturevalue("pg")
@@ -78,10 +70,9 @@ async def queue_setup(
         PostgresWorkflowRepository,
     )
 
-    if backend in ("postgres", "postgres-ahead"):
+    if backend == "postgres":
         repository = PostgresWorkflowRepository(database.pool, outbox=False)
-        ahead = 0.002 if backend == "postgres-ahead" else 0.0
-        yield QueueSetup(repository, PostgresQueue(database.pool, claim_ahead=ahead))
+        yield QueueSetup(repository, PostgresQueue(database.pool))
         return
 
     from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue

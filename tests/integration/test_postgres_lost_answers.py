@@ -174,26 +174,17 @@ async def test_add_answers_every_caller_of_a_batch_whose_answer_was_lost(
 ANSWER_OF_A_COMMIT = b"COMMIT\x00"  # the CommandComplete tag of COMMIT
 
 
-@pytest.fixture(params=[0.0, 0.002], ids=["grouped", "ahead"])
-def claim_ahead(request: pytest.FixtureRequest) -> float:
-    """The postgres backend's two ways to claim: each batch its own rows, or rows claimed
-    ahead (the service's default)."""
-    return float(request.param)
-
-
-async def one_queued(
-    database: PostgresDatabase, claim_ahead: float
-) -> tuple[PostgresQueue, Workflow]:
+async def one_queued(database: PostgresDatabase) -> tuple[PostgresQueue, Workflow]:
     """The postgres backend's queue, holding one new workflow."""
     workflow = new_workflows(1)[0]
     await PostgresWorkflowRepository(database.pool, outbox=False).add(workflow)
-    return PostgresQueue(database.pool, claim_ahead=claim_ahead), workflow
+    return PostgresQueue(database.pool), workflow
 
 
 async def test_a_claim_whose_commit_answer_is_lost_hands_out_its_workflow(
-    relay: TcpProxy, through: PostgresDatabase, database_url: str, claim_ahead: float
+    relay: TcpProxy, through: PostgresDatabase, database_url: str
 ) -> None:
-    queue, workflow = await one_queued(through, claim_ahead)
+    queue, workflow = await one_queued(through)
     handled: list[Workflow] = []
 
     async def handle(taken: Workflow) -> None:
@@ -232,11 +223,11 @@ async def test_a_claim_by_uuid_whose_commit_answer_is_lost_hands_out_its_workflo
 
 
 async def test_a_claim_rolled_back_by_its_server_is_not_taken_for_committed(
-    relay: TcpProxy, through: PostgresDatabase, database_url: str, claim_ahead: float
+    relay: TcpProxy, through: PostgresDatabase, database_url: str
 ) -> None:
     """The COMMIT reaches a server that cannot commit (the claim's transaction was
     already aborted there, as a crash would leave it): no row carries the token."""
-    queue, workflow = await one_queued(through, claim_ahead)
+    queue, workflow = await one_queued(through)
 
     async def handle(taken: Workflow) -> None:
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
@@ -259,9 +250,9 @@ async def handle_nothing(taken: Workflow) -> None:
 
 
 async def test_a_claim_whose_commit_never_arrived_fails_and_leaves_its_workflow_queued(
-    relay: TcpProxy, through: PostgresDatabase, database_url: str, claim_ahead: float
+    relay: TcpProxy, through: PostgresDatabase, database_url: str
 ) -> None:
-    queue, workflow = await one_queued(through, claim_ahead)
+    queue, workflow = await one_queued(through)
 
     async def handle(taken: Workflow) -> None:
         pass

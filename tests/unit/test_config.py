@@ -22,7 +22,6 @@ def test_defaults_apply_when_nothing_is_set() -> None:
     assert settings.max_body_bytes == 1024 * 1024
     assert settings.export_flush_interval == 1.0
     assert settings.rabbitmq_prefetch == 32
-    assert settings.claim_ahead == 0.002
 
 
 def test_rabbitmq_is_the_default_backend_when_its_url_is_set() -> None:
@@ -33,11 +32,6 @@ def test_rabbitmq_is_the_default_backend_when_its_url_is_set() -> None:
 def test_prefetch_zero_turns_the_prefetching_consumer_off() -> None:
     env = {"RABBITMQ_URL": "amqp://x", "RABBITMQ_PREFETCH": "0"}
     assert Settings.from_env(env).rabbitmq_prefetch == 0
-
-
-def test_claim_ahead_zero_turns_claiming_ahead_off() -> None:
-    assert Settings.from_env({"CLAIM_AHEAD": "0"}).claim_ahead == 0.0
-    assert Settings.from_env({"CLAIM_AHEAD": "0.5"}).claim_ahead == 0.5
 
 
 def test_explicit_backend_wins() -> None:
@@ -61,10 +55,6 @@ def test_explicit_backend_wins() -> None:
         ({"EXPORT_FLUSH_INTERVAL": "3601"}, "EXPORT_FLUSH_INTERVAL"),
         ({"RABBITMQ_PREFETCH": "-1"}, "RABBITMQ_PREFETCH"),
         ({"RABBITMQ_PREFETCH": "many"}, "RABBITMQ_PREFETCH"),
-        ({"CLAIM_AHEAD": "-1"}, "CLAIM_AHEAD"),
-        ({"CLAIM_AHEAD": "soon"}, "CLAIM_AHEAD"),
-        ({"CLAIM_AHEAD": "nan"}, "CLAIM_AHEAD"),
-        ({"CLAIM_AHEAD": "2"}, "CLAIM_AHEAD"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:

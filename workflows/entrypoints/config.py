@@ -28,7 +28,6 @@ class Settings:
     rabbitmq_url: str | None = attrs.field(default=None, repr=False)
     rabbitmq_queue: str = "workflows"
     rabbitmq_prefetch: int = 32
-    claim_ahead: float = 0.002
     export_dir: Path = Path("var/exports")
     export_flush_interval: float = 1.0
     embedded_data_dir: Path = Path("var/postgres")
@@ -67,7 +66,6 @@ class Settings:
             rabbitmq_prefetch=_int(
                 env, "RABBITMQ_PREFETCH", d.rabbitmq_prefetch, low=0, high=65535
             ),
-            claim_ahead=_claim_ahead(env),
             export_dir=Path(env.get("EXPORT_DIR", str(d.export_dir))),
             export_flush_interval=_flush_interval(env),
             embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
@@ -118,13 +116,6 @@ def _flush_interval(env: Mapping[str, str]) -> float:
     value = _float(env, "EXPORT_FLUSH_INTERVAL", DEFAULTS.export_flush_interval)
     if value > 3600:  # inf too: a flusher that never runs would leave every file unflushed
         raise ConfigError("EXPORT_FLUSH_INTERVAL must be at most 3600 (seconds)")
-    return value
-
-
-def _claim_ahead(env: Mapping[str, str]) -> float:
-    value = _float(env, "CLAIM_AHEAD", DEFAULTS.claim_ahead)
-    if value > 1:  # rows held that long would keep other processes' consumes off them
-        raise ConfigError("CLAIM_AHEAD must be at most 1 (second)")
     return value
 
 

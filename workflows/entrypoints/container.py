@@ -90,17 +90,11 @@ class Container(containers.DeclarativeContainer):
         postgres=providers.Singleton(PostgresWorkflowRepository, pool, outbox=False),
         rabbitmq=providers.Singleton(PostgresWorkflowRepository, pool, outbox=True),
     )
-    # rabbitmq's fallback: claims only what its consumes ask for (no rows held ahead)
     postgres_queue = providers.Singleton(PostgresQueue, pool)
     queue = providers.Selector(
         backend,
         memory=providers.Singleton(InMemoryQueue, repository),
-        postgres=providers.Singleton(
-            lambda pool, clock, s: PostgresQueue(pool, claim_ahead=s.claim_ahead, clock=clock),
-            pool,
-            clock,
-            settings,
-        ),
+        postgres=postgres_queue,
         rabbitmq=providers.Singleton(
             lambda repository, broker, relay, outbox, s, rows: RabbitMqQueue(
                 repository,

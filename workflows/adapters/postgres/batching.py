@@ -217,12 +217,10 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
             settle(future, None)  # found no row (or, below the others, nothing left)
 
     async def _committed(self, uuids: list[UUID], token: UUID, ran_by: int) -> bool:
-        return await claim_committed(self._pool, uuids, token, ran_by)
-
-
-async def claim_committed(pool: Pool, uuids: list[UUID], token: UUID, ran_by: int) -> bool:
-    """Whether the claim with `token` of these rows committed: some of them carry the
-    token. Not once its server process (`ran_by`) is gone without them, or when the
-    database cannot say within VERIFY_WITHIN seconds."""
-    found = await rows_left_by(pool, CLAIMED, (uuids, token, ran_by), within=VERIFY_WITHIN)
-    return bool(found)
+        """Whether the claim with `token` of these rows committed: some of them carry the
+        token. Not once its server process (`ran_by`) is gone without them, or when the
+        database cannot say within VERIFY_WITHIN seconds."""
+        found = await rows_left_by(
+            self._pool, CLAIMED, (uuids, token, ran_by), within=VERIFY_WITHIN
+        )
+        return bool(found)

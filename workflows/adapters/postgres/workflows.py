@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -11,7 +11,6 @@ from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
 from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
-from workflows.adapters.postgres.claim_ahead import ClaimAhead
 from workflows.adapters.postgres.database import (
     VERIFY_WITHIN,
     Connection,
@@ -293,32 +292,17 @@ class PostgresWorkflowRepository(WorkflowRepository):
         await ping_database(self._pool)
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class PostgresQueue(WorkflowQueue):
     """The INSERTED rows are the queue; consumers take the oldest one no one else holds."""
 
-    def __init__(
-        self, pool: Pool, *, claim_ahead: float = 0.0, clock: Callable[[], datetime] = _utc_now
-    ) -> None:
-        """`claim_ahead` > 0: consumes take rows claimed ahead of them, held up to that many
-        seconds (`ClaimAhead`); 0: each batch of consumes claims its own (`GroupClaim`)."""
+    def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self._claims = GroupClaim(pool, _take_oldest)
-        self._ahead = (
-            ClaimAhead(pool, _take_oldest_rows, clock, hold=claim_ahead)
-            if claim_ahead > 0
-            else None
-        )
 
     async def enqueued(self, workflow: Workflow) -> None:
         """Nothing to do: the committed INSERTED row is already the queue entry."""
 
     async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
-        if self._ahead is not None:
-            return await self._ahead.call(handle, now)
         return await self._claims.call(Claim(None, handle, now))
 
     async def ping(self) -> None:
@@ -334,12 +318,6 @@ async def _take_oldest(
     rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
     workflows: list[Workflow | None] = [_workflow(row) for row in rows]
     return workflows + [None] * (len(claims) - len(workflows))
-
-
-async def _take_oldest_rows(conn: Connection, n: int, now: datetime, token: UUID) -> list[Workflow]:
-    """As `_take_oldest`, for `n` claims to come: only the rows found."""
-    cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, token, n))
-    return [_workflow(row) for row in sorted(await cursor.fetchall(), key=lambda row: row[0])]
 
 
 async def _take_these(
