@@ -15,7 +15,11 @@ the worker's CPU per request (user + system, from /proc); then the medians. Not 
 The export directories are removed only at the end: on this host making a file costs
 several times more for a while after many were deleted (bench/notes.md, session 13), so
 removing a round's files would slow the next round. `--churn N` makes and deletes N files
-before every run on purpose, to measure in that state.
+before every run on purpose, to measure in that state. `--exports /dev/shm/ab` puts them on
+tmpfs instead, which keeps that state out of a comparison (and out of the runs after it)
+but measures files cheaper than `make bench`'s. `--connections N` overrides the scenario's
+wrk connections (`make bench`'s): a rate that rises with them says the service was waiting,
+not busy (bench/notes.md, session 18).
 """
 
 from __future__ import annotations
@@ -71,9 +75,16 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def one_worker(
-    backend: str, database_url: str, rabbitmq_url: str, queue: str, out: Path, tag: str
+    backend: str,
+    database_url: str,
+    rabbitmq_url: str,
+    queue: str,
+    out: Path,
+    tag: str,
+    exports: Path | None = None,
 ) -> Service:
-    """The service as `make bench` serves it, with one worker, its exports and log in `out`."""
+    """The service as `make bench` serves it, with one worker, its log in `out` and its
+    exports in `exports` (by default `out`/exports)."""
     return Service(
         backend=backend,
         database_url=database_url,
@@ -82,7 +93,7 @@ def one_worker(
         port=free_port(),
         workers=1,
         cpus=cpus()[0],
-        export_dir=out / "exports" / tag,
+        export_dir=(exports or out / "exports") / tag,
         log=out / f"{tag}.log",
     )
 
@@ -103,6 +114,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--prefill", type=int, default=60_000)
     parser.add_argument("--churn", type=int, default=0, help="files made and deleted per run")
+    parser.add_argument(
+        "--connections", type=int, help="wrk connections (default: the scenario's in make bench)"
+    )
+    parser.add_argument(
+        "--exports", type=Path, help="where the export directories go (default var/ab/exports)"
+    )
     args = parser.parse_args()
     out = ROOT / "var" / "ab"
     trees = [
@@ -111,6 +128,8 @@ def main() -> int:
     ]
     load_cpus = cpus()[1]
     script, path, connections = SCENARIOS[args.scenario]
+    connections = args.connections or connections
+    exports = args.exports or out / "exports"
     rabbitmq = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     server = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     env = {"BENCH_BODY": str(ROOT / "bench" / "body.json"), "BENCH_ROWS": str(args.prefill)}
@@ -126,7 +145,7 @@ def main() -> int:
                 database.create()
                 os.environ["PYTHONPATH"] = str(tree)
                 queue = tag.replace("_", "-")
-                service = one_worker(args.backend, database.url, rabbitmq, queue, out, tag)
+                service = one_worker(args.backend, database.url, rabbitmq, queue, out, tag, exports)
                 service.start()
                 try:
                     if args.scenario in ("consume", "mixed", "get"):
@@ -166,7 +185,7 @@ def main() -> int:
                     flush=True,
                 )
     finally:
-        shutil.rmtree(out / "exports", ignore_errors=True)
+        shutil.rmtree(exports, ignore_errors=True)
     for name, rows in results.items():
         rates = ", ".join(f"{rate:,.0f}" for rate, _ in rows)
         cpus_ = ", ".join(f"{cpu:,.0f}" for _, cpu in rows)
