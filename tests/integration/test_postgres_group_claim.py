@@ -38,21 +38,51 @@ async def test_concurrent_consumes_share_transactions_and_take_each_row_once(
         seen.append(workflow)
         await asyncio.sleep(0.001)
 
-    batches: list[int] = []
-    run = queue._claims.run
-
-    async def counted(batch: list) -> None:  # type: ignore[type-arg]
-        batches.append(len(batch))
-        await run(batch)
-
-    queue._claims.run = counted  # type: ignore[method-assign]
     results = await asyncio.gather(*(queue.consume(handle, T0) for _ in range(80)))
     taken = [w.uuid for w in results if w is not None]
     assert sorted(taken) == sorted(w.uuid for w in workflows)  # each once, none left out
     assert sum(result is None for result in results) == 20
     assert sorted(w.uuid for w in seen) == sorted(taken)
-    assert len(batches) < 40, f"{len(batches)} transactions for 80 concurrent consumes"
+    transactions = await claim_transactions(pg, workflows)
+    assert transactions < 20, f"{transactions} transactions took the 60 rows"
     assert set(await stored(repository, workflows)) == {"consumed"}
+
+
+async def claim_transactions(pg: PostgresDatabase, workflows: list[Workflow]) -> int:
+    """How many claim transactions took these rows: each marks its rows with its token."""
+    async with pg.pool.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT count(DISTINCT claim_token) FROM workflows WHERE uuid = ANY(%s)",
+            ([w.uuid for w in workflows],),
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_consumes_that_come_while_a_begin_is_on_its_way_join_its_transaction(
+    pg: PostgresDatabase,
+) -> None:
+    """The postgres queue's batch goes to the database at once (BEGIN) and takes the
+    consumes that came meanwhile: under load the requests read during that round trip
+    share its transaction, and none waits for a later one."""
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    workflows = [make(n) for n in range(6)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    first = asyncio.create_task(queue.consume(handle_nothing, T0))
+    for _ in range(2):  # the consume calls the group; its runner starts and sends BEGIN
+        await asyncio.sleep(0)
+    assert queue._claims._collecting(), "the first consume's BEGIN is on its way"
+    rest = [asyncio.create_task(queue.consume(handle_nothing, T0)) for _ in range(5)]
+    results = await asyncio.gather(first, *rest)
+    assert sorted(w.uuid for w in results if w) == sorted(w.uuid for w in workflows)
+    assert await claim_transactions(pg, workflows) == 1
+    assert await queue.consume(handle_nothing, T0) is None
+
+
+async def handle_nothing(workflow: Workflow) -> None:
+    pass
 
 
 async def test_a_failing_handler_leaves_only_its_own_row_queued(pg: PostgresDatabase) -> None:

@@ -35,7 +35,7 @@ class Group(abc.ABC, Generic[In, Out]):
     async def call(self, item: In) -> Out:
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._running < self._parallel:
+        if self._running < self._parallel and not self._collecting():
             # Counted until _drain returns, not until the task's done callbacks run: a
             # call that comes between the two would otherwise wait for a runner that is
             # no longer looking.
@@ -44,6 +44,11 @@ class Group(abc.ABC, Generic[In, Out]):
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
         return await future
+
+    def _collecting(self) -> bool:
+        """Whether a runner will still take the calls pending now into its batch (so no
+        other runner need start for them)."""
+        return False
 
     async def _drain(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -139,11 +140,17 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
 
     A batch goes one pass of the event loop after it could (`linger`): under load the
     consumes whose requests are read in that pass join it, about twice as many per
-    transaction at 8 concurrent consumes (bench/notes.md, session 16). The handlers run
-    in the batch's own task, not a task each: their work is CPU on the loop (a CSV and its
-    file, flushed behind), so side by side they only interleaved with the loop's other
-    work and the COMMIT went passes later; one handler that waits (a file written late,
-    with its fsync) holds up the ones after it.
+    transaction at 8 concurrent consumes (bench/notes.md, session 16). With `begin_first`
+    (the postgres backend's queue) a batch's runner sends `BEGIN` at once instead, and its
+    batch is the claims that came by the time the answer is back: the requests read during
+    that round trip join it, and the round trip overlaps their reading instead of following
+    it (bench/notes.md, session 18). While such a `BEGIN` is on its way no other runner
+    starts: it would find nothing to take. A `BEGIN` takes no snapshot and no lock.
+
+    The handlers run in the batch's own task, not a task each: their work is CPU on the
+    loop (a CSV and its file, flushed behind), so side by side they only interleaved with
+    the loop's other work and the COMMIT went passes later; one handler that waits (a file
+    written late, with its fsync) holds up the ones after it.
     """
 
     def __init__(
@@ -156,20 +163,65 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
         max_batch: int = 32,
         parallel: int = 2,
         linger: int = 1,
+        begin_first: bool = False,
     ) -> None:
         super().__init__(max_batch=max_batch, parallel=parallel, linger=linger)
         self._pool = pool
         self._take_many = take_many
+        self._begin_first = begin_first
+        self._beginning: set[object] = set()  # runners whose BEGIN is on its way
+
+    def _collecting(self) -> bool:
+        return bool(self._beginning)  # such a runner takes what is pending when BEGIN is done
+
+    async def _drain_pending(self) -> None:
+        if not self._begin_first:
+            await super()._drain_pending()
+            return
+        while self._pending:
+            runner = object()
+            taken: list[tuple[Claim, asyncio.Future[Workflow | None]]] = []
+            self._beginning.add(runner)
+            try:
+                await self._run(functools.partial(self._take, taken, runner))
+            except Exception as error:  # every waiter gets it (503 for DependencyUnavailable)
+                if runner in self._beginning:  # BEGIN failed: the batch fails with it
+                    self._take(taken, runner)
+                for _, future in taken:
+                    settle(future, error=error)
+            finally:
+                self._beginning.discard(runner)
+
+    def _take(
+        self, into: list[tuple[Claim, asyncio.Future[Workflow | None]]], runner: object
+    ) -> list[tuple[Claim, asyncio.Future[Workflow | None]]]:
+        """The next batch of pending claims whose callers are still there, into `into`,
+        once `runner`'s BEGIN is answered."""
+        self._beginning.discard(runner)
+        into.extend(item for item in self._pending[: self._max_batch] if not item[1].done())
+        del self._pending[: self._max_batch]
+        return into
 
     async def run(self, batch: list[tuple[Claim, asyncio.Future[Workflow | None]]]) -> None:
-        now, token = max(claim.now for claim, _ in batch), uuid4()
+        await self._run(lambda: batch)
+
+    async def _run(
+        self, take: Callable[[], list[tuple[Claim, asyncio.Future[Workflow | None]]]]
+    ) -> None:
         consumed: list[tuple[asyncio.Future[Workflow | None], Workflow]] = []
         failed: list[tuple[asyncio.Future[Workflow | None], BaseException]] = []
         mine: list[tuple[Claim, asyncio.Future[Workflow | None], Workflow]] = []
-        ran_by, committing = 0, False
+        batch: list[tuple[Claim, asyncio.Future[Workflow | None]]] = []
+        ran_by, committing, token = 0, False, uuid4()
         try:
             try:
                 async with transaction(self._pool) as conn:
+                    # With `begin_first`, the batch is the claims that came by the time
+                    # BEGIN was answered: those read meanwhile join it.
+                    batch = take()
+                    if not batch:
+                        return
+                    now = max(claim.now for claim, _ in batch)
                     ran_by = conn.info.backend_pid
                     taken = await self._take_many(conn, [claim for claim, _ in batch], now, token)
                     mine = [

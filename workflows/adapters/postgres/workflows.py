@@ -297,7 +297,7 @@ class PostgresQueue(WorkflowQueue):
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
-        self._claims = GroupClaim(pool, _take_oldest)
+        self._claims = GroupClaim(pool, _take_oldest, linger=0, begin_first=True)
 
     async def enqueued(self, workflow: Workflow) -> None:
         """Nothing to do: the committed INSERTED row is already the queue entry."""
