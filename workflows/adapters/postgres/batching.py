@@ -141,7 +141,7 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
     A batch goes one pass of the event loop after it could (`linger`): under load the
     consumes whose requests are read in that pass join it, about twice as many per
     transaction at 8 concurrent consumes (bench/notes.md, session 16). With `begin_first`
-    (the postgres backend's queue) a batch's runner sends `BEGIN` at once instead, and its
+    (the consumes of both backends) a batch's runner sends `BEGIN` at once instead, and its
     batch is the claims that came by the time the answer is back: the requests read during
     that round trip join it, and the round trip overlaps their reading instead of following
     it (bench/notes.md, session 18). While such a `BEGIN` is on its way no other runner

@@ -152,7 +152,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         # is one round trip and one WAL flush for many POSTs instead of one each.
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
         self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
-        self._claims = GroupClaim(pool, _take_these)
+        self._claims = GroupClaim(pool, _take_these, linger=0, begin_first=True)
         # A claim among candidates is the rabbitmq backend's fallback when the broker's queue
         # is empty: rare under load, so one claim per transaction, several at once.
         self._any_claims = GroupClaim(pool, _take_any, max_batch=1, parallel=4, linger=0)
