@@ -36,7 +36,7 @@ CATEGORIES = [
         r"\(poll|select|epoll|_wait_for_tstate_lock|wait \(threading",
     ),
     ("JSON parse + validate (schemas.py, json, simplejson)", r"schemas\.py|simplejson|/json/"),
-    ("CSV render + file write/fsync (csv_export.py)", r"csv_export\.py"),
+    ("CSV render + file write/fsync (csv_export/)", r"csv_export/"),
     ("response render (orjson, starlette Response)", r"render_workflow|responses\.py"),
     ("psycopg (query, adapt, pool)", r"psycopg"),
     ("pika thread (rabbitmq.py, pika)", r"pika|rabbitmq\.py"),

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workflows.adapters import csv_export
 from workflows.adapters.csv_export import CsvExporter
+from workflows.adapters.csv_export import render as csv_render
 from workflows.domain.model import JsonDocument, Workflow
 
 
@@ -224,16 +224,16 @@ def test_an_array_or_object_cell_is_written_as_the_work_list_writes_it(
     value: Value, ascii_escapes: bool
 ) -> None:
     """The orjson path (numbers as Fragments of their tokens) against the work list."""
-    raw = csv_export._Raw
+    raw = csv_render._Raw
     parsed = json.loads(to_json(value, ascii_escapes), parse_int=raw, parse_float=raw)
-    assert csv_export._compact_json(parsed) == csv_export._compact_json_slowly(parsed)
+    assert csv_render._compact_json(parsed) == csv_render._compact_json_slowly(parsed)
 
 
 def test_an_ordinary_cell_is_written_by_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(value: object) -> str:
         raise AssertionError("the work list was used")
 
-    monkeypatch.setattr(csv_export, "_compact_json_slowly", refuse)
+    monkeypatch.setattr(csv_render, "_compact_json_slowly", refuse)
     data = '{"a":[1.50,-0,1e5,"x\\u0001",{"b":null,"c":[true,false]}]}'
     assert read(render_text(data)) == [
         ["a"],

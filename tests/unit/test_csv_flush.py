@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from workflows.adapters import csv_export
-from workflows.adapters.csv_export import LATE_AFTER, MARKER, MTIME_SLACK, CsvExporter
+from workflows.adapters.csv_export import LATE_AFTER, MARKER, MTIME_SLACK, CsvExporter, files
+from workflows.adapters.csv_export.fsync import Fsync
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import JsonDocument, Workflow
 
@@ -36,10 +36,10 @@ class WallClock:
 def events(monkeypatch: pytest.MonkeyPatch) -> Events:
     """Records each file's fsync (by its path) and each filesystem flush; both still run."""
     recorded: Events = []
-    real_sync_and_close = csv_export.Fsync.sync_and_close
-    real_sync_filesystem = csv_export._sync_filesystem
+    real_sync_and_close = Fsync.sync_and_close
+    real_sync_filesystem = files.sync_filesystem
 
-    async def sync_and_close(self: csv_export.Fsync, descriptor: int) -> None:
+    async def sync_and_close(self: Fsync, descriptor: int) -> None:
         name = os.path.basename(os.readlink(f"/proc/self/fd/{descriptor}"))
         recorded.append(f"fsync {name[1:].rsplit('.', 2)[0]}")  # ".{name}.{random}.tmp"
         await real_sync_and_close(self, descriptor)
@@ -48,8 +48,8 @@ def events(monkeypatch: pytest.MonkeyPatch) -> Events:
         recorded.append("syncfs")
         real_sync_filesystem(directory)
 
-    monkeypatch.setattr(csv_export.Fsync, "sync_and_close", sync_and_close)
-    monkeypatch.setattr(csv_export, "_sync_filesystem", sync_filesystem)
+    monkeypatch.setattr(Fsync, "sync_and_close", sync_and_close)
+    monkeypatch.setattr(files, "sync_filesystem", sync_filesystem)
     return recorded
 
 
@@ -100,13 +100,13 @@ async def test_a_flush_syncs_the_filesystem_once_then_records_when_it_began(
     for _ in range(3):
         await exporter.write(workflow(), b"a\r\n", NOW)
     clock.now += 5
-    recording_sync = csv_export._sync_filesystem
+    recording_sync = files.sync_filesystem
 
     def slow_sync(directory: Path) -> None:
         recording_sync(directory)
         clock.now += 1  # a file written meanwhile is after the time recorded
 
-    monkeypatch.setattr(csv_export, "_sync_filesystem", slow_sync)
+    monkeypatch.setattr(files, "sync_filesystem", slow_sync)
     await exporter.flush()
     assert events == [f"fsync {MARKER}", "syncfs", f"fsync {MARKER}"]
     assert marker_time(tmp_path) == NOW + timedelta(seconds=5)
@@ -126,7 +126,7 @@ async def test_a_failed_flush_keeps_the_record_and_is_tried_again(
     def failing(directory: Path) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(csv_export, "_sync_filesystem", failing)
+    monkeypatch.setattr(files, "sync_filesystem", failing)
     clock.now += 5
     with pytest.raises(DependencyUnavailable, match="Input/output error"):
         await exporter.flush()
@@ -139,9 +139,9 @@ async def test_a_failed_flush_keeps_the_record_and_is_tried_again(
 
 async def test_the_filesystem_flush_is_a_real_syncfs(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"x")
-    csv_export._sync_filesystem(tmp_path)  # raises OSError if syncfs fails
-    csv_export._sync_filesystem(tmp_path / "never-made")  # nothing written there: nothing to do
-    assert csv_export._syncfs is not None, "Linux has syncfs(2)"
+    files.sync_filesystem(tmp_path)  # raises OSError if syncfs fails
+    files.sync_filesystem(tmp_path / "never-made")  # nothing written there: nothing to do
+    assert files._syncfs is not None, "Linux has syncfs(2)"
 
 
 async def test_without_a_marker_nothing_was_left_to_a_flush(tmp_path: Path) -> None:

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from workflows.adapters import csv_export
-from workflows.adapters.csv_export import AioContext, CsvExporter
+from workflows.adapters.csv_export import CsvExporter
+from workflows.adapters.csv_export import fsync as fsync_module
+from workflows.adapters.csv_export.fsync import AioContext
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import JsonDocument, Workflow
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 Calls = list[tuple[str, object]]
-real_aio_context = csv_export.new_aio_context
+real_aio_context = fsync_module.new_aio_context
 
 
 def workflow() -> Workflow:
@@ -66,7 +67,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
 
 
 def use_context(monkeypatch: pytest.MonkeyPatch, make: object) -> None:
-    monkeypatch.setattr(csv_export, "new_aio_context", make)
+    monkeypatch.setattr(fsync_module, "new_aio_context", make)
 
 
 async def test_the_fsync_goes_through_linux_aio_before_the_rename(

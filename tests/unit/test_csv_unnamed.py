@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows.adapters import csv_export
-from workflows.adapters.csv_export import MARKER, CsvExporter
+from workflows.adapters.csv_export import MARKER, CsvExporter, files
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import JsonDocument, Workflow
 
@@ -37,7 +36,7 @@ def fresh(tmp_path: Path) -> CsvExporter:
 
 def test_this_machine_gives_unnamed_files(tmp_path: Path) -> None:
     # The tests below are about that path: they must not pass by falling back.
-    assert csv_export._unnamed_files_work(str(tmp_path))
+    assert files.unnamed_files_work(str(tmp_path))
     assert os.listdir(tmp_path) == []  # the probe is gone
 
 
@@ -46,7 +45,7 @@ def test_a_process_killed_in_the_middle_of_a_write_leaves_no_file(tmp_path: Path
         f"""
         import asyncio, os, signal, uuid
         from datetime import datetime, UTC
-        from workflows.adapters import csv_export
+        from workflows.adapters.csv_export import CsvExporter, files
         from workflows.domain.model import JsonDocument, Workflow
 
         def killed_mid_write(descriptor, content):
@@ -55,11 +54,11 @@ def test_a_process_killed_in_the_middle_of_a_write_leaves_no_file(tmp_path: Path
 
         async def main():
             now = datetime.now(UTC)
-            exporter = csv_export.CsvExporter({str(tmp_path)!r})
+            exporter = CsvExporter({str(tmp_path)!r})
             first = Workflow.new(uuid.uuid4(), JsonDocument('{{"a": 1}}'), (), now)
             await exporter.write(first, b"a\\r\\n1\\r\\n", now)
             print(first.uuid, flush=True)
-            csv_export._write_all = killed_mid_write
+            files._write_all = killed_mid_write
             second = Workflow.new(uuid.uuid4(), JsonDocument('{{"a": 2}}'), (), now)
             await exporter.write(second, b"a\\r\\n2\\r\\n", now)
 
@@ -146,7 +145,7 @@ async def test_where_unnamed_files_are_refused_a_named_one_is_renamed_into_place
     real_open, real_link = os.open, os.link
 
     def open_(path: str, flags: int, mode: int = 0o777) -> int:
-        if refused == "open" and flags & csv_export._O_TMPFILE == csv_export._O_TMPFILE:
+        if refused == "open" and flags & files.O_TMPFILE == files.O_TMPFILE:
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         return real_open(path, flags, mode)
 
@@ -176,7 +175,7 @@ async def test_where_unnamed_files_are_refused_a_named_one_is_renamed_into_place
     )
 
 
-async def spares_of(exporter: CsvExporter, at_least: int = 16) -> csv_export.SpareFiles:
+async def spares_of(exporter: CsvExporter, at_least: int = 16) -> files.SpareFiles:
     """The exporter's spare files, once its thread has opened `at_least` of them."""
     spares = exporter._spares
     assert spares is not None
@@ -209,7 +208,7 @@ async def test_files_are_opened_ahead_so_that_a_write_only_fills_and_links_one(
     loop_thread = threading.get_ident()
 
     def open_(path: str, flags: int, mode: int = 0o777) -> int:
-        if flags & csv_export._O_TMPFILE == csv_export._O_TMPFILE:
+        if flags & files.O_TMPFILE == files.O_TMPFILE:
             assert threading.get_ident() != loop_thread, "the write opened its own file"
         return real_open(path, flags, mode)
 
@@ -242,7 +241,7 @@ async def test_a_spare_that_cannot_be_linked_in_gives_way_to_a_file_opened_then(
     exporter = fresh(tmp_path)
     await exporter.write(workflow(), b"a\r\n0\r\n", NOW)
     spares = await spares_of(exporter)
-    real_link_in, linked = csv_export._link_in, []
+    real_link_in, linked = files._link_in, []
 
     def link_in(descriptor: int, path: str) -> None:
         if not linked:
@@ -250,7 +249,7 @@ async def test_a_spare_that_cannot_be_linked_in_gives_way_to_a_file_opened_then(
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_link_in(descriptor, path)
 
-    monkeypatch.setattr(csv_export, "_link_in", link_in)
+    monkeypatch.setattr(files, "_link_in", link_in)
     item = workflow()
     await exporter.write(item, b"a\r\n1\r\n", NOW)
     assert (tmp_path / f"{item.uuid}.csv").read_bytes() == b"a\r\n1\r\n"

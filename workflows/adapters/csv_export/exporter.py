@@ -1,0 +1,172 @@
+"""`CsvExporter`, the Exporter port over a directory: one `{uuid}.csv` per consumed
+workflow, rendered by `render.py` and put in place by `files.py`.
+
+What a power failure may leave is the flusher's business (`Exporter` port, README
+*Guarantees*): a file written `LATE_AFTER` s or more after its consume began, or with no
+consume time, is fsynced before its rename, as every file once was; any other is left to
+`flush`, which runs `syncfs` on the directory's filesystem (one flush for every file
+written since the last) and then records in `.flushed` the time it started. After a crash,
+the files possibly torn are those of workflows whose consume began after `.flushed`'s time
+less `LATE_AFTER` (`suspects`, from their modification times), and `repair` rewrites any
+of them that is not what its data renders, with an fsync. OSError becomes
+DependencyUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+from pathlib import Path
+from uuid import UUID
+
+from workflows.adapters.csv_export import files
+from workflows.adapters.csv_export.fsync import Fsync
+from workflows.adapters.csv_export.render import render_csv
+from workflows.application.ports import Exporter
+from workflows.domain.errors import DependencyUnavailable
+from workflows.domain.model import Workflow
+
+log = logging.getLogger(__name__)
+
+
+LATE_AFTER = 10.0
+"""Seconds after its consume began from which a file is fsynced before its rename rather
+than left to `flush`: what the recovery's look-back allows for a slow consume."""
+MTIME_SLACK = 2.0
+"""Seconds allowed between a file's modification time and the flush it may have missed."""
+MARKER = ".flushed"
+
+
+class CsvExporter(Exporter):
+    media_type = "text/csv; charset=utf-8"
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike[str],
+        *,
+        flush_behind: bool = True,
+        late_after: float = LATE_AFTER,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._dir = Path(export_dir)
+        self._dir_name = os.fspath(export_dir)
+        self._fsync = Fsync()
+        # Whether the directory's filesystem gives unnamed files (None: not tried yet).
+        self._unnamed: bool | None = None if files.O_TMPFILE else False
+        self._flush_behind = flush_behind
+        self._late_after = late_after
+        self._time = wall_clock
+        self._marked = False  # MARKER exists: any flush-behind write is after its time
+        self._unflushed = False  # a file was left to `flush` since the last one began
+        self._flushed_at: float | None = None  # MARKER's time, once read by unflushed_since
+        self._spares: files.SpareFiles | None = None  # unnamed files opened ahead, once they work
+
+    def render(self, workflow: Workflow) -> bytes:
+        return render_csv(workflow.data.text)
+
+    async def write(
+        self, workflow: Workflow, content: bytes, consumed_at: datetime | None = None
+    ) -> None:
+        target = f"{self._dir_name}/{workflow.uuid}.csv"
+        late = (
+            not self._flush_behind
+            or consumed_at is None
+            or self._time() - consumed_at.timestamp() >= self._late_after
+        )
+        try:
+            if late:
+                await files.replace_atomically(Path(target), content, self._fsync)
+            else:
+                if not self._marked:
+                    await self._mark_if_missing()
+                if self._unnamed is None:
+                    self._unnamed = files.unnamed_files_work(self._dir_name)
+                    if self._unnamed:
+                        self._spares = files.SpareFiles(self._dir_name)
+                        weakref.finalize(self, self._spares.close)
+                if self._unnamed:
+                    files.link_unnamed(self._dir_name, target, content, self._spares)
+                else:
+                    await files.replace_atomically(Path(target), content, None)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{target}: {error}") from error
+        if not late:
+            # Set with no await since the rename: a flush that began before it sees it
+            # next time; one that began after it covers the file.
+            self._unflushed = True
+
+    def close(self) -> None:
+        if self._spares is not None:
+            self._spares.close()
+
+    async def flush(self) -> None:
+        if not self._unflushed:
+            return
+        self._unflushed = False
+        started = self._time()
+        try:
+            await asyncio.to_thread(files.sync_filesystem, self._dir)
+            await self._write_marker(started)
+        except OSError as error:
+            self._unflushed = True
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+        except BaseException:
+            self._unflushed = True
+            raise
+
+    async def unflushed_since(self) -> datetime | None:
+        try:
+            text = (self._dir / MARKER).read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+        try:
+            flushed_at = datetime.fromisoformat(text.strip()).timestamp()
+        except ValueError:
+            log.warning("%s holds %r, not a time: checking every export", MARKER, text[:40])
+            flushed_at = 0.0
+        self._flushed_at = flushed_at
+        # What the crashed process left may still be only in the page cache (a process
+        # crash, not a power failure): the first flush after the recovery covers it.
+        self._unflushed = True
+        return datetime.fromtimestamp(max(0.0, flushed_at - self._late_after - MTIME_SLACK), UTC)
+
+    async def suspects(self, uuids: Collection[UUID]) -> list[UUID]:
+        if self._flushed_at is None:
+            raise RuntimeError("suspects() needs unflushed_since() first")
+        written_after = self._flushed_at - MTIME_SLACK
+        try:
+            return await asyncio.to_thread(files.modified_after, self._dir, uuids, written_after)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+
+    async def repair(self, workflow: Workflow, content: bytes) -> bool:
+        target = self._dir / f"{workflow.uuid}.csv"
+        try:
+            try:
+                if target.read_bytes() == content:
+                    return False
+            except FileNotFoundError:
+                return False
+            await files.replace_atomically(target, content, self._fsync)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{target}: {error}") from error
+        return True
+
+    async def _mark_if_missing(self) -> None:
+        """Before the first file left to `flush`: MARKER must exist, so that a crash
+        before the first flush still leaves a time to look back from."""
+        if not (self._dir / MARKER).exists():
+            await self._write_marker(self._time())
+        self._marked = True
+
+    async def _write_marker(self, flushed_at: float) -> None:
+        text = datetime.fromtimestamp(flushed_at, UTC).isoformat() + "\n"
+        await files.replace_atomically(self._dir / MARKER, text.encode(), self._fsync)
+        self._marked = True
