@@ -17,7 +17,8 @@ several times more for a while after many were deleted (bench/notes.md, session 
 removing a round's files would slow the next round. `--churn N` makes and deletes N files
 before every run on purpose, to measure in that state. `--exports /dev/shm/ab` puts them on
 tmpfs instead, which keeps that state out of a comparison (and out of the runs after it)
-but measures files cheaper than `make bench`'s. `--connections N` overrides the scenario's
+but measures files cheaper than `make bench`'s. `--workers B=2` serves a tree with two
+uvicorn workers instead of one. `--connections N` overrides the scenario's
 wrk connections (`make bench`'s): a rate that rises with them says the service was waiting,
 not busy (bench/notes.md, session 18).
 """
@@ -82,16 +83,17 @@ def one_worker(
     out: Path,
     tag: str,
     exports: Path | None = None,
+    workers: int = 1,
 ) -> Service:
-    """The service as `make bench` serves it, with one worker, its log in `out` and its
-    exports in `exports` (by default `out`/exports)."""
+    """The service as `make bench` serves it, with one worker (or `workers`), its log in
+    `out` and its exports in `exports` (by default `out`/exports)."""
     return Service(
         backend=backend,
         database_url=database_url,
         rabbitmq_url=rabbitmq_url,
         queue=queue,
         port=free_port(),
-        workers=1,
+        workers=workers,
         cpus=cpus()[0],
         export_dir=(exports or out / "exports") / tag,
         log=out / f"{tag}.log",
@@ -118,6 +120,9 @@ def main() -> int:
         "--connections", type=int, help="wrk connections (default: the scenario's in make bench)"
     )
     parser.add_argument(
+        "--workers", default="", help="NAME=N,...: uvicorn workers of a tree (default 1)"
+    )
+    parser.add_argument(
         "--exports", type=Path, help="where the export directories go (default var/ab/exports)"
     )
     args = parser.parse_args()
@@ -126,6 +131,7 @@ def main() -> int:
         (name, build(name, revision, out / "trees"))
         for name, revision in (spec.split("=", 1) for spec in args.trees.split(","))
     ]
+    workers = {name: int(n) for name, n in (w.split("=", 1) for w in args.workers.split(",") if w)}
     load_cpus = cpus()[1]
     script, path, connections = SCENARIOS[args.scenario]
     connections = args.connections or connections
@@ -145,7 +151,16 @@ def main() -> int:
                 database.create()
                 os.environ["PYTHONPATH"] = str(tree)
                 queue = tag.replace("_", "-")
-                service = one_worker(args.backend, database.url, rabbitmq, queue, out, tag, exports)
+                service = one_worker(
+                    args.backend,
+                    database.url,
+                    rabbitmq,
+                    queue,
+                    out,
+                    tag,
+                    exports,
+                    workers.get(name, 1),
+                )
                 service.start()
                 try:
                     if args.scenario in ("consume", "mixed", "get"):
