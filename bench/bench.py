@@ -23,6 +23,7 @@ from pathlib import Path
 import cpu
 import db as dbmod
 import phases
+import raw
 import report
 import verdict
 from tools import Result
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "DATABASE_URL": database.url}
             subprocess.run([workflows, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
         pg_started = ctx.db.started_at()
-        info = report.machine(ctx.db.version(), ctx.db.settings(), phases.rabbitmq_version(ctx))
-        phases.raw_postgres(ctx)
-        phases.raw_broker(ctx)
+        info = report.machine(ctx.db.version(), ctx.db.settings(), raw.rabbitmq_version(ctx))
+        raw.raw_postgres(ctx)
+        raw.raw_broker(ctx)
         for backend in ("postgres", "rabbitmq"):
             phases.http(ctx, backend, free_port())
         phases.list_scale(ctx, free_port())

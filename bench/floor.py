@@ -37,7 +37,7 @@ from pathlib import Path
 import db as dbmod
 import tools
 from ab import cpu_seconds, one_worker
-from phases import QUEUE_INDEX
+from runs import QUEUE_INDEX
 
 from bench import ROOT, cpus
 

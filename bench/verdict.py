@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import report
-from phases import BODY, CONSUME_CONNECTIONS, LIST_SCALE_CONNECTIONS, POST_CONNECTIONS
 from psycopg.conninfo import conninfo_to_dict
+from runs import BODY, CONSUME_CONNECTIONS, LIST_SCALE_CONNECTIONS, POST_CONNECTIONS
 from tools import LOAD_NICENESS
 
 if TYPE_CHECKING:
