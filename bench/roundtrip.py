@@ -7,7 +7,7 @@ not throughput), in alternating rounds on a scratch database:
 - `SELECT 1` through libpq alone (psycopg.pq, blocking), through psycopg's blocking
   connection, and through psycopg's AsyncConnection on uvloop, as the service uses it;
 - a consume's claim transaction as GroupClaim runs it for a batch of 3: `BEGIN`, the
-  claim-and-mark statement (workflows.adapters.postgres.workflows.TAKE_OLDEST_INSERTED),
+  claim-and-mark statement (workflows.adapters.postgres.claims.TAKE_OLDEST_INSERTED),
   rows turned into Workflows, `COMMIT`, through psycopg's AsyncConnection; and the same
   three round trips through libpq's asynchronous calls driven by the uvloop loop (prepared
   statement, rows left as bytes): the least any asyncio driver could spend on them.
@@ -31,8 +31,9 @@ import psycopg
 import uvloop
 from psycopg import pq
 
+from workflows.adapters.postgres.claims import TAKE_OLDEST_INSERTED
 from workflows.adapters.postgres.database import utc_options
-from workflows.adapters.postgres.workflows import TAKE_OLDEST_INSERTED, _workflow
+from workflows.adapters.postgres.rows import as_workflow
 
 CLAIMS = 3  # a claim batch's size under make bench's consume load (2-3 on average)
 SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -89,7 +90,7 @@ async def async_claims(url: str, count: int) -> tuple[float, float]:
     for _ in range(count):
         async with conn.transaction():
             cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, uuid.uuid4(), CLAIMS))
-            taken = [_workflow(row) for row in await cursor.fetchall()]
+            taken = [as_workflow(row) for row in await cursor.fetchall()]
             assert len(taken) == CLAIMS, "the scratch queue ran dry"
     result = (time.process_time() - cpu) * 1e6 / count, (time.perf_counter() - wall) * 1e6 / count
     await conn.close()

@@ -15,7 +15,7 @@ from workflows.adapters.postgres import (
     PostgresQueue,
     PostgresWorkflowRepository,
 )
-from workflows.adapters.postgres.workflows import TAKE_OLDEST_INSERTED
+from workflows.adapters.postgres.claims import TAKE_OLDEST_INSERTED
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
 

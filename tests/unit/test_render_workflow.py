@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
-from workflows.entrypoints import schemas
+from workflows.entrypoints import rendering
 
 
 def reference(w: Workflow) -> bytes:
@@ -76,16 +76,16 @@ workflows = st.builds(
 @settings(max_examples=300)
 @given(workflows)
 def test_one_workflow_renders_as_the_reference(workflow: Workflow) -> None:
-    assert schemas.render_workflow(workflow) == reference(workflow)
+    assert rendering.render_workflow(workflow) == reference(workflow)
 
 
 @given(st.lists(workflows, max_size=5))
 def test_a_page_renders_as_the_reference_joined(page: list[Workflow]) -> None:
-    assert schemas.render_workflows(page) == b"[" + b",".join(map(reference, page)) + b"]"
+    assert rendering.render_workflows(page) == b"[" + b",".join(map(reference, page)) + b"]"
 
 
 def test_microseconds_and_their_absence_render_as_before() -> None:
     whole, fraction = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6)
     for at in (whole, fraction.replace(tzinfo=UTC)):
         w = Workflow.new(uuid4(), JsonDocument(DATA_TEXTS[2]), ("a",), at)
-        assert schemas.render_workflow(w) == reference(w)
+        assert rendering.render_workflow(w) == reference(w)

@@ -17,7 +17,7 @@ import simplejson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from workflows.entrypoints import schemas
+from workflows.entrypoints import fast_parse, json_values, schemas
 from workflows.entrypoints.problems import Problem
 
 SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r"}
@@ -37,7 +37,7 @@ def assert_same(body: bytes) -> bool:
     """Both paths agree on body; whether the fast path answered."""
     expected = outcome(schemas._parse_new_workflow, body)
     assert outcome(schemas.parse_new_workflow, body) == expected
-    fast = schemas._parse_new_workflow_fast(body)
+    fast = fast_parse.parse_new_workflow_fast(body)
     if fast is not None:
         assert ("ok", fast) == expected
     return fast is not None
@@ -155,7 +155,9 @@ def wrap(draw: st.DrawFn, opening: str, items: list[str], closing: str) -> str:
 @st.composite
 def nested(draw: st.DrawFn) -> str:
     """An object holding a value nested around MAX_DEPTH levels deep."""
-    levels = draw(st.integers(min_value=schemas.MAX_DEPTH - 3, max_value=schemas.MAX_DEPTH + 2))
+    levels = draw(
+        st.integers(min_value=json_values.MAX_DEPTH - 3, max_value=json_values.MAX_DEPTH + 2)
+    )
     text = draw(st.sampled_from(["1", "{}", "[]", '"x"']))
     for _ in range(levels):
         text = '{"n":' + text + "}" if draw(st.booleans()) else "[" + text + "]"

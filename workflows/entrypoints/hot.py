@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from workflows.entrypoints import observability, schemas, security
+from workflows.entrypoints import observability, rendering, schemas, security
 from workflows.entrypoints.inputs import (
     consume_wait,
     list_query,
@@ -140,7 +140,7 @@ class HotRoutes:
         data, steps = schemas.parse_new_workflow(body)
         created = await self.container.create_workflow()(data, steps, key)
         workflow = created.workflow
-        rendered = schemas.render_workflow(workflow)
+        rendered = rendering.render_workflow(workflow)
         location = f"{scope['path'].rstrip('/')}/{workflow.uuid}".encode("latin-1")
         raw = [(b"location", location)]
         if created.replayed:
@@ -159,7 +159,7 @@ class HotRoutes:
             found = found[:limit]
             link = next_page_link(scope["path"], status, limit, dead, found[-1].uuid)
             raw.append((b"link", link.encode("latin-1")))
-        rendered = schemas.render_workflows(found)
+        rendered = rendering.render_workflows(found)
         raw += [(b"content-length", str(len(rendered)).encode()), JSON_TYPE]
         return 200, raw, rendered
 
@@ -187,7 +187,7 @@ class HotRoutes:
     async def item(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
         """WorkflowItem.get (http.py), without the Starlette layers."""
         uuid = schemas.parse_uuid(scope["path"].rpartition("/")[2], "/path/uuid")
-        rendered = schemas.render_workflow(await self.container.get_workflow()(uuid))
+        rendered = rendering.render_workflow(await self.container.get_workflow()(uuid))
         return 200, [(b"content-length", str(len(rendered)).encode()), JSON_TYPE], rendered
 
 

@@ -22,7 +22,7 @@ from workflows.domain.errors import (
     IdempotencyKeyReused,
     WorkflowNotFound,
 )
-from workflows.entrypoints import observability, schemas, security
+from workflows.entrypoints import observability, rendering, schemas, security
 from workflows.entrypoints.container import Container
 from workflows.entrypoints.docs import docs_routes
 from workflows.entrypoints.hot import HotRoutes
@@ -74,7 +74,7 @@ class WorkflowCollection(HTTPEndpoint):
         headers = {"Location": f"{request.scope['path'].rstrip('/')}/{workflow.uuid}"}
         if created.replayed:
             headers["Idempotent-Replayed"] = "true"
-        return json_response(schemas.render_workflow(workflow), 201, headers)
+        return json_response(rendering.render_workflow(workflow), 201, headers)
 
     async def get(self, request: Request) -> Response:
         status, after, limit, dead = list_query(request.query_params)
@@ -85,20 +85,20 @@ class WorkflowCollection(HTTPEndpoint):
         if len(found) > limit:
             found = found[:limit]
             headers["Link"] = next_page_link(request.url.path, status, limit, dead, found[-1].uuid)
-        return json_response(schemas.render_workflows(found), headers=headers)
+        return json_response(rendering.render_workflows(found), headers=headers)
 
 
 class WorkflowItem(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
         uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
         workflow = await container_of(request).get_workflow()(uuid)
-        return json_response(schemas.render_workflow(workflow))
+        return json_response(rendering.render_workflow(workflow))
 
     async def patch(self, request: Request) -> Response:
         uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
         status = schemas.parse_status_patch(await read_json_body(request))
         workflow = await container_of(request).update_status()(uuid, status)
-        return json_response(schemas.render_workflow(workflow))
+        return json_response(rendering.render_workflow(workflow))
 
 
 class WorkflowCsv(HTTPEndpoint):

@@ -4,7 +4,8 @@ from workflows.adapters.postgres.database import PostgresDatabase
 from workflows.adapters.postgres.doorbell import PostgresDoorbell
 from workflows.adapters.postgres.migrations import migrate
 from workflows.adapters.postgres.outbox import PostgresOutbox
-from workflows.adapters.postgres.workflows import PostgresQueue, PostgresWorkflowRepository
+from workflows.adapters.postgres.queue import PostgresQueue
+from workflows.adapters.postgres.workflows import PostgresWorkflowRepository
 
 __all__ = [
     "PostgresDatabase",

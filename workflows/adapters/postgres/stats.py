@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 
 from workflows.adapters.postgres.database import Pool, connection
-from workflows.adapters.postgres.workflows import QUEUED
+from workflows.adapters.postgres.rows import QUEUED
 
 # Counts on workflows_status_uuid_idx and the partial workflows_dead_lettered_idx: cheap
 # enough for every scrape.

@@ -1,16 +1,17 @@
-"""Workflows in PostgreSQL: the repository, and a queue whose entries are the rows."""
+"""Workflows in PostgreSQL: the repository (the queue on its rows is queue.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from uuid import UUID
 
 from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
 from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
+from workflows.adapters.postgres.claims import take_any, take_these
 from workflows.adapters.postgres.database import (
     VERIFY_WITHIN,
     Connection,
@@ -20,14 +21,10 @@ from workflows.adapters.postgres.database import (
     rows_left_by,
     transaction,
 )
-from workflows.application.ports import (
-    ClaimHandler,
-    StatusChange,
-    WorkflowQueue,
-    WorkflowRepository,
-)
+from workflows.adapters.postgres.rows import COLUMNS, QUEUED, as_workflow
+from workflows.application.ports import ClaimHandler, StatusChange, WorkflowRepository
 from workflows.domain.errors import DependencyUnavailable, IdempotencyKeyReused
-from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.model import IdempotencyKey, Workflow, WorkflowStatus
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +34,6 @@ STORED = """
 SELECT (SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[])),
        EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)
 """
-
-COLUMNS = (
-    "uuid, status::text, data_text::text, steps, created_at, updated_at,"
-    " delivery_attempts, dead_lettered_at"
-)
-QUEUED = "status = 'inserted' AND dead_lettered_at IS NULL"
 
 INSERT = """
 INSERT INTO workflows (uuid, status, data_text, steps, created_at, updated_at)
@@ -86,39 +77,6 @@ GET_MANY = f"SELECT {COLUMNS} FROM workflows WHERE uuid = ANY(%b::uuid[])"
 LOCK = f"{GET} FOR UPDATE"
 # At start-up (ExportFlusher), on workflows_consumed_idx.
 CONSUMED_SINCE = "SELECT uuid FROM workflows WHERE status = 'consumed' AND updated_at >= %s"
-# Claims lock the rows and mark them CONSUMED in one statement, inside the claim's
-# transaction (GroupClaim); RETURNING gives each row as it was, for the handler. 'inserted'
-# is a literal, not a parameter, so even a generic (prepared) plan can use the partial index
-# workflows_queue_idx. Rows are locked in uuid order, so two batches that want the same
-# rows cannot deadlock.
-TAKE = """
-UPDATE workflows
-SET status = 'consumed', updated_at = %s, claim_token = %s
-FROM ({}) AS taken
-WHERE workflows.uuid = taken.uuid
-RETURNING {}
-"""
-_LOCKED = (
-    "uuid, status, data_text, steps, created_at, updated_at, delivery_attempts, dead_lettered_at"
-)
-_TAKEN = (
-    "taken.uuid, taken.status, taken.data_text::text, taken.steps, taken.created_at,"
-    " taken.updated_at, taken.delivery_attempts, taken.dead_lettered_at"
-)
-TAKE_OLDEST_INSERTED = TAKE.format(
-    f"SELECT {_LOCKED} FROM workflows WHERE {QUEUED} ORDER BY uuid LIMIT %s FOR UPDATE SKIP LOCKED",
-    _TAKEN,
-)
-TAKE_ANY_QUEUED = TAKE.format(
-    f"SELECT {_LOCKED} FROM workflows WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}"
-    " ORDER BY uuid LIMIT 1 FOR UPDATE SKIP LOCKED",
-    _TAKEN,
-)
-TAKE_THESE_IF_QUEUED = TAKE.format(
-    f"SELECT {_LOCKED} FROM workflows WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}"
-    " ORDER BY uuid FOR UPDATE",
-    _TAKEN,
-)
 SET_STATE = f"""
 UPDATE workflows
 SET status = %s, updated_at = %s, delivery_attempts = %s, dead_lettered_at = %s
@@ -152,10 +110,10 @@ class PostgresWorkflowRepository(WorkflowRepository):
         # is one round trip and one WAL flush for many POSTs instead of one each.
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
         self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
-        self._claims = GroupClaim(pool, _take_these, linger=0, begin_first=True)
+        self._claims = GroupClaim(pool, take_these, linger=0, begin_first=True)
         # A claim among candidates is the rabbitmq backend's fallback when the broker's queue
         # is empty: rare under load, so one claim per transaction, several at once.
-        self._any_claims = GroupClaim(pool, _take_any, max_batch=1, parallel=4, linger=0)
+        self._any_claims = GroupClaim(pool, take_any, max_batch=1, parallel=4, linger=0)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
         if idempotency is None:
@@ -231,7 +189,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
     async def _get_many(self, uuids: list[UUID]) -> dict[UUID, Workflow]:
         async with connection(self._pool) as conn:
             rows = await (await conn.execute(GET_MANY, (uuids,))).fetchall()
-        return {workflow.uuid: workflow for workflow in map(_workflow, rows)}
+        return {workflow.uuid: workflow for workflow in map(as_workflow, rows)}
 
     async def list(
         self,
@@ -255,7 +213,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         async with connection(self._pool) as conn:
             # Binary results: a page's uuids, timestamps and arrays load faster that way.
             rows = await (await conn.execute(query, params, binary=True)).fetchall()
-        return [_workflow(row) for row in rows]
+        return [as_workflow(row) for row in rows]
 
     async def set_status(
         self, uuid: UUID, status: WorkflowStatus, now: datetime
@@ -264,7 +222,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
             row = await (await conn.execute(LOCK, (uuid,))).fetchone()
             if row is None:
                 return None
-            current = _workflow(row)
+            current = as_workflow(row)
             if current.status is status and current.dead_lettered_at is None:
                 return StatusChange(current, changed=False)
             changed = await _set_state(conn, current.with_status(status, now))
@@ -276,7 +234,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         params = {"uuid": uuid, "now": now, "max": max_attempts}
         async with connection(self._pool) as conn:
             row = await (await conn.execute(RECORD_FAILURE, params)).fetchone()
-        return None if row is None else _workflow(row)
+        return None if row is None else as_workflow(row)
 
     async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
         return await self._claims.call(Claim(uuid, handle, now))
@@ -290,61 +248,6 @@ class PostgresWorkflowRepository(WorkflowRepository):
 
     async def ping(self) -> None:
         await ping_database(self._pool)
-
-
-class PostgresQueue(WorkflowQueue):
-    """The INSERTED rows are the queue; consumers take the oldest one no one else holds."""
-
-    def __init__(self, pool: Pool) -> None:
-        self._pool = pool
-        self._claims = GroupClaim(pool, _take_oldest, linger=0, begin_first=True)
-
-    async def enqueued(self, workflow: Workflow) -> None:
-        """Nothing to do: the committed INSERTED row is already the queue entry."""
-
-    async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
-        return await self._claims.call(Claim(None, handle, now))
-
-    async def ping(self) -> None:
-        await ping_database(self._pool)
-
-
-async def _take_oldest(
-    conn: Connection, claims: list[Claim], now: datetime, token: UUID
-) -> list[Workflow | None]:
-    """The oldest queued rows no one else holds, one per claim while they last, locked and
-    marked consumed at `now` with the claim's `token` (as they were before, in uuid order)."""
-    cursor = await conn.execute(TAKE_OLDEST_INSERTED, (now, token, len(claims)))
-    rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
-    workflows: list[Workflow | None] = [_workflow(row) for row in rows]
-    return workflows + [None] * (len(claims) - len(workflows))
-
-
-async def _take_these(
-    conn: Connection, claims: list[Claim], now: datetime, token: UUID
-) -> list[Workflow | None]:
-    """Each claim's row if it is queued (waiting for a concurrent holder to finish), locked
-    and marked consumed at `now` with the claim's `token`; a row that two claims of the
-    batch name goes to the first."""
-    uuids = [claim.uuid for claim in claims]
-    cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, token, uuids))
-    found = {workflow.uuid: workflow for workflow in map(_workflow, await cursor.fetchall())}
-    return [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
-
-
-async def _take_any(
-    conn: Connection, claims: list[Claim], now: datetime, token: UUID
-) -> list[Workflow | None]:
-    """For each claim, the oldest of its candidates that is queued and that no other
-    transaction holds, locked and marked consumed at `now` with the claim's `token`. One
-    statement per claim: a row an earlier claim of the batch took is consumed by now, so a
-    later one cannot take it again."""
-    taken: list[Workflow | None] = []
-    for claim in claims:
-        cursor = await conn.execute(TAKE_ANY_QUEUED, (now, token, list(claim.among)))
-        row = await cursor.fetchone()
-        taken.append(None if row is None else _workflow(row))
-    return taken
 
 
 async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
@@ -361,31 +264,10 @@ async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
 async def _one(cursor: AsyncCursor[TupleRow]) -> Workflow:
     row = await cursor.fetchone()
     assert row is not None, "the statement returns the row it locked"
-    return _workflow(row)
+    return as_workflow(row)
 
 
 def _text_array(items: Sequence[str]) -> str:
     """A text[] literal: every element double-quoted, with \\ and " escaped."""
     quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
     return "{" + ",".join(quoted) + "}"
-
-
-_STATUSES = {status.value: status for status in WorkflowStatus}
-
-
-def _workflow(row: TupleRow) -> Workflow:
-    """A row as a Workflow. The session's time zone is UTC (`database.utc_options`), so
-    `astimezone(UTC)` returns each timestamp as it is; it stays for a connection made
-    otherwise. Positional arguments and a dict for the status: this runs once per row of
-    a list page (bench/notes.md)."""
-    uuid, status, text, steps, created_at, updated_at, attempts, dead_lettered_at = row
-    return Workflow(
-        uuid,
-        _STATUSES[status],
-        JsonDocument(text),
-        tuple(steps),
-        created_at.astimezone(UTC),
-        updated_at.astimezone(UTC),
-        attempts,
-        None if dead_lettered_at is None else dead_lettered_at.astimezone(UTC),
-    )
