@@ -245,7 +245,7 @@ def kept_queue_warnings(caplog: pytest.LogCaptureFixture, queue: str) -> list[st
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "workflows.adapters.rabbitmq.broker"
+        if record.name == "workflows.adapters.rabbitmq.declaration"
         and record.levelno == logging.WARNING
         and f"queue {queue!r} exists" in record.getMessage()
     ]

@@ -8,8 +8,9 @@ from typing import Any
 import pika
 from pika.frame import Method
 
-import workflows.adapters.rabbitmq.broker as broker_module
-from workflows.adapters.rabbitmq.connection import AmqpConnection, Lane, Request
+from workflows.adapters.rabbitmq.confirms import Confirms
+from workflows.adapters.rabbitmq.connection import AmqpConnection
+from workflows.adapters.rabbitmq.lanes import Lane, Request
 
 
 class FakeChannel:
@@ -56,7 +57,7 @@ class Batches:
     def __init__(self) -> None:
         self.connection = FakeConnection()
         self.channel = FakeChannel()
-        self.confirms = broker_module._Confirms(Lane(self.channel), self.connection)
+        self.confirms = Confirms(Lane(self.channel), self.connection)
         self.requests: list[Request[None]] = []
 
     def publish(self, size: int) -> Request[None]:

@@ -14,6 +14,9 @@ is given one more try on a new connection (the broker has requeued whatever the 
 held unacknowledged); one that fails again, or that waits on a connection that cannot be
 opened, fails with DependencyUnavailable. A request unanswered after `timeout` seconds
 drops the connection and fails. Nothing is connected until a request needs it.
+
+The lanes and the requests sent on them are in `lanes`; opening the connection and its
+lanes, and dropping it, in `link` (AmqpConnection's base class).
 """
 
 from __future__ import annotations
@@ -23,108 +26,21 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import pika
-from pika.adapters.asyncio_connection import AsyncioConnection
 
+from workflows.adapters.rabbitmq.lanes import Lane, Request, Setup
+from workflows.adapters.rabbitmq.link import Link
 from workflows.domain.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Ready = Callable[[], None]
-Setup = Callable[["Lane", Ready], None]
-"""Prepares a new connection's lane (declares the queues...), then calls `Ready`."""
 WATCH_INTERVAL = 0.25  # seconds between checks for requests the broker leaves unanswered
 
 
-class Refusal(NamedTuple):
-    """A channel error that a setup expects from its request and handles (Lane.refusal)."""
-
-    reply_code: int  # say 406 PRECONDITION_FAILED
-    then: Callable[[str], None]  # goes on, on the lane's new channel, given the reply text
-
-
-class Lane:
-    """A channel of the connection: runs one exclusive request at a time (a basic.get, a
-    queue.declare...), any number of pipelined ones (publishes awaiting confirms)."""
-
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel
-        self.number: int = channel.channel_number
-        self.request: Request[Any] | None = None  # the exclusive request it runs
-        self.on_get_empty: Callable[[], None] | None = None
-        self.state: Any = None  # what the owner keeps per channel (publisher confirms)
-        self.dropped = False  # its connection was given up: ignore what it still reports
-        self.refusal: Refusal | None = None
-        """Set by a setup while its request may be refused with a channel error (a
-        queue.declare with arguments other than the existing queue's): the broker then
-        closes the channel, not the connection, so the lane gets a new channel and the
-        setup goes on with `refusal.then`, where any other channel error drops the
-        connection. Cleared by the setup once answered, and by the channel's closing."""
-
-    def guard(self, callback: Callable[..., None]) -> Callable[..., None]:
-        """`callback`, unless this lane's connection has been dropped by then: a request
-        of a dropped connection is retried or failed already, and anything its broker
-        still sends is void (what it delivered is requeued)."""
-
-        def guarded(*args: Any) -> None:
-            if not self.dropped:
-                callback(*args)
-
-        return guarded
-
-    def got_empty(self, _frame: Any) -> None:
-        on_get_empty, self.on_get_empty = self.on_get_empty, None
-        if on_get_empty is not None and not self.dropped:
-            on_get_empty()
-
-
-class Request(Generic[T]):
-    """Something to do on the connection: `run(lane, request)` sends it, and pika's
-    callbacks later `succeed` or `fail` it, which settles the caller's future."""
-
-    def __init__(
-        self,
-        connection: AmqpConnection,
-        run: Callable[[Lane, Request[T]], None],
-        future: asyncio.Future[T],
-        *,
-        exclusive: bool,
-        on_orphan: Callable[[T], None] | None,
-    ) -> None:
-        self._connection = connection
-        self.run = run
-        self.future = future
-        self.exclusive = exclusive
-        self.on_orphan = on_orphan
-        self.retried = False
-        self.sent_at = 0.0
-        self.lane: Lane | None = None
-        self.done = False
-
-    def succeed(self, result: T) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._connection._finished(self)
-        if self.future.cancelled():
-            if self.on_orphan is not None:
-                self.on_orphan(result)  # the caller has gone: hand the result back
-        elif not self.future.done():
-            self.future.set_result(result)
-
-    def fail(self, error: Exception) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._connection._finished(self)
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-class AmqpConnection:
+class AmqpConnection(Link):
     """One connection of `lanes` channels on the running event loop (see the module)."""
 
     def __init__(
@@ -136,35 +52,17 @@ class AmqpConnection:
         lane_setup: Setup | None = None,
         timeout: float,
     ) -> None:
-        self._parameters = parameters
-        self._lane_count = lanes
-        self._setup = setup
-        self._lane_setup = lane_setup
+        super().__init__(parameters, lanes=lanes, setup=setup, lane_setup=lane_setup)
         self._timeout = timeout
-        self.generation = 0  # bumped for every connection opened
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._connection: Any = None
-        self._connecting_since = 0.0
-        self._ready = False
-        self._lanes: list[Lane] = []
-        self._by_number: dict[int, Lane] = {}
-        self._free: list[Lane] = []
         self._waiting: collections.deque[Request[Any]] = collections.deque()
         self._in_flight: dict[int, Request[Any]] = {}  # by id(), in the order sent
-        self._closing: set[Any] = set()
         self._closed = asyncio.Event()
         self._watcher: asyncio.TimerHandle | None = None
         self._dispatch_soon = False
-        self._stopping = False
 
     @property
     def running(self) -> bool:
         return self._loop is not None and not self._stopping
-
-    @property
-    def ready(self) -> bool:
-        """Connected, its lanes set up (`generation` is this connection's)."""
-        return self._ready
 
     def connect(self) -> None:
         """Open a connection now if none is open or opening, without a request: for a
@@ -278,7 +176,7 @@ class AmqpConnection:
         if self._stopping:
             self._finish_stop_if_idle()
 
-    def _finished(self, request: Request[Any]) -> None:
+    def finished(self, request: Request[Any]) -> None:
         """`request` has its answer (from Request.succeed or fail)."""
         self._in_flight.pop(id(request), None)
         lane, request.lane = request.lane, None
@@ -300,109 +198,7 @@ class AmqpConnection:
         self._dispatch_soon = False
         self._dispatch()
 
-    # --- connecting ---------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        self._connecting_since = time.monotonic()
-        self._connection = AsyncioConnection(
-            self._parameters,
-            on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_closed,
-            custom_ioloop=self._loop,
-        )
-
-    def _on_open(self, connection: Any) -> None:
-        if connection is not self._connection:
-            return
-        _send_bursts_at_once(connection)
-        opened: list[Lane] = []
-
-        def on_channel(channel: Any) -> None:
-            lane = Lane(channel)
-            self._watch_channel(lane)
-            opened.append(lane)
-            if len(opened) == self._lane_count:
-                self._setup(opened[0], lambda: self._set_up_lanes(connection, opened))
-
-        for _ in range(self._lane_count):
-            connection.channel(on_open_callback=on_channel)
-
-    def _watch_channel(self, lane: Lane) -> None:
-        """Hear of the closing of `lane`'s channel and of its basic.get-empty answers."""
-        channel = lane.channel
-        channel.add_on_close_callback(
-            lambda closed, reason: self._on_channel_closed(lane, closed, reason)
-        )
-        channel.add_callback(lane.got_empty, [pika.spec.Basic.GetEmpty], one_shot=False)
-
-    def _reopen(self, lane: Lane, then: Ready) -> None:
-        """Give `lane` a new channel of the connection, then call `then`."""
-
-        def on_channel(channel: Any) -> None:
-            lane.channel = channel
-            lane.number = channel.channel_number
-            self._watch_channel(lane)
-            then()
-
-        self._connection.channel(on_open_callback=on_channel)
-
-    def _set_up_lanes(self, connection: Any, lanes: list[Lane]) -> None:
-        remaining = len(lanes)
-
-        def one_done() -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                self._on_ready(connection, lanes)
-
-        for lane in lanes:
-            if self._lane_setup is None:
-                one_done()
-            else:
-                self._lane_setup(lane, one_done)
-
-    def _on_ready(self, connection: Any, lanes: list[Lane]) -> None:
-        if connection is not self._connection:
-            return
-        self.generation += 1
-        self._lanes = lanes
-        self._by_number = {lane.number: lane for lane in lanes}
-        self._free = list(reversed(lanes))
-        self._ready = True
-        self._dispatch()
-
-    def _on_open_error(self, connection: Any, error: BaseException) -> None:
-        self._closing.discard(connection)
-        if connection is self._connection:
-            self._connection = None
-            self._fail_waiting(DependencyUnavailable("rabbitmq", repr(error)))
-        elif self._stopping:
-            self._finish_stop_if_idle()
-
     # --- failures -----------------------------------------------------------------------
-
-    def _on_closed(self, connection: Any, reason: BaseException) -> None:
-        self._closing.discard(connection)
-        if connection is self._connection:
-            log.warning("rabbitmq connection lost: %r", reason)
-            self._broken(reason)
-        elif self._stopping:
-            self._finish_stop_if_idle()
-
-    def _on_channel_closed(self, lane: Lane, channel: Any, reason: BaseException) -> None:
-        if self._connection is None or channel.connection is not self._connection:
-            return
-        refusal, lane.refusal = lane.refusal, None
-        if (
-            refusal is not None
-            and isinstance(reason, pika.exceptions.ChannelClosedByBroker)
-            and reason.reply_code == refusal.reply_code
-        ):
-            self._reopen(lane, lambda: refusal.then(reason.reply_text))
-            return
-        log.warning("rabbitmq channel %d closed: %r", channel.channel_number, reason)
-        self._broken(reason)
 
     def _broken(self, error: BaseException) -> None:
         """Drop the connection; retry its requests once on a new one, fail the others."""
@@ -429,20 +225,6 @@ class AmqpConnection:
         self._dispatch()
         if self._stopping:
             self._finish_stop_if_idle()
-
-    def _drop_connection(self) -> None:
-        self._ready = False
-        connection, self._connection = self._connection, None
-        for lane in self._lanes:
-            lane.dropped = True
-        self._lanes, self._by_number, self._free = [], {}, []
-        if connection is not None and not (connection.is_closing or connection.is_closed):
-            self._closing.add(connection)
-            try:
-                connection.close()
-            except Exception as error:
-                log.debug("closing a broken rabbitmq connection: %r", error)
-                self._closing.discard(connection)
 
     def _fail_waiting(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, collections.deque()
@@ -471,27 +253,3 @@ class AmqpConnection:
             self._drop_connection()
         if not self._closing:
             self._closed.set()
-
-
-def _send_bursts_at_once(connection: Any) -> None:
-    """pika buffers each frame it writes and, once the socket is writable, sends its buffer
-    one frame per system call: three per published message, and on loopback TCP each
-    call costs as much as decoding a frame. Join the buffer first, so that a burst (a
-    batch of messages; an ack and the next basic.get) leaves in one call. Left as it is,
-    harmlessly, if pika's transport is not built as expected."""
-    transport: Any = getattr(connection, "_transport", None)
-    produce = getattr(transport, "_produce", None)
-    buffers = getattr(transport, "_tx_buffers", None)
-    if produce is None or not isinstance(buffers, collections.deque):
-        log.debug("pika's transport has no _produce/_tx_buffers: frames sent one by one")
-        return
-
-    def produce_joined() -> None:
-        buffers = transport._tx_buffers
-        if len(buffers) > 1:
-            joined = b"".join(buffers)
-            buffers.clear()
-            buffers.append(joined)
-        produce()
-
-    transport._produce = produce_joined
