@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -54,10 +55,10 @@ def nack(tag: int) -> Method:
 
 
 class Batches:
-    def __init__(self) -> None:
+    def __init__(self, queue_gone: Callable[[str], None] | None = None) -> None:
         self.connection = FakeConnection()
         self.channel = FakeChannel()
-        self.confirms = Confirms(Lane(self.channel), self.connection)
+        self.confirms = Confirms(Lane(self.channel), self.connection, queue_gone)
         self.requests: list[Request[None]] = []
 
     def publish(self, size: int) -> Request[None]:
@@ -110,3 +111,16 @@ async def test_a_nack_or_a_return_drops_the_connection_and_confirms_nothing() ->
     assert len(batches.connection.reasons) == 2
     assert "nacked" in batches.connection.reasons[0]
     assert "NO_ROUTE" in batches.connection.reasons[1]
+
+
+async def test_a_return_says_the_queue_is_gone_and_a_nack_does_not() -> None:
+    """A returned message found no queue: the broker renews its other connections too
+    (RabbitMqBroker._queue_gone), whose channels may still know the deleted queue."""
+    gone: list[str] = []
+    batches = Batches(queue_gone=gone.append)
+    batches.publish(2)
+    batches.confirms.on_confirm(nack(1))
+    assert gone == []
+    batches.confirms.on_return(None, pika.spec.Basic.Return(reply_text="NO_ROUTE"), None, b"x")
+    assert len(gone) == 1
+    assert "NO_ROUTE" in gone[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -16,6 +17,8 @@ from workflows.adapters.rabbitmq.lanes import Lane, Ready, Request
 from workflows.adapters.rabbitmq.prefetch import Prefetcher
 from workflows.application.ports import MessagePublisher
 from workflows.domain.errors import DependencyUnavailable
+
+log = logging.getLogger(__name__)
 
 CONSUMER_LANES = 8
 """Channels of a process's consumer connection: how many basic.get it can have on the
@@ -211,12 +214,23 @@ class RabbitMqBroker(MessagePublisher):
         declare_queues(lane, self.queue, self.dead_letter_queue, self._arguments, done)
 
     def _confirm_mode(self, lane: Lane, done: Any) -> None:
-        confirms = Confirms(lane, self._publisher)
+        confirms = Confirms(lane, self._publisher, queue_gone=self._queue_gone)
         lane.state = confirms
         lane.channel.add_on_return_callback(lane.guard(confirms.on_return))
         lane.channel.confirm_delivery(
             ack_nack_callback=lane.guard(confirms.on_confirm), callback=lambda _: done()
         )
+
+    def _queue_gone(self, reason: str) -> None:
+        """A published message found no queue: the queue was deleted, and the publisher's
+        new connection declares it again. The other connections' channels may still know
+        the deleted queue, and RabbitMQ 3.10 can then answer their basic.get with
+        get-empty, and fail their consumer's cancel with 541 INTERNAL_ERROR, while the new
+        queue holds messages: replace them too."""
+        log.warning("queue %s was gone (%s): renewing the consumer connections", self.queue, reason)
+        self._consumer.renew(reason)
+        if self._prefetcher is not None:
+            self._prefetcher.connection.renew(reason)
 
     def _requeue_orphan(self, delivery: Delivery | None) -> None:
         if delivery is not None:

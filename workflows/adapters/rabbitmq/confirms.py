@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -19,9 +19,15 @@ class Confirms:
     messages 1, 2, 3, ... from its confirm.select and acks them by that tag, often many at
     once (`multiple`); a batch is confirmed once every tag up to its last one is."""
 
-    def __init__(self, lane: Lane, connection: AmqpConnection) -> None:
+    def __init__(
+        self,
+        lane: Lane,
+        connection: AmqpConnection,
+        queue_gone: Callable[[str], None] | None = None,
+    ) -> None:
         self._lane = lane
         self._connection = connection
+        self._queue_gone = queue_gone
         self.published = 0  # the tag of the last message published
         self.settled = 0  # every tag up to this one is acked
         self._singles: set[int] = set()  # tags above `settled` acked one by one
@@ -59,4 +65,7 @@ class Confirms:
         # A mandatory message that no queue took (say its queue was deleted): the broker
         # returns it, then acks it all the same, though nothing holds it. Drop the
         # connection: the new one declares the queue again and the batches are retried.
-        self._connection.broken(f"the broker returned message {body!r}: {method.reply_text}")
+        reason = f"the broker returned message {body!r}: {method.reply_text}"
+        self._connection.broken(reason)
+        if self._queue_gone is not None:
+            self._queue_gone(reason)

@@ -145,6 +145,13 @@ class AmqpConnection(Link):
         as when the broker closes it."""
         self._broken(DependencyUnavailable("rabbitmq", reason))
 
+    def renew(self, reason: str) -> None:
+        """Replace an open connection with a new one (its requests in flight are retried
+        there), as when the broker closes it; one not open yet is left to open. For
+        channels that may still know a queue deleted and declared again (`reason`)."""
+        if self._ready:
+            self._broken(DependencyUnavailable("rabbitmq", reason))
+
     # --- sending ------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
