@@ -9,8 +9,10 @@ serve` with PYTHONPATH pointing there, one worker, pinned like `make bench`. Eac
 serves every tree in turn (the order flips every round, so neither always goes first) on a
 fresh database (prefilled with `--prefill` workflows, and the broker's queue with their
 uuids), runs wrk for 2 s of warm-up and `--seconds` measured, and prints the rate, p50 and
-the worker's CPU per request (user + system, from /proc); then the medians. Not part of
-`make bench`: it only compares versions, in one run, as bench/notes.md quotes them.
+the worker's CPU per request (user + system, from /proc); then the medians, and each tree
+against the first round by round (the change in each round, and in how many it was
+better). Not part of `make bench`: it only compares versions, in one run, as
+bench/notes.md quotes them.
 
 The export directories are removed only at the end: on this host making a file costs
 several times more for a while after many were deleted (bench/notes.md, session 13), so
@@ -208,7 +210,28 @@ def main() -> int:
             f"{name}: {rates}/s (median {statistics.median(r for r, _ in rows):,.0f});"
             f" worker CPU {cpus_} µs (median {statistics.median(c for _, c in rows):,.0f})"
         )
+    print(compare_rounds(results))
     return 0
+
+
+def compare_rounds(results: dict[str, list[tuple[float, float]]]) -> str:
+    """Each later tree against the first, round by round: a round's two runs are seconds
+    apart, so their ratio follows the host less than the medians do (bench/notes.md)."""
+    names = list(results)
+    lines = []
+    for name in names[1:]:
+        base, rows = results[names[0]], results[name]
+        pairs = zip(rows, base, strict=True)
+        ratios = [rate / first if first else 0.0 for (rate, _), (first, _) in pairs]
+        better = sum(ratio > 1 for ratio in ratios)
+        changes = ", ".join(f"{ratio - 1:+.0%}" for ratio in ratios)
+        lines.append(
+            f"{name} against {names[0]}, round by round: {changes}"
+            f" (median {statistics.median(ratios) - 1:+.0%}, better in {better} of {len(ratios)})"
+            if ratios
+            else f"{name} against {names[0]}: no rounds"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
