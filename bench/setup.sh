@@ -20,5 +20,5 @@ if ! command -v taskset >/dev/null 2>&1; then
 fi
 if ! "$VENV/bin/python" -c "import matplotlib" >/dev/null 2>&1; then
   echo "bench: installing matplotlib into $VENV"
-  "$VENV/bin/pip" install --quiet "matplotlib>=3.8"
+  "$VENV/bin/pip" install --quiet -c "$(dirname "$0")/../constraints.txt" "matplotlib>=3.8"
 fi

