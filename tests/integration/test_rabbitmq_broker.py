@@ -151,6 +151,35 @@ async def test_publish_recreates_a_deleted_queue(broker: RabbitMqBroker) -> None
     assert uuids_of(await take(broker, 1)) == [uuid]
 
 
+async def test_a_queue_another_process_deleted_and_declared_again_is_still_read(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """basic.get (no prefetch) on a channel that read the queue before another client
+    deleted it and a third declared it again: the new queue's messages, at once. (The
+    channels RabbitMQ 3.10 left answering get-empty were those of a consumer that saw the
+    deletion itself, which the broker renews: README, RabbitMQ queue arguments.)"""
+    reader = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=0)
+    writer = RabbitMqBroker(rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=0)
+    await reader.start()
+    await writer.start()
+    try:
+        first = uuid4()
+        await writer.publish([first])
+        taken = await take(reader, 1)
+        assert uuids_of(taken) == [first]
+        reader.ack(taken[0])
+        assert await reader.get() is None
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))  # an operator
+        connection.channel().queue_delete(queue_name)
+        connection.close()
+        again = uuid4()
+        await writer.publish([again])  # comes back unrouted, declares the queue, published anew
+        assert uuids_of(await take(reader, 1, within=2.0)) == [again]
+    finally:
+        await reader.stop()
+        await writer.stop()
+
+
 async def test_unreachable_broker_raises_dependency_unavailable() -> None:
     broker = RabbitMqBroker(CLOSED_PORT_URL, timeout=2.0)
     with pytest.raises(DependencyUnavailable) as raised:
