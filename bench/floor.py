@@ -61,8 +61,8 @@ async def in_process(url: str, exports: str, seconds: float, write: bool) -> dic
         real = container.exporter()
 
         class RenderOnly:
-            def render(self, workflow: object) -> bytes:
-                return real.render(workflow)
+            async def render(self, workflow: object) -> bytes:
+                return await real.render(workflow)
 
             async def write(self, workflow: object, content: bytes, now: object) -> None:
                 return None

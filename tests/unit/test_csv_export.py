@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import os
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from workflows.adapters.csv_export import CsvExporter
+from workflows.adapters.csv_export import exporter as exporter_module
+from workflows.adapters.csv_export.render import render_csv
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
 
@@ -24,7 +27,8 @@ def workflow(data: str) -> Workflow:
 
 
 def render(data: str) -> bytes:
-    return CsvExporter("unused").render(workflow(data))
+    """What CsvExporter.render gives (on the event loop or in a thread, by size)."""
+    return render_csv(workflow(data).data.text)
 
 
 def records(data: str) -> list[list[str]]:
@@ -225,13 +229,13 @@ def test_deeply_nested_objects_and_arrays_render() -> None:
     assert row == ["[" * depth + "1" + "]" * depth]
 
 
-def test_render_depends_on_the_data_alone() -> None:
+async def test_render_depends_on_the_data_alone() -> None:
     one = workflow('{"a":1}')
     other = Workflow(
         uuid.uuid4(), WorkflowStatus.CONSUMED, one.data, ("x", "y"), NOW, datetime.now(UTC)
     )
     exporter = CsvExporter("unused")
-    assert exporter.render(one) == exporter.render(other)
+    assert await exporter.render(one) == await exporter.render(other)
 
 
 @pytest.mark.parametrize("data", ['"text"', "5", "[1,2]", '[{"a":1},2]', "null"])
@@ -316,3 +320,43 @@ async def test_concurrent_writes_of_one_export_each_leave_a_whole_file(tmp_path:
     await asyncio.gather(*(exporter.write(item, content) for content in contents))
     assert listing(tmp_path) == [f"{item.uuid}.csv"]
     assert (tmp_path / f"{item.uuid}.csv").read_bytes() in contents
+
+
+def large_workflow() -> Workflow:
+    rows = ",".join(f'{{"n":{n},"text":"row {n}"}}' for n in range(1000))
+    item = workflow(f"[{rows}]")
+    assert len(item.data.text) > exporter_module.RENDER_ON_LOOP_MAX
+    return item
+
+
+async def test_a_large_document_is_rendered_while_the_event_loop_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The render of a document over RENDER_ON_LOOP_MAX holds up no other request: here it
+    cannot finish until this coroutine, on the same loop, lets it."""
+    started, release = threading.Event(), threading.Event()
+
+    def render_when_released(text: str) -> bytes:
+        started.set()
+        release.wait(10)  # on the event loop, this would stop it for 10 s
+        return render_csv(text)
+
+    monkeypatch.setattr(exporter_module, "render_csv", render_when_released)
+    item = large_workflow()
+    rendering = asyncio.create_task(CsvExporter("unused").render(item))
+    assert await asyncio.to_thread(started.wait, 10)
+    assert not rendering.done()  # the loop ran this coroutine while the render was under way
+    release.set()
+    assert await rendering == render_csv(item.data.text)
+
+
+async def test_a_small_document_is_rendered_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_thread(*_: object) -> object:
+        raise AssertionError("a small document went to a thread")
+
+    monkeypatch.setattr(exporter_module.asyncio, "to_thread", no_thread)
+    text = '{"a":' + '"' + "x" * (exporter_module.RENDER_ON_LOOP_MAX - 10) + '"}'
+    assert len(text) <= exporter_module.RENDER_ON_LOOP_MAX
+    assert await CsvExporter("unused").render(workflow(text)) == render_csv(text)

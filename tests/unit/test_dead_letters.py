@@ -20,10 +20,10 @@ class PoisonExporter(CsvExporter):
         super().__init__(export_dir)
         self.error = error
 
-    def render(self, workflow: Workflow) -> bytes:
+    async def render(self, workflow: Workflow) -> bytes:
         if '"poison"' in workflow.data.text:
             raise self.error
-        return super().render(workflow)
+        return await super().render(workflow)
 
 
 @pytest.fixture

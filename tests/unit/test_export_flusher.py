@@ -68,7 +68,7 @@ async def test_a_restart_rewrites_the_torn_files_written_since_the_last_flush(
     assert await ExportFlusher(repository, after.exporter).recover() == 2
     for workflow in flushed + unflushed:
         path = tmp_path / f"{workflow.uuid}.csv"
-        assert path.read_bytes() == after.exporter.render(workflow)
+        assert path.read_bytes() == await after.exporter.render(workflow)
     assert await ExportFlusher(repository, Service(repository, tmp_path).exporter).recover() == 0
 
 

@@ -54,7 +54,7 @@ class ExportFlusher:
             if workflow is None:
                 continue
             try:
-                content = self.exporter.render(workflow)
+                content = await self.exporter.render(workflow)
             except ValueError:  # a poison workflow: no consume ever wrote its export
                 continue
             repaired += await self.exporter.repair(workflow, content)

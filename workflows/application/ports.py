@@ -120,8 +120,9 @@ class Exporter(abc.ABC):
     media_type: str
 
     @abc.abstractmethod
-    def render(self, workflow: Workflow) -> bytes:
-        """The file's content: a pure function of `workflow.data`."""
+    async def render(self, workflow: Workflow) -> bytes:
+        """The file's content: a pure function of `workflow.data`. A large document may be
+        rendered off the event loop, so that the loop's other requests go on meanwhile."""
 
     @abc.abstractmethod
     async def write(

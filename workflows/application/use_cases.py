@@ -152,7 +152,7 @@ class ConsumeWorkflow:
 
         async def export(workflow: Workflow) -> None:
             try:
-                content = self.exporter.render(workflow)
+                content = await self.exporter.render(workflow)
                 await self.exporter.write(workflow, content, now)
             except DependencyUnavailable:
                 raise  # the export directory's fault, not the workflow's: no attempt counted
@@ -195,4 +195,4 @@ class ExportWorkflow:
         workflow = await self.repository.get(uuid)
         if workflow is None:
             raise WorkflowNotFound(uuid)
-        return self.exporter.render(workflow)
+        return await self.exporter.render(workflow)
