@@ -71,6 +71,7 @@ class Context:
     rss: dict[str, dict[str, object]] = field(default_factory=dict)
     drain_seconds: float | None = None
     load_average: list[float] = field(default_factory=list)  # 1-minute, at start and end
+    quiet: tuple[float, list[float]] | None = None  # cpu.wait_until_quiet before the run
 
     def add(self, result: Result) -> Result:
         self.results[result.name] = result
@@ -153,6 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"bench: warning: 1-minute load average {ctx.load_average[0]:.1f} before the run:"
             " something else is using the machine and the numbers will show it"
+        )
+    # The smoke run only proves the wait works: one sample, whatever it reads.
+    ctx.quiet = (
+        cpu.wait_until_quiet(limit=120.0)
+        if mode is FULL
+        else cpu.wait_until_quiet(seconds=1, limit=0.0)
+    )
+    waited, samples = ctx.quiet
+    if max(samples) >= cpu.QUIET_CORES and mode is FULL:
+        print(
+            f"bench: warning: the machine kept {max(samples):.2f} cores busy after {waited:.0f} s"
+            " of waiting: something else is using it and the numbers will show it"
         )
     print(f"bench ({mode.name}): service on cpus {server_cpus}, load generators on {load_cpus},")
     print(f"  {args.workers} workers, database {ctx.db.name}, output {out}", flush=True)

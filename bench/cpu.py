@@ -11,6 +11,7 @@ on the host.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 GROUPS = {"workflows": "service", "postgres": "PostgreSQL", "beam.smp": "RabbitMQ"}
 """`comm` of a process → its group. The service runs as `.venv/bin/workflows serve`."""
 ORDER = ("service", "PostgreSQL", "RabbitMQ", "rest")
+QUIET_CORES = 0.2
+"""Cores busy under which the machine counts as quiet before a run (ssh, a shell, an idle
+PostgreSQL and RabbitMQ stay under it)."""
+QUIET_SECONDS = 3
 
 
 @dataclass
@@ -28,10 +33,7 @@ class Snapshot:
 
 
 def snapshot() -> Snapshot:
-    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is already in user)
-    busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
-    total = busy + fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    total, busy = snapshot_busy()
     groups = dict.fromkeys(GROUPS.values(), 0.0)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -67,3 +69,40 @@ def per_op(cpu: dict[str, float], ops: int) -> str:
     if not ops:
         return "—"
     return " / ".join(f"{cpu[g] / ops * 1e6:,.0f}" for g in ORDER)
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores the whole machine kept busy over the next `seconds`."""
+    before = snapshot_busy()
+    time.sleep(seconds)
+    after = snapshot_busy()
+    wall = (after[0] - before[0]) / (os.cpu_count() or 1)
+    return (after[1] - before[1]) / wall if wall else 0.0
+
+
+def snapshot_busy() -> tuple[float, float]:
+    """(busy + idle, busy) ticks of all cores, from /proc/stat alone (no process walk)."""
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
+    return busy + fields[3] + (fields[4] if len(fields) > 4 else 0.0), busy
+
+
+def wait_until_quiet(
+    *, below: float = QUIET_CORES, seconds: int = QUIET_SECONDS, limit: float = 120.0
+) -> tuple[float, list[float]]:
+    """Wait until the machine has kept fewer than `below` cores busy for `seconds` one-second
+    samples in a row, or `limit` seconds have passed: the time waited, and the samples of
+    the last `seconds` (what the run started on). Work left over from before a run (a
+    test suite's clean-up, the kernel freeing many deleted files) otherwise lands in its
+    first scenarios as "rest" CPU (bench/notes.md, session 20)."""
+    started = time.monotonic()
+    samples: list[float] = []
+    while True:
+        samples.append(busy_cores())
+        recent = samples[-seconds:]
+        if len(recent) == seconds and max(recent) < below:
+            break
+        if time.monotonic() - started >= limit:
+            break
+    return time.monotonic() - started, samples[-seconds:]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import cpu
 import report
 from psycopg.conninfo import conninfo_to_dict
 from runs import BODY, CONSUME_CONNECTIONS, LIST_SCALE_CONNECTIONS, POST_CONNECTIONS
@@ -149,6 +150,7 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
     return [
         f"1-minute load average {' at start, '.join(f'{x:.1f}' for x in ctx.load_average)}"
         " at end (above ~1 before the run, other work shared the machine)",
+        *_quiet_line(ctx),
         f"PostgreSQL at {_where(ctx.db.url)}, RabbitMQ at {_where(ctx.rabbitmq_url)}; the "
         f"benchmark's own database {ctx.db.name} (dropped after) and queues bench-{ctx.run_id}-*",
         f"mode {m.name}, {elapsed:.0f} s in all; {ctx.workers} uvicorn "
@@ -231,3 +233,17 @@ def save_json(
         "problems": ctx.problems,
     }
     path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def _quiet_line(ctx: Context) -> list[str]:
+    if ctx.quiet is None:
+        return []
+    waited, samples = ctx.quiet
+    busy = ", ".join(f"{x:.2f}" for x in samples)
+    quiet = max(samples) < cpu.QUIET_CORES
+    return [
+        f"waited {waited:.0f} s before the first run for the machine to keep under "
+        f"{cpu.QUIET_CORES} cores busy for {len(samples)} s in a row"
+        + ("" if quiet else " (it did not: the run started anyway)")
+        + f"; cores busy in its last seconds: {busy}"
+    ]
