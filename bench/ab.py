@@ -22,7 +22,10 @@ tmpfs instead, which keeps that state out of a comparison (and out of the runs a
 but measures files cheaper than `make bench`'s. `--workers B=2` serves a tree with two
 uvicorn workers instead of one. `--connections N` overrides the scenario's
 wrk connections (`make bench`'s): a rate that rises with them says the service was waiting,
-not busy (bench/notes.md, session 18).
+not busy (bench/notes.md, session 18). `--scenario keepup` measures consumers that keep
+up: POSTs on 2 connections and, beside them, long-poll consumes (`?wait=5`) on 8, of an
+empty queue, with the rate and the CPU per POST, and (rabbitmq) RabbitMQ's CPU per POST
+(bench/notes.md, session 21).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +51,11 @@ SCENARIOS = {  # name: (wrk script, path, connections) as in `make bench`
     "post": ("post.lua", "/workflow", 32),
     "mixed": ("mixed.lua", "/workflow", 32),
     "get": ("get_one.lua", "/workflow", 32),
+    # Consumers keeping up: POSTs on 2 connections, and beside them (KEEP_UP) long-poll
+    # consumes on 8 of an empty queue; the rate and CPU are per POST.
+    "keepup": ("post.lua", "/workflow", 2),
 }
+KEEP_UP = ("consume.lua", "/workflow/consume?wait=5", 8)
 
 
 def build(name: str, revision: str, into: Path) -> Path:
@@ -100,6 +108,12 @@ def one_worker(
         export_dir=(exports or out / "exports") / tag,
         log=out / f"{tag}.log",
     )
+
+
+def broker_pids() -> list[int]:
+    """RabbitMQ's Erlang VM (beam.smp), to read its CPU."""
+    found = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
 
 
 def churn(directory: Path, count: int) -> None:
@@ -184,11 +198,37 @@ def main() -> int:
                             env=env,
                         )
 
-                    wrk("warm-up", 2)
+                    def keeping_up(label: str, seconds: float) -> tools.Result:
+                        """wrk, with the long-poll consumes of KEEP_UP beside it."""
+                        beside: list[tools.Result] = []
+                        consumer = threading.Thread(
+                            target=lambda: beside.append(
+                                tools.wrk(
+                                    "consumes",
+                                    service.url + KEEP_UP[1],  # noqa: B023
+                                    KEEP_UP[0],
+                                    connections=KEEP_UP[2],
+                                    seconds=seconds,
+                                    cpus=load_cpus,
+                                    env=env,
+                                )
+                            )
+                        )
+                        consumer.start()
+                        result = wrk(label, seconds)
+                        consumer.join()
+                        result.notes.append(f"{beside[0].ok:,} consumed" if beside else "")
+                        return result
+
+                    run = keeping_up if args.scenario == "keepup" else wrk
+                    run("warm-up", 2)
                     pids = service.worker_pids()
-                    before = cpu_seconds(pids)
-                    result = wrk(name, args.seconds)
+                    before, broker_before = cpu_seconds(pids), cpu_seconds(broker_pids())
+                    result = run(name, args.seconds)
                     cpu_us = (cpu_seconds(pids) - before) / max(result.ok, 1) * 1e6
+                    if args.backend == "rabbitmq":
+                        used = cpu_seconds(broker_pids()) - broker_before
+                        result.notes.append(f"broker CPU {used / max(result.ok, 1) * 1e6:,.0f} µs")
                 finally:
                     service.stop()
                     if args.backend == "rabbitmq":

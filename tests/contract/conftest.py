@@ -46,10 +46,11 @@ def repository(request: pytest.FixtureRequest) -> WorkflowRepository:
 )
 def queue_backend(request: pytest.FixtureRequest) -> tuple[str, Any]:
     """The backend's name, and its started database (None for memory). `rabbitmq` answers
-    an enqueue at once and consumes unpublished workflows from the outbox; with
-    `rabbitmq-confirmed` an enqueue waits for the broker's confirm; `rabbitmq-prefetch` is
-    `rabbitmq` with a prefetching consumer and the database's rows as its fallback (the
-    service's default)."""
+    an enqueue at once, and a consume that gets no message takes a workflow from the
+    database's rows (published or not); with `rabbitmq-confirmed` an enqueue waits for the
+    broker's confirm, so consumes take their workflows through the broker's messages;
+    `rabbitmq-prefetch` is `rabbitmq` with a prefetching consumer (the service's
+    default)."""
     if request.param == "memory":
         return request.param, None
     return request.param, request.getfixturevalue("pg")
@@ -86,13 +87,10 @@ async def queue_setup(
     relay = OutboxRelay(outbox, broker)
     relay_task = asyncio.create_task(relay.run())
     wait = backend == "rabbitmq-confirmed"
-    fallback = PostgresQueue(database.pool) if prefetch else None
+    rows = PostgresQueue(database.pool)
     try:
         yield QueueSetup(
-            repository,
-            RabbitMqQueue(
-                repository, broker, relay, outbox, wait_for_confirm=wait, fallback=fallback
-            ),
+            repository, RabbitMqQueue(repository, broker, relay, rows, wait_for_confirm=wait)
         )
     finally:
         relay_task.cancel()

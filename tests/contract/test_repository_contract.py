@@ -127,9 +127,6 @@ async def test_claims_keep_workflow_inserted_when_handler_fails(
     with pytest.raises(RuntimeError, match="disk full"):
         await repository.claim(workflow.uuid, handle, T0)
     assert await repository.get(workflow.uuid) == workflow
-    with pytest.raises(RuntimeError, match="disk full"):
-        await repository.claim_any([workflow.uuid], handle, T0)
-    assert await repository.get(workflow.uuid) == workflow
 
 
 async def test_concurrent_claims_of_one_workflow_succeed_exactly_once(
@@ -147,82 +144,6 @@ async def test_concurrent_claims_of_one_workflow_succeed_exactly_once(
     results = await asyncio.gather(*(repository.claim(workflow.uuid, handle, T0) for _ in range(8)))
     assert calls == 1
     assert sum(result is not None for result in results) == 1
-
-
-async def test_claim_any_takes_the_oldest_queued_candidate(
-    repository: WorkflowRepository,
-) -> None:
-    consumed, dead, oldest_queued, newer, not_a_candidate = (make() for _ in range(5))
-    for workflow in (consumed, dead, oldest_queued, newer, not_a_candidate):
-        await repository.add(workflow)
-    await repository.set_status(consumed.uuid, WorkflowStatus.CONSUMED, T0)
-    await repository.record_failure(dead.uuid, T0, max_attempts=1)
-    seen: list[Workflow] = []
-
-    async def handle(w: Workflow) -> None:
-        seen.append(w)
-
-    later = T0 + timedelta(seconds=1)
-    candidates = [newer.uuid, uuid7(), oldest_queued.uuid, dead.uuid, consumed.uuid]
-    claimed = await repository.claim_any(candidates, handle, later)
-    assert seen == [oldest_queued]
-    assert claimed == oldest_queued.with_status(WorkflowStatus.CONSUMED, later)
-    assert await repository.get(oldest_queued.uuid) == claimed
-    assert await repository.claim_any(candidates, handle, later) == newer.with_status(
-        WorkflowStatus.CONSUMED, later
-    )
-    assert await repository.claim_any(candidates, handle, later) is None
-    assert await repository.claim_any([], handle, later) is None
-    assert seen == [oldest_queued, newer]
-    assert (await repository.get(not_a_candidate.uuid)) == not_a_candidate
-
-
-async def test_claim_any_skips_a_candidate_another_claim_holds(
-    repository: WorkflowRepository,
-) -> None:
-    held, free = make(), make()
-    await repository.add(held)
-    await repository.add(free)
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(w: Workflow) -> None:
-        holding.set()
-        await release.wait()
-
-    async def handle(w: Workflow) -> None:
-        pass
-
-    first = asyncio.create_task(repository.claim(held.uuid, hold, T0))
-    await asyncio.wait_for(holding.wait(), 5)
-    # Not waited for: the held one is skipped while its claim is still running.
-    claimed = await asyncio.wait_for(repository.claim_any([held.uuid, free.uuid], handle, T0), 5)
-    assert claimed is not None
-    assert claimed.uuid == free.uuid
-    assert await asyncio.wait_for(repository.claim_any([held.uuid], handle, T0), 5) is None
-    release.set()
-    assert (await first) is not None
-    assert (await repository.get(held.uuid)) == held.with_status(WorkflowStatus.CONSUMED, T0)
-
-
-async def test_concurrent_claims_any_hand_each_workflow_to_one_caller(
-    repository: WorkflowRepository,
-) -> None:
-    workflows = [make() for _ in range(4)]
-    for workflow in workflows:
-        await repository.add(workflow)
-    handled: list[Workflow] = []
-
-    async def handle(w: Workflow) -> None:
-        handled.append(w)
-        await asyncio.sleep(0.02)
-
-    candidates = [w.uuid for w in workflows]
-    results = await asyncio.gather(
-        *(repository.claim_any(candidates, handle, T0) for _ in range(10))
-    )
-    taken = sorted(result.uuid for result in results if result is not None)
-    assert taken == sorted(candidates)
-    assert sorted(w.uuid for w in handled) == sorted(candidates)
 
 
 async def test_ping_succeeds_when_store_is_up(repository: WorkflowRepository) -> None:

@@ -147,3 +147,34 @@ async def test_delete_removes_the_entries_of_the_named_workflows_only(
         assert [entry.workflow_uuid for entry in entries] == [other.uuid]
     await outbox.delete([named.uuid])  # nothing left to delete: no error
     assert await outbox.size() == 0
+
+
+async def test_discard_unqueued_deletes_the_entries_of_workflows_no_longer_queued(
+    pg: PostgresDatabase,
+) -> None:
+    repository, outbox = PostgresWorkflowRepository(pg.pool, outbox=True), PostgresOutbox(pg.pool)
+    queued, consumed, dead, not_named, held = (make() for _ in range(5))
+    for workflow in (queued, consumed, dead, not_named, held):
+        await repository.add(workflow)
+    at = datetime.now(UTC)
+    for workflow in (consumed, not_named, held):
+        await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, at)
+    await repository.record_failure(dead.uuid, at, max_attempts=1)
+    named = [queued.uuid, consumed.uuid, dead.uuid, held.uuid]
+    async with outbox.claim([held.uuid], stale_after=60, limit=10):  # a sweep holds it
+        assert await outbox.discard_unqueued(named) == {consumed.uuid, dead.uuid}
+    async with outbox.claim([], stale_after=0, limit=10) as left:
+        assert sorted(entry.workflow_uuid for entry in left) == sorted(
+            [queued.uuid, not_named.uuid]
+        )
+
+
+async def test_discard_unqueued_keeps_a_replayed_workflow_s_entry(pg: PostgresDatabase) -> None:
+    repository, outbox = PostgresWorkflowRepository(pg.pool, outbox=True), PostgresOutbox(pg.pool)
+    workflow = make()
+    await repository.add(workflow)
+    await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, datetime.now(UTC))
+    await repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, datetime.now(UTC))
+    assert await outbox.size() == 2  # the first message's entry and the replay's
+    assert await outbox.discard_unqueued([workflow.uuid]) == set()  # queued again
+    assert await outbox.size() == 2

@@ -254,7 +254,7 @@ async def replica(
     outbox = PostgresOutbox(database.pool)
     repository = PostgresWorkflowRepository(database.pool, outbox=True)
     relay = OutboxRelay(outbox, broker)
-    queue = RabbitMqQueue(repository, broker, relay, outbox, fallback=PostgresQueue(database.pool))
+    queue = RabbitMqQueue(repository, broker, relay, PostgresQueue(database.pool))
     try:
         yield broker, queue
     finally:

@@ -15,7 +15,13 @@ from tests.integration.test_rabbitmq_broker import left_after_reconnecting
 from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.memory import InMemoryWorkflowRepository
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
-from workflows.application.ports import Outbox, OutboxEntry
+from workflows.application.ports import (
+    ClaimHandler,
+    Outbox,
+    OutboxEntry,
+    WorkflowQueue,
+    WorkflowRepository,
+)
 from workflows.application.relay import OutboxRelay
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
@@ -29,10 +35,12 @@ def now() -> datetime:
 
 
 class MemoryOutbox(Outbox):
-    """Every entry is due at once; enough to drive the relay in these tests."""
+    """Every entry is due at once; enough to drive the relay in these tests. `repository`
+    says which workflows are queued."""
 
-    def __init__(self) -> None:
+    def __init__(self, repository: WorkflowRepository) -> None:
         self.entries: list[OutboxEntry] = []
+        self.repository = repository
 
     def add(self, uuid: UUID) -> None:
         self.entries.append(OutboxEntry(len(self.entries) + 1, uuid))
@@ -52,8 +60,39 @@ class MemoryOutbox(Outbox):
     async def size(self) -> int:
         return len(self.entries)
 
-    async def unconfirmed(self, limit: int) -> list[UUID]:
-        return [entry.workflow_uuid for entry in self.entries[:limit]]
+    async def discard_unqueued(self, uuids: Collection[UUID]) -> set[UUID]:
+        named = set(uuids)
+        unqueued = set()
+        for entry in self.entries:
+            workflow = await self.repository.get(entry.workflow_uuid)
+            if entry.workflow_uuid in named and (workflow is None or not workflow.queued):
+                unqueued.add(entry.workflow_uuid)
+        await self.delete(unqueued)
+        return unqueued
+
+
+class QueuedRows(WorkflowQueue):
+    """The in-memory repository's queued workflows as a queue, oldest first: what
+    PostgresQueue is to the database's rows."""
+
+    def __init__(self, repository: InMemoryWorkflowRepository) -> None:
+        self._repository = repository
+
+    async def enqueued(self, workflow: Workflow) -> None:
+        return None
+
+    async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+        queued = await self._repository.list(
+            status=WorkflowStatus.INSERTED, after=None, limit=1000, dead_lettered=False
+        )
+        for workflow in queued:
+            claimed = await self._repository.claim(workflow.uuid, handle, now)
+            if claimed is not None:
+                return claimed
+        return None
+
+    async def ping(self) -> None:
+        return None
 
 
 class Setup:
@@ -66,12 +105,19 @@ class Setup:
     ) -> None:
         self.broker = broker
         self.repository = InMemoryWorkflowRepository()
-        self.outbox = MemoryOutbox() if outbox is None else outbox
+        self.outbox = MemoryOutbox(self.repository) if outbox is None else outbox
+        self.outbox.repository = self.repository
         self.relay = OutboxRelay(
-            self.outbox, broker, confirm_timeout=0.5, sweep_interval=0.1, outage_backoff=0.1
+            self.outbox,
+            broker,
+            confirm_timeout=0.5,
+            sweep_interval=0.1,
+            outage_backoff=0.1,
+            hand_over_delay=0.0,  # a test that flushes by hand publishes what it handed over
         )
+        self.rows = QueuedRows(self.repository)
         self.queue = RabbitMqQueue(
-            self.repository, broker, self.relay, self.outbox, wait_for_confirm=wait_for_confirm
+            self.repository, broker, self.relay, self.rows, wait_for_confirm=wait_for_confirm
         )
 
     async def stored(self) -> Workflow:
@@ -238,7 +284,7 @@ async def test_enqueued_answers_without_waiting_for_the_broker(
         assert await setup.outbox.size() == 0
 
 
-async def test_an_unpublished_workflow_is_consumed_from_the_outbox_and_its_message_skipped(
+async def test_an_unpublished_workflow_is_consumed_from_the_rows_and_never_published(
     rabbitmq_url: str, queue_name: str
 ) -> None:
     async with answering_on_commit(rabbitmq_url, queue_name) as setup:
@@ -246,61 +292,40 @@ async def test_an_unpublished_workflow_is_consumed_from_the_outbox_and_its_messa
         taken = await setup.queue.consume(record_nothing, now())  # nothing published yet
         assert taken is not None
         assert taken.uuid == first.uuid
-        assert await setup.relay.flush(sweep=False) == 2  # both messages reach the broker
-        assert await consumed(setup) == [second.uuid]  # first's message is skipped
-        assert await left_after_reconnecting(setup.broker) == 0
-
-
-class ConfirmingWhileAsked(MemoryOutbox):
-    """Its entries are published and deleted while a consume asks for them: the consume
-    has just found the broker's queue empty, and now finds no entry either."""
-
-    relay: OutboxRelay
-
-    async def unconfirmed(self, limit: int) -> list[UUID]:
-        await self.relay.flush(sweep=False)
-        return await super().unconfirmed(limit)
-
-
-async def test_a_workflow_published_while_the_consume_looks_at_the_outbox_is_found(
-    rabbitmq_url: str, queue_name: str
-) -> None:
-    outbox = ConfirmingWhileAsked()
-    async with answering_on_commit(rabbitmq_url, queue_name, outbox) as setup:
-        outbox.relay = setup.relay
-        workflow = await setup.submit()
-        taken = await setup.queue.consume(record_nothing, now())
-        assert taken is not None
-        assert taken.uuid == workflow.uuid
+        # The relay finds first consumed: its entry goes, its message is never published.
+        assert await setup.relay.flush(sweep=False) == 1
         assert await setup.outbox.size() == 0
+        assert await left_after_reconnecting(setup.broker) == 1  # second's message only
+        assert await consumed(setup) == [second.uuid]
         assert await left_after_reconnecting(setup.broker) == 0
 
 
-class ConfirmingTheOldestWhileAsked(MemoryOutbox):
-    """Its oldest entry is published, confirmed and deleted while a consume asks for the
-    entries: the consume found the broker's queue empty a moment before that message got
-    there, and now finds only the younger entries in the outbox."""
-
-    broker: RabbitMqBroker
-
-    async def unconfirmed(self, limit: int) -> list[UUID]:
-        oldest = self.entries[0].workflow_uuid
-        await self.broker.publish([oldest])
-        await self.delete([oldest])
-        return await super().unconfirmed(limit)
-
-
-async def test_a_consume_takes_the_oldest_even_when_it_was_confirmed_while_asked(
+async def test_a_message_published_before_its_workflow_was_taken_from_the_rows_is_skipped(
     rabbitmq_url: str, queue_name: str
 ) -> None:
-    outbox = ConfirmingTheOldestWhileAsked()
-    async with answering_on_commit(rabbitmq_url, queue_name, outbox) as setup:
-        outbox.broker = setup.broker
-        first, second = await setup.submit(), await setup.submit()
+    async with answering_on_commit(rabbitmq_url, queue_name) as setup:
+        first = await setup.submit()
+        second = await setup.stored()
+        # first is consumed from the rows while its message is on its way to the broker.
         taken = await setup.queue.consume(record_nothing, now())
         assert taken is not None
         assert taken.uuid == first.uuid
-        stored = await setup.repository.get(second.uuid)
+        await setup.broker.publish([first.uuid, second.uuid])
+        assert await consumed(setup) == [second.uuid]  # first's message acked and skipped
+        assert await left_after_reconnecting(setup.broker) == 0
+
+
+async def test_a_consume_takes_the_broker_s_message_before_the_rows(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    async with answering_on_commit(rabbitmq_url, queue_name) as setup:
+        first, second = await setup.stored(), await setup.stored()
+        await setup.broker.publish([second.uuid])  # first's message is not there yet
+        taken = await setup.queue.consume(record_nothing, now())
+        assert taken is not None
+        assert taken.uuid == second.uuid
+        stored = await setup.repository.get(first.uuid)
         assert stored is not None
         assert stored.status is WorkflowStatus.INSERTED
+        assert await consumed(setup) == [first.uuid]  # from the rows: the broker is empty
         assert await left_after_reconnecting(setup.broker) == 0

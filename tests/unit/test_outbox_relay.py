@@ -26,6 +26,8 @@ class LockingOutbox(Outbox):
         self.deleting = asyncio.Event()  # set: deletions go ahead
         self.deleting.set()
         self.delete_fails = False
+        self.unqueued: set[UUID] = set()  # workflows consumed from the database
+        self.discard_fails = False
         self._held: set[int] = set()
 
     def add(self, uuid: UUID) -> None:
@@ -61,8 +63,12 @@ class LockingOutbox(Outbox):
     async def size(self) -> int:
         return len(self.rows)
 
-    async def unconfirmed(self, limit: int) -> list[UUID]:
-        return [uuid for _, uuid in sorted(self.rows.items())][:limit]
+    async def discard_unqueued(self, uuids: Collection[UUID]) -> set[UUID]:
+        if self.discard_fails:
+            raise DependencyUnavailable("database", "down for the test")
+        named = set(uuids) & self.unqueued
+        gone = [id for id, uuid in self.rows.items() if uuid in named and id not in self._held]
+        return {self.rows.pop(id) for id in gone}
 
 
 class RecordingPublisher(MessagePublisher):
@@ -216,17 +222,46 @@ async def test_a_failed_deletion_keeps_the_entries_for_a_sweep() -> None:
     assert outbox.rows == {}
 
 
-async def test_handed_over_entries_are_published_at_once_without_a_claim() -> None:
+async def test_handed_over_entries_are_published_after_the_delay_without_a_claim() -> None:
     outbox, publisher = LockingOutbox(), RecordingPublisher()
-    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0)
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0, hand_over_delay=0.3)
     uuids = [uuid4() for _ in range(3)]
     async with running(relay):
         for uuid in uuids:
             outbox.add(uuid)
             relay.hand_over(uuid)  # nobody waits for the confirm
+        await asyncio.sleep(0.1)
+        assert publisher.batches == []  # a consume may still take them from the database
         await until(lambda: not outbox.rows)
-    assert [uuid for batch in publisher.batches for uuid in batch] == uuids
+    assert publisher.batches == [uuids]  # together, in order
     assert outbox.claimed == []
+
+
+async def test_handed_over_entries_of_workflows_consumed_meanwhile_are_never_published() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0, hand_over_delay=0.05)
+    taken, queued, also_taken = uuid4(), uuid4(), uuid4()
+    async with running(relay):
+        for uuid in (taken, queued, also_taken):
+            outbox.add(uuid)
+            relay.hand_over(uuid)
+        outbox.unqueued.update((taken, also_taken))  # consumed before the delay was over
+        await until(lambda: not outbox.rows)
+    assert publisher.batches == [[queued]]
+
+
+async def test_handed_over_entries_are_published_when_the_database_cannot_say() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0, hand_over_delay=0.0)
+    taken, queued = uuid4(), uuid4()
+    outbox.unqueued.add(taken)
+    outbox.discard_fails = True
+    async with running(relay):
+        for uuid in (taken, queued):
+            outbox.add(uuid)
+            relay.hand_over(uuid)
+        await until(lambda: not outbox.rows)
+    assert publisher.batches == [[taken, queued]]  # a message too many is only skipped
 
 
 async def test_entries_handed_over_while_the_broker_is_down_are_left_to_the_sweep() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections import deque
-from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -107,18 +106,6 @@ class InMemoryWorkflowRepository(WorkflowRepository):
             await handle(workflow)
             workflow = self._rows[uuid] = workflow.with_status(WorkflowStatus.CONSUMED, now)
             return workflow
-
-    async def claim_any(
-        self, uuids: Sequence[UUID], handle: ClaimHandler, now: datetime
-    ) -> Workflow | None:
-        for uuid in sorted(set(uuids)):
-            workflow = self._rows.get(uuid)
-            if workflow is None or not workflow.queued or self._lock(uuid).locked():
-                continue  # a locked one is held by another claim: skipped, not waited for
-            claimed = await self.claim(uuid, handle, now)  # takes the free lock at once
-            if claimed is not None:
-                return claimed
-        return None
 
     async def ping(self) -> None:
         return None

@@ -80,15 +80,6 @@ class WorkflowRepository(abc.ABC):
         one uuid: exactly one succeeds."""
 
     @abc.abstractmethod
-    async def claim_any(
-        self, uuids: Sequence[UUID], handle: ClaimHandler, now: datetime
-    ) -> Workflow | None:
-        """As `claim`, for the oldest (in uuid order) of these workflows that is queued and
-        that no other claim holds: one that another claim has locked is skipped, not waited
-        for. None, changing nothing, when there is none. Concurrent calls never get the
-        same workflow."""
-
-    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise DependencyUnavailable unless the store answers."""
 
@@ -183,9 +174,12 @@ class Outbox(abc.ABC):
     async def size(self) -> int: ...
 
     @abc.abstractmethod
-    async def unconfirmed(self, limit: int) -> list[UUID]:
-        """The workflows of the oldest entries (at most `limit`, oldest first), held or not:
-        messages the broker may not have yet."""
+    async def discard_unqueued(self, uuids: Collection[UUID]) -> set[UUID]:
+        """Delete the entries of those of these workflows that are not queued (a consume
+        took them from the database before their messages were published: none is needed)
+        and return those workflows. At once (one statement, committed); an entry another
+        transaction holds is left alone, and an entry written after the statement began
+        (a replay's) is kept."""
 
 
 class MessagePublisher(abc.ABC):

@@ -16,6 +16,11 @@ from workflows.domain.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
 
+HAND_OVER_DELAY = 0.02
+"""Seconds a handed-over entry waits before it is published: the time a consume woken by
+its commit has to take the workflow from the database first, which spares the broker a
+message and a consume its skip (bench/notes.md, session 21)."""
+
 
 @attrs.define
 class OutboxRelay:
@@ -25,9 +30,13 @@ class OutboxRelay:
     and answers at once, or awaits `publish(uuid)`, which returns once that message is
     confirmed (True) or after `confirm_timeout` (False): the entry then stays in the
     outbox and a later sweep delivers it. `run()` flushes whenever a request asks: the
-    entries handed over and those of the requests waiting in this process are published
-    at once, without being claimed (no other relay takes an entry before it is `stale_after`
-    seconds old), and deleted once confirmed. Every `sweep_interval` seconds, under load
+    entries of the requests waiting in this process are published at once, and those
+    handed over once they are `hand_over_delay` seconds old, without being claimed (no
+    other relay takes an entry before it is `stale_after` seconds old), and deleted once
+    confirmed. A handed-over entry whose workflow is no longer queued by then (a consume
+    took it from the database, as consumes do when the broker has nothing for them) is
+    deleted unpublished (`Outbox.discard_unqueued`): its message would only be skipped.
+    When consumers keep up, that is nearly every entry. Every `sweep_interval` seconds, under load
     too, a sweep claims (locks) entries older than `stale_after` seconds, left by other
     processes, crashes or a broker outage, and publishes them. A flush takes up to
     `batch_limit` entries and the broker confirms them together; up to `parallel` flushes
@@ -49,22 +58,28 @@ class OutboxRelay:
     doorbell: Doorbell | None = None
     parallel: int = 3
     max_handed_over: int = 10_000
+    hand_over_delay: float = HAND_OVER_DELAY
     _waiters: dict[UUID, list[asyncio.Future[None]]] = attrs.field(factory=dict, init=False)
     _flushing: set[UUID] = attrs.field(factory=set, init=False)  # taken by a flush
-    _handed: dict[UUID, None] = attrs.field(factory=dict, init=False)  # hand_over, in order
+    # hand_over's entries, in order, with the time each was handed over (time.monotonic)
+    _handed: dict[UUID, float] = attrs.field(factory=dict, init=False)
+    # No flush takes handed-over entries before then: they go in batches, not one by one.
+    _handed_not_before: float = attrs.field(default=0.0, init=False)
     _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _down_until: float = attrs.field(default=0.0, init=False)
     _next_sweep: float = attrs.field(default=0.0, init=False)
 
     def hand_over(self, uuid: UUID) -> None:
-        """An entry that has just committed and that no request waits for: the next flush
-        publishes it (within milliseconds, with the others handed over meanwhile) instead
+        """An entry that has just committed and that no request waits for: a flush publishes
+        it `hand_over_delay` seconds later (with the others handed over meanwhile) instead
         of a sweep after `stale_after`. While the broker is down, or while `max_handed_over`
         entries are already waiting, it is left to the sweep: the outbox keeps it."""
-        if time.monotonic() < self._down_until or len(self._handed) >= self.max_handed_over:
+        handed_at = time.monotonic()
+        if handed_at < self._down_until or len(self._handed) >= self.max_handed_over:
             return
-        self._handed[uuid] = None
-        self._wake.set()
+        self._handed[uuid] = handed_at
+        if len(self._handed) == 1:
+            self._wake.set()  # the loop times its next flush by the oldest entry
 
     async def publish(self, uuid: UUID) -> bool:
         if time.monotonic() < self._down_until:
@@ -88,13 +103,15 @@ class OutboxRelay:
         flushing: set[asyncio.Task[None]] = set()
         try:
             while True:
-                asked = False
                 with contextlib.suppress(TimeoutError):
-                    asked = await asyncio.wait_for(self._wake.wait(), self.sweep_interval)
+                    await asyncio.wait_for(self._wake.wait(), self._until_next_flush())
                 self._wake.clear()
+                now = time.monotonic()
+                sweep = now >= self._next_sweep
+                if not sweep and not self._waiting() and not self._handed_due(now):
+                    continue  # woken by the first entry handed over: not due yet
                 if len(flushing) >= self.parallel:
                     await asyncio.wait(flushing, return_when=asyncio.FIRST_COMPLETED)
-                sweep = not asked or time.monotonic() >= self._next_sweep
                 if sweep:
                     self._next_sweep = time.monotonic() + self.sweep_interval
                 flush = self._flush_backlog(sweep=sweep)
@@ -123,40 +140,92 @@ class OutboxRelay:
         confirmed them, before their deletion commits: the message is safe in the
         broker by then, and a deletion that fails only leaves entries that a later sweep
         publishes again, duplicates that consumers skip."""
-        wanted = [
-            uuid
-            for uuid, futures in self._waiters.items()
-            if uuid not in self._flushing and not all(future.done() for future in futures)
-        ]
-        while self._handed and len(wanted) < self.batch_limit:
-            uuid = next(iter(self._handed))
+        wanted = self._waiting()
+        handed: list[UUID] = []
+        now = time.monotonic()
+        if self._handed_due(now):
+            # Half a delay until the next such flush: each takes what is due by then.
+            self._handed_not_before = now + self.hand_over_delay / 2
+        due = now - self.hand_over_delay
+        while self._handed and len(wanted) + len(handed) < self.batch_limit:
+            uuid, handed_at = next(iter(self._handed.items()))
+            if handed_at > due:
+                break  # neither is any younger one; the loop wakes when it is due
             del self._handed[uuid]
             if uuid not in self._flushing and uuid not in self._waiters:
-                wanted.append(uuid)
-        if len(wanted) > self.batch_limit or self._handed:
+                handed.append(uuid)
+        left_due = bool(self._handed) and next(iter(self._handed.values())) <= due
+        if len(wanted) + len(handed) > self.batch_limit or left_due:
             wanted = wanted[: self.batch_limit]
+            handed = handed[: self.batch_limit - len(wanted)]
             self._wake.set()  # the rest go in the next flush
-        confirmed = await self._publish_waiting(wanted) if wanted else 0
+        confirmed = await self._publish_waiting(wanted, handed) if wanted or handed else 0
         if sweep:
             confirmed += await self._sweep()
         return confirmed
 
-    async def _publish_waiting(self, uuids: list[UUID]) -> int:
-        self._flushing.update(uuids)
+    def _waiting(self) -> list[UUID]:
+        """The workflows that requests of this process wait for and no flush has taken."""
+        return [
+            uuid
+            for uuid, futures in self._waiters.items()
+            if uuid not in self._flushing and not all(future.done() for future in futures)
+        ]
+
+    def _handed_due(self, now: float) -> bool:
+        """Whether a flush at `now` would take handed-over entries: the oldest is at least
+        `hand_over_delay` old, and the last flush that took some was half a delay ago or
+        more."""
+        if not self._handed or now < self._handed_not_before:
+            return False
+        return next(iter(self._handed.values())) <= now - self.hand_over_delay
+
+    def _until_next_flush(self) -> float:
+        """Seconds until the next sweep, or until a flush would take handed-over entries."""
+        now = time.monotonic()
+        until = self._next_sweep - now
+        if self._handed:
+            oldest = next(iter(self._handed.values()))
+            due = max(oldest + self.hand_over_delay, self._handed_not_before)
+            until = min(until, due - now)
+        return max(until, 0.0)
+
+    async def _publish_waiting(self, wanted: list[UUID], handed: list[UUID]) -> int:
+        """Publish the entries requests wait for, and those handed over whose workflows are
+        still queued; delete them once confirmed. The others' entries are deleted unpublished
+        (`discard_unqueued`): their workflows were consumed from the database."""
+        taken = wanted + handed
+        self._flushing.update(taken)
         try:
+            uuids = wanted
+            if handed:
+                uuids = wanted + await self._still_queued(handed)
+                if not uuids:
+                    return 0
             await self.publisher.publish(uuids)
         except DependencyUnavailable as error:
             self._down_until = time.monotonic() + self.outage_backoff
-            log.warning("outbox relay: %d entries not confirmed: %s", len(uuids), error)
+            log.warning("outbox relay: %d entries not confirmed: %s", len(taken), error)
             return 0
         finally:
-            self._flushing.difference_update(uuids)
+            self._flushing.difference_update(taken)
         self._confirmed(uuids)
         try:
             await self.outbox.delete(uuids)
         except DependencyUnavailable as error:
             log.warning("outbox relay: %d confirmed entries not deleted: %s", len(uuids), error)
         return len(uuids)
+
+    async def _still_queued(self, handed: list[UUID]) -> list[UUID]:
+        """Those of `handed` whose workflows are still queued, after deleting the others'
+        entries; all of them when the database cannot say (a message too many is only
+        skipped)."""
+        try:
+            discarded = await self.outbox.discard_unqueued(handed)
+        except DependencyUnavailable as error:
+            log.warning("outbox relay: %d entries not checked: %s", len(handed), error)
+            return handed
+        return [uuid for uuid in handed if uuid not in discarded]
 
     async def _sweep(self) -> int:
         """Claim stale entries (up to `batch_limit`), publish them, delete them."""

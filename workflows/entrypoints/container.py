@@ -96,19 +96,12 @@ class Container(containers.DeclarativeContainer):
         memory=providers.Singleton(InMemoryQueue, repository),
         postgres=postgres_queue,
         rabbitmq=providers.Singleton(
-            lambda repository, broker, relay, outbox, s, rows: RabbitMqQueue(
-                repository,
-                broker,
-                relay,
-                outbox,
-                wait_for_confirm=s.confirm_timeout > 0,
-                # Messages other processes prefetched are only in the database's rows.
-                fallback=rows if s.rabbitmq_prefetch > 0 else None,
+            lambda repository, broker, relay, s, rows: RabbitMqQueue(
+                repository, broker, relay, rows, wait_for_confirm=s.confirm_timeout > 0
             ),
             repository,
             broker,
             relay,
-            outbox,
             settings,
             postgres_queue,
         ),

@@ -1,6 +1,6 @@
 """Claims: statements that lock queued rows and mark them consumed in one go, and the
-batch functions GroupClaim runs them in (PostgresQueue's consume, the repository's claim
-and claim_any)."""
+batch functions GroupClaim runs them in (PostgresQueue's consume, the repository's
+claim)."""
 
 from __future__ import annotations
 
@@ -35,11 +35,6 @@ TAKE_OLDEST_INSERTED = TAKE.format(
     f"SELECT {_LOCKED} FROM workflows WHERE {QUEUED} ORDER BY uuid LIMIT %s FOR UPDATE SKIP LOCKED",
     _TAKEN,
 )
-TAKE_ANY_QUEUED = TAKE.format(
-    f"SELECT {_LOCKED} FROM workflows WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}"
-    " ORDER BY uuid LIMIT 1 FOR UPDATE SKIP LOCKED",
-    _TAKEN,
-)
 TAKE_THESE_IF_QUEUED = TAKE.format(
     f"SELECT {_LOCKED} FROM workflows WHERE uuid = ANY(%b::uuid[]) AND {QUEUED}"
     " ORDER BY uuid FOR UPDATE",
@@ -68,18 +63,3 @@ async def take_these(
     cursor = await conn.execute(TAKE_THESE_IF_QUEUED, (now, token, uuids))
     found = {workflow.uuid: workflow for workflow in map(as_workflow, await cursor.fetchall())}
     return [found.pop(claim.uuid, None) if claim.uuid else None for claim in claims]
-
-
-async def take_any(
-    conn: Connection, claims: list[Claim], now: datetime, token: UUID
-) -> list[Workflow | None]:
-    """For each claim, the oldest of its candidates that is queued and that no other
-    transaction holds, locked and marked consumed at `now` with the claim's `token`. One
-    statement per claim: a row an earlier claim of the batch took is consumed by now, so a
-    later one cannot take it again."""
-    taken: list[Workflow | None] = []
-    for claim in claims:
-        cursor = await conn.execute(TAKE_ANY_QUEUED, (now, token, list(claim.among)))
-        row = await cursor.fetchone()
-        taken.append(None if row is None else as_workflow(row))
-    return taken

@@ -19,7 +19,18 @@ FOR UPDATE SKIP LOCKED
 DELETE = "DELETE FROM outbox WHERE id = ANY(%s::bigint[])"
 DELETE_OF_WORKFLOWS = "DELETE FROM outbox WHERE workflow_uuid = ANY(%s::uuid[])"
 SIZE = "SELECT count(*) FROM outbox"
-OLDEST = "SELECT workflow_uuid FROM outbox ORDER BY id LIMIT %s"
+# The entries of workflows that are no longer queued, that no one holds (a sweep's claim).
+# Led by the named workflows (primary key): a plan led by the queue (NOT EXISTS … queued)
+# read every queued row, 30 ms at 50,000 of them.
+DISCARD_UNQUEUED = """
+DELETE FROM outbox
+WHERE id IN (
+    SELECT outbox.id FROM workflows JOIN outbox ON outbox.workflow_uuid = workflows.uuid
+    WHERE workflows.uuid = ANY(%b::uuid[])
+      AND NOT (workflows.status = 'inserted' AND workflows.dead_lettered_at IS NULL)
+    FOR UPDATE OF outbox SKIP LOCKED)
+RETURNING workflow_uuid
+"""
 
 
 class PostgresOutbox(Outbox):
@@ -49,7 +60,7 @@ class PostgresOutbox(Outbox):
         count: int = row[0]
         return count
 
-    async def unconfirmed(self, limit: int) -> list[UUID]:
-        async with connection(self._pool) as conn:
-            cursor = await conn.execute(OLDEST, (limit,))
-            return [uuid for (uuid,) in await cursor.fetchall()]
+    async def discard_unqueued(self, uuids: Collection[UUID]) -> set[UUID]:
+        async with connection(self._pool) as conn:  # autocommit: one statement, committed
+            cursor = await conn.execute(DISCARD_UNQUEUED, (list(uuids),))
+            return {uuid for (uuid,) in await cursor.fetchall()}

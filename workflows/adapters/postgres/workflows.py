@@ -11,7 +11,7 @@ from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
 from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
-from workflows.adapters.postgres.claims import take_any, take_these
+from workflows.adapters.postgres.claims import take_these
 from workflows.adapters.postgres.database import (
     VERIFY_WITHIN,
     Connection,
@@ -111,9 +111,6 @@ class PostgresWorkflowRepository(WorkflowRepository):
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
         self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
         self._claims = GroupClaim(pool, take_these, linger=0, begin_first=True)
-        # A claim among candidates is the rabbitmq backend's fallback when the broker's queue
-        # is empty: rare under load, so one claim per transaction, several at once.
-        self._any_claims = GroupClaim(pool, take_any, max_batch=1, parallel=4, linger=0)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
         if idempotency is None:
@@ -238,13 +235,6 @@ class PostgresWorkflowRepository(WorkflowRepository):
 
     async def claim(self, uuid: UUID, handle: ClaimHandler, now: datetime) -> Workflow | None:
         return await self._claims.call(Claim(uuid, handle, now))
-
-    async def claim_any(
-        self, uuids: Sequence[UUID], handle: ClaimHandler, now: datetime
-    ) -> Workflow | None:
-        if not uuids:
-            return None
-        return await self._any_claims.call(Claim(None, handle, now, among=tuple(uuids)))
 
     async def ping(self) -> None:
         await ping_database(self._pool)

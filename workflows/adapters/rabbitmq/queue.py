@@ -7,7 +7,7 @@ from datetime import datetime
 from uuid import UUID
 
 from workflows.adapters.rabbitmq.broker import RabbitMqBroker
-from workflows.application.ports import ClaimHandler, Outbox, WorkflowQueue, WorkflowRepository
+from workflows.application.ports import ClaimHandler, WorkflowQueue, WorkflowRepository
 from workflows.application.relay import OutboxRelay
 from workflows.domain.model import Workflow
 
@@ -20,36 +20,28 @@ class RabbitMqQueue(WorkflowQueue):
     publish, or a workflow PATCHed to consumed) is acked and skipped.
 
     With `wait_for_confirm` False, `enqueued` hands the committed outbox entry to the relay
-    and returns at once; a consume that finds the broker's queue empty then reads the
-    oldest entries still in the outbox (`unconfirmed`), asks the broker again (a message
-    confirmed meanwhile goes first: it is older), and claims the oldest of those queued
-    workflows that no other consume is taking (`claim_any`), so a workflow is consumable
-    from its commit on, published or not. Its message, when it comes, is a duplicate that
-    consumers skip.
-
-    With a broker that prefetches, a message another process holds is in no queue this one
-    can see; so when all of the above finds nothing, the consume takes the oldest queued
-    workflow from `fallback` (the repository's own queue: the INSERTED rows, `SKIP
-    LOCKED`), and the held message, when its holder gets to it, is skipped."""
+    and returns at once. A consume that gets no message from the broker (its queue is
+    empty, or what is queued is held by other processes' prefetching consumers, or not
+    published yet) takes the oldest queued workflow from `rows`, the repository's own queue
+    (the INSERTED rows, `SKIP LOCKED`, concurrent consumes in one transaction): so a
+    workflow is consumable from its commit on, published or not, and a `204` means that
+    nothing is queued. Its message, if it was published, is a duplicate that consumers
+    skip; if it was not, the relay deletes its entry instead of publishing it."""
 
     def __init__(
         self,
         repository: WorkflowRepository,
         broker: RabbitMqBroker,
         relay: OutboxRelay,
-        outbox: Outbox,
+        rows: WorkflowQueue,
         *,
         wait_for_confirm: bool = False,
-        unconfirmed_batch: int = 16,
-        fallback: WorkflowQueue | None = None,
     ) -> None:
         self._repository = repository
         self._broker = broker
         self._relay = relay
-        self._outbox = outbox
+        self._rows = rows
         self._wait_for_confirm = wait_for_confirm
-        self._unconfirmed_batch = unconfirmed_batch
-        self._fallback = fallback
 
     async def enqueued(self, workflow: Workflow) -> None:
         if not self._wait_for_confirm:
@@ -61,22 +53,9 @@ class RabbitMqQueue(WorkflowQueue):
         claimed = await self._from_broker(handle, now)
         if claimed is not None:
             return claimed
-        # The oldest of them that is queued and not being claimed by another consume: one
-        # statement, which skips the rows other fallbacks hold rather than queue behind them.
-        unconfirmed = await self._outbox.unconfirmed(self._unconfirmed_batch)
-        # An entry deleted between the broker's answer and that read was confirmed before
-        # its deletion: its message, older than every entry read, is in the queue now.
-        claimed = await self._from_broker(handle, now)
-        if claimed is not None:
-            return claimed
-        claimed = await self._repository.claim_any(unconfirmed, handle, now)
-        if claimed is not None:
-            return claimed
-        # Likewise for an entry deleted since the broker was last asked.
-        claimed = await self._from_broker(handle, now)
-        if claimed is not None or self._fallback is None:
-            return claimed
-        return await self._fallback.consume(handle, now)
+        # Nothing from the broker: the oldest queued row no other consume holds. One
+        # claim for the consumes that get here together (bench/notes.md, session 21).
+        return await self._rows.consume(handle, now)
 
     async def _from_broker(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
         while (delivery := await self._broker.get()) is not None:
