@@ -15,6 +15,7 @@ from tests.integration.test_rabbitmq_broker import left_after_reconnecting
 from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.memory import InMemoryWorkflowRepository
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
+from workflows.adapters.rabbitmq.delivery import Delivery
 from workflows.application.ports import (
     ClaimHandler,
     Outbox,
@@ -329,3 +330,36 @@ async def test_a_consume_takes_the_broker_s_message_before_the_rows(
         assert stored.status is WorkflowStatus.INSERTED
         assert await consumed(setup) == [first.uuid]  # from the rows: the broker is empty
         assert await left_after_reconnecting(setup.broker) == 0
+
+
+class CountingBroker(RabbitMqBroker):
+    """Counts the gets that reach the broker (held messages included)."""
+
+    gets = 0
+
+    async def get(self, *, dead: bool = False) -> Delivery | None:
+        self.gets += 1
+        return await super().get(dead=dead)
+
+
+async def test_consumes_that_ask_together_share_an_empty_answer(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    broker = CountingBroker(rabbitmq_url, queue=queue_name, timeout=2.0)
+    await broker.start()
+    setup = Setup(broker, wait_for_confirm=False)
+    try:
+        assert await setup.queue.consume(record_nothing, now()) is None  # found empty
+        broker.gets = 0
+        workflows = [await setup.stored() for _ in range(3)]  # not published: in the rows
+        taken = await asyncio.gather(
+            *(setup.queue.consume(record_nothing, now()) for _ in range(8))
+        )
+        assert sorted(w.uuid for w in taken if w is not None) == [w.uuid for w in workflows]
+        assert broker.gets == 1  # one get on its way, its empty answer shared by all eight
+        await broker.publish([uuid4()])  # an unknown workflow's message: skipped
+        assert await setup.queue.consume(record_nothing, now()) is None
+        assert broker.gets == 3  # after a message, each consume asks again
+    finally:
+        await broker.delete_queue()
+        await broker.stop()

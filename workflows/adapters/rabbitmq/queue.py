@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime
 from uuid import UUID
 
 from workflows.adapters.rabbitmq.broker import RabbitMqBroker
+from workflows.adapters.rabbitmq.delivery import Delivery
 from workflows.application.ports import ClaimHandler, WorkflowQueue, WorkflowRepository
 from workflows.application.relay import OutboxRelay
 from workflows.domain.model import Workflow
@@ -42,6 +44,10 @@ class RabbitMqQueue(WorkflowQueue):
         self._relay = relay
         self._rows = rows
         self._wait_for_confirm = wait_for_confirm
+        # The broker's last answer was "empty", and the get on its way, if any: while both
+        # hold, a consume waits for that get's answer rather than asking too.
+        self._found_empty = False
+        self._asking: asyncio.Future[bool] | None = None
 
     async def enqueued(self, workflow: Workflow) -> None:
         if not self._wait_for_confirm:
@@ -57,8 +63,30 @@ class RabbitMqQueue(WorkflowQueue):
         # claim for the consumes that get here together (bench/notes.md, session 21).
         return await self._rows.consume(handle, now)
 
+    async def _get(self) -> Delivery | None:
+        """The broker's next message, or None. When its queue was empty at the last answer,
+        the consumes that ask while a get is on its way share that get's answer if it is
+        empty again: when consumers keep up, the waiters one commit wakes would otherwise
+        each ask the broker for the same nothing (a quorum queue's command each). A
+        workflow whose message came in meanwhile is in the database's rows, where such a
+        consume looks next."""
+        while self._found_empty and (asking := self._asking) is not None:
+            if await asyncio.shield(asking):
+                return None
+        self._asking = asking = asyncio.get_running_loop().create_future()
+        empty = False
+        try:
+            delivery = await self._broker.get()
+            empty = delivery is None
+        finally:
+            self._found_empty = empty
+            if self._asking is asking:
+                self._asking = None
+            asking.set_result(empty)
+        return delivery
+
     async def _from_broker(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
-        while (delivery := await self._broker.get()) is not None:
+        while (delivery := await self._get()) is not None:
             uuid = _parse_uuid(delivery.body)
             if uuid is None:
                 log.error("dropping a malformed message from the queue: %r", delivery.body)
