@@ -67,6 +67,8 @@ class Context:
     results: dict[str, Result] = field(default_factory=dict)
     pairs: dict[str, list[tuple[Result, Result]]] = field(default_factory=dict)
     """Per ratio target: (raw, http) measured back to back, `pair_rounds` times."""
+    list_pairs: list[tuple[Result, Result]] = field(default_factory=list)
+    """The list's first page at the small and the big table, back to back."""
     problems: list[str] = field(default_factory=list)
     rss: dict[str, dict[str, object]] = field(default_factory=dict)
     drain_seconds: float | None = None
@@ -113,6 +115,14 @@ def cpus() -> tuple[str | None, str | None]:
     if shutil.which("taskset") is None:
         return None, None
     return server, load
+
+
+def distinct_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
 
 
 def free_port() -> int:
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         raw.raw_broker(ctx)
         for backend in ("postgres", "rabbitmq"):
             phases.http(ctx, backend, free_port())
-        phases.list_scale(ctx, free_port())
+        phases.list_scale(ctx, *distinct_ports(2))
         if ctx.db.started_at() != pg_started:
             ctx.problems.append("PostgreSQL restarted during the run: its numbers are not valid")
     except Exception as error:  # the harness broke: say where, and fail

@@ -133,7 +133,12 @@ def _mixed(ctx: Context, backend: str, service: Service) -> None:
     ctx.add(result)
 
 
-def list_scale(ctx: Context, port: int) -> None:
+def list_scale(ctx: Context, port: int, small_port: int) -> None:
+    """The list pages at `rows_small` rows, then at `rows_big` in the same table; then the
+    first page at both sizes back to back, `pair_rounds` times, alternating which goes
+    first: the big table is the run's database, the small one the raw runs' database
+    (done with by then), each with a service of its own. The verdict takes the median of
+    the pairs' p50 ratios: one run of each size, minutes apart, follows the host."""
     m, db = ctx.mode, ctx.db
     print("GET /workflow?limit=100 at two table sizes (postgres backend)", flush=True)
     db.reset()
@@ -167,5 +172,37 @@ def list_scale(ctx: Context, port: int) -> None:
                     m.list_seconds,
                 )
             )
+        list_pairs(ctx, service, small_port)
     finally:
         service.stop()
+
+
+def list_pairs(ctx: Context, big: Service, port: int) -> None:
+    m, small_db = ctx.mode, ctx.raw_db
+    print("back-to-back pairs, list first page at two table sizes", flush=True)
+    small_db.reset()
+    small_db.prefill(1, m.rows_small)
+    small_db.settle()
+    small = make_service(ctx, "postgres", port, f"bench-{ctx.run_id}-list-small", small_db)
+    small.start()
+    try:
+        for i in range(m.pair_rounds):
+            runs = [(small, m.rows_small), (big, m.rows_big)]
+            if i % 2:
+                runs.reverse()
+            measured = {
+                rows: ctx.check(
+                    wrk(
+                        ctx,
+                        f"list first page @ {rows:,} rows pair {i + 1}",
+                        f"{service.url}/workflow?limit=100",
+                        "list.lua",
+                        LIST_SCALE_CONNECTIONS,
+                        m.pair_seconds,
+                    )
+                )
+                for service, rows in runs
+            }
+            ctx.list_pairs.append((measured[m.rows_small], measured[m.rows_big]))
+    finally:
+        small.stop()

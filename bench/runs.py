@@ -48,10 +48,13 @@ def wrk(ctx: Context, name: str, url: str, script: str, conns: int, seconds: flo
     )
 
 
-def make_service(ctx: Context, backend: str, port: int, queue: str) -> Service:
+def make_service(
+    ctx: Context, backend: str, port: int, queue: str, database: dbmod.Database | None = None
+) -> Service:
+    """The service on the run's database (or `database`)."""
     return Service(
         backend=backend,
-        database_url=ctx.db.url,
+        database_url=(database or ctx.db).url,
         rabbitmq_url=ctx.rabbitmq_url,
         queue=queue,
         port=port,

@@ -87,11 +87,19 @@ def targets(ctx: Context) -> list[report.Target]:
     big = r.get(f"list first page @ {ctx.mode.rows_big:,} rows")
     if small and big and small.result.p50_ms and big.result.p50_ms:
         q = big.result.p50_ms / small.result.p50_ms
+        measured = f"{big.result.p50_ms:.2f} / {small.result.p50_ms:.2f} ms = {q:.2f} x"
+        paired = [b.p50_ms / s.p50_ms for s, b in ctx.list_pairs if s.p50_ms and b.p50_ms]
+        if paired:
+            # Judged on the pairs, like the ratio targets: each compares runs seconds apart.
+            q = statistics.median(paired)
+            each = ", ".join(f"{x:.2f}" for x in paired)
+            pairs = f"{len(paired)} back-to-back pair{'s' if len(paired) != 1 else ''}"
+            measured = f"{q:.2f} x (median of {pairs}: {each}; the table's runs: {measured})"
         out.append(
             report.Target(
                 f"list p50 @ {ctx.mode.rows_big:,} vs {ctx.mode.rows_small:,} rows",
                 "≤ 1.5 x",
-                f"{big.result.p50_ms:.2f} / {small.result.p50_ms:.2f} ms = {q:.2f} x",
+                measured,
                 q <= 1.5,
             )
         )
@@ -170,7 +178,11 @@ def setup_lines(ctx: Context, elapsed: float) -> list[str]:
         "give the service and its database the same",
         f"raw runs {m.raw_seconds:g} s, HTTP runs {m.http_seconds:g} s after {m.warmup:g} s "
         f"of warm-up; POST, GET and list at {POST_CONNECTIONS} connections, consume at "
-        f"{CONSUME_CONNECTIONS}; list scale at {LIST_SCALE_CONNECTIONS} for {m.list_seconds:g} s",
+        f"{CONSUME_CONNECTIONS}; list scale at {LIST_SCALE_CONNECTIONS} for {m.list_seconds:g} s, "
+        f"then its first page at both sizes back to back, {m.pair_rounds} times, "
+        f"{m.pair_seconds:g} s each, alternating which goes first (the small table in the raw "
+        "runs' database, each size with a service of its own); the list target is judged on "
+        "the median of those pairs' p50 ratios",
         f"body: bench/body.json ({BODY.stat().st_size} bytes: a nested object, 3 lines, "
         "3 steps); pgbench inserts the same row (json data, text[] steps, UUIDv7 key)",
         f"prefilled with SQL (generate_series): {m.rows_small:,} rows for GET; "
