@@ -299,3 +299,53 @@ async def test_no_more_than_max_handed_over_entries_wait_in_memory() -> None:
         await until(lambda: list(outbox.rows.values()) == [uuids[3]])
         await asyncio.sleep(0.05)
     assert publisher.batches == [[uuids[0]], uuids[1:3]]
+
+
+async def test_a_stopping_relay_publishes_the_entries_handed_over_before_they_are_due() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0, hand_over_delay=60.0)
+    uuids = [uuid4() for _ in range(3)]
+    async with running(relay):
+        for uuid in uuids:
+            outbox.add(uuid)
+            relay.hand_over(uuid)
+        await asyncio.sleep(0.05)
+        assert publisher.batches == []  # not due for a minute
+    assert publisher.batches == [uuids]  # stopped: published at once, not left to a sweep
+    assert outbox.rows == {}
+    assert outbox.claimed == []
+
+
+async def test_a_stopping_relay_lets_the_flush_on_its_way_finish() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(outbox, publisher, sweep_interval=60.0, hand_over_delay=0.0)
+    uuid = uuid4()
+    outbox.add(uuid)
+    publisher.gate.clear()  # the batch is being confirmed when the relay is stopped
+    task = asyncio.create_task(relay.run())
+    relay.hand_over(uuid)
+    await until(lambda: publisher.batches == [[uuid]])
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # waiting for the confirm
+    publisher.gate.set()
+    await asyncio.gather(task, return_exceptions=True)
+    assert outbox.rows == {}  # confirmed, then deleted: nothing left for a sweep
+
+
+async def test_a_stopping_relay_gives_up_after_stop_within() -> None:
+    outbox, publisher = LockingOutbox(), RecordingPublisher()
+    relay = OutboxRelay(
+        outbox, publisher, sweep_interval=60.0, hand_over_delay=60.0, stop_within=0.2
+    )
+    uuid = uuid4()
+    outbox.add(uuid)
+    publisher.gate.clear()  # the broker never confirms
+    task = asyncio.create_task(relay.run())
+    relay.hand_over(uuid)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    async with asyncio.timeout(1.0):
+        await asyncio.gather(task, return_exceptions=True)
+    assert publisher.batches == [[uuid]]
+    assert list(outbox.rows.values()) == [uuid]  # left in the outbox, for a sweep

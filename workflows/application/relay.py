@@ -41,7 +41,9 @@ class OutboxRelay:
     processes, crashes or a broker outage, and publishes them. A flush takes up to
     `batch_limit` entries and the broker confirms them together; up to `parallel` flushes
     run at once, each with the requests that arrived since the others began, and a
-    backlog is swept batch after batch until it is gone.
+    backlog is swept batch after batch until it is gone. Stopped (`run()` cancelled), it
+    lets the flushes on their way finish and publishes every entry still handed over, due
+    or not, within `stop_within` seconds.
 
     Every path may publish an entry twice (a crash or failed deletion after the confirm,
     a confirm slower than `stale_after`): consumers skip a message whose workflow is not
@@ -59,6 +61,7 @@ class OutboxRelay:
     parallel: int = 3
     max_handed_over: int = 10_000
     hand_over_delay: float = HAND_OVER_DELAY
+    stop_within: float = 2.0
     _waiters: dict[UUID, list[asyncio.Future[None]]] = attrs.field(factory=dict, init=False)
     _flushing: set[UUID] = attrs.field(factory=set, init=False)  # taken by a flush
     # hand_over's entries, in order, with the time each was handed over (time.monotonic)
@@ -119,6 +122,24 @@ class OutboxRelay:
                 flushing.add(task)
                 task.add_done_callback(flushing.discard)
         finally:
+            await self._stop(flushing)
+
+    async def _stop(self, flushing: set[asyncio.Task[None]]) -> None:
+        """When `run()` is cancelled (the process stops): the flushes on their way finish,
+        then the entries still handed over are published, due or not, rather than left
+        to another process's sweep `stale_after` seconds later. All within
+        `stop_within` seconds: what is left then stays in the outbox, for a sweep."""
+        try:
+            async with asyncio.timeout(self.stop_within):
+                if flushing:
+                    await asyncio.wait(flushing)
+                while self._handed and time.monotonic() >= self._down_until:
+                    await self.flush(sweep=False, handed_all=True)
+        except TimeoutError:
+            log.warning("outbox relay stopped with entries unconfirmed: a sweep delivers them")
+        except Exception:
+            log.exception("outbox relay: the last flush failed; a sweep delivers its entries")
+        finally:
             for task in flushing:
                 task.cancel()
             await asyncio.gather(*flushing, return_exceptions=True)
@@ -131,10 +152,10 @@ class OutboxRelay:
         except Exception:
             log.exception("outbox relay flush failed; retrying in %ss", self.sweep_interval)
 
-    async def flush(self, *, sweep: bool = True) -> int:
+    async def flush(self, *, sweep: bool = True, handed_all: bool = False) -> int:
         """Publish the entries of the requests waiting (that no other flush has taken, up
-        to `batch_limit`) and, with `sweep`, a batch of stale entries; the number the
-        broker confirmed.
+        to `batch_limit`), those handed over that are due (all of them with `handed_all`)
+        and, with `sweep`, a batch of stale entries; the number the broker confirmed.
 
         The requests waiting for those entries are answered as soon as the broker has
         confirmed them, before their deletion commits: the message is safe in the
@@ -146,7 +167,7 @@ class OutboxRelay:
         if self._handed_due(now):
             # Half a delay until the next such flush: each takes what is due by then.
             self._handed_not_before = now + self.hand_over_delay / 2
-        due = now - self.hand_over_delay
+        due = now if handed_all else now - self.hand_over_delay
         while self._handed and len(wanted) + len(handed) < self.batch_limit:
             uuid, handed_at = next(iter(self._handed.items()))
             if handed_at > due:
