@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from workflows.adapters.postgres.doorbell import PostgresDoorbell
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.http import create_app
@@ -44,3 +45,39 @@ async def test_post_on_one_process_wakes_a_waiter_on_another(
     response = await asyncio.wait_for(waiting, 10)
     assert response.status_code == 200
     assert response.headers["x-workflow-uuid"] == uuid
+
+
+async def woken(doorbell: PostgresDoorbell, count: int) -> list[asyncio.Task[bool]]:
+    waiters = []
+    for _ in range(count):
+        waiters.append(asyncio.create_task(doorbell.wait(doorbell.ticket(), 10.0)))
+        await asyncio.sleep(0)
+    return waiters
+
+
+async def until_heard(ringing: PostgresDoorbell, listening: PostgresDoorbell) -> None:
+    """Ring until a waiter of `listening` wakes: its LISTEN is on."""
+    (waiter,) = await woken(listening, 1)
+    for _ in range(50):
+        ringing.ring()
+        done, _ = await asyncio.wait([waiter], timeout=0.1)
+        if done:
+            return
+    raise AssertionError("the other doorbell never heard a ring")
+
+
+@pytest.mark.parametrize("backend_settings", ["postgres"], indirect=True)
+async def test_a_notify_wakes_as_many_waiters_as_rang_for_and_never_its_sender(
+    backend_settings: Settings,
+) -> None:
+    containers = [Container(settings=backend_settings) for _ in range(2)]
+    async with running(containers[0]), running(containers[1]):
+        ringing, other = (container.postgres_doorbell() for container in containers)
+        await until_heard(ringing, other)
+        await until_heard(other, ringing)
+        await asyncio.sleep(0.2)  # every NOTIFY of the above has been heard
+        here, there = await woken(ringing, 4), await woken(other, 4)
+        ringing.ring(2)
+        await asyncio.sleep(0.5)  # the NOTIFY reaches both listeners, the sender's too
+        assert [w.done() for w in here] == [True, True, False, False]  # no echo
+        assert [w.done() for w in there] == [True, True, False, False]

@@ -114,3 +114,48 @@ async def test_a_client_that_has_gone_takes_nothing(tmp_path: object) -> None:
     stored = await repository.get(workflow.uuid)
     assert stored is not None
     assert stored.queued
+
+
+async def test_a_workflow_wakes_one_waiter_not_all(tmp_path: object) -> None:
+    queue, doorbell = CountingQueue(), Doorbell()
+    consume = ConsumeWorkflow(queue, CsvExporter(str(tmp_path)), utc_now, doorbell)
+    consume.recheck_every = 3600.0
+    waiters = [asyncio.create_task(consume(wait=20)) for _ in range(20)]
+    await asyncio.sleep(0.1)
+    assert queue.attempts == 20
+    workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), (), utc_now())
+    await queue.repository.add(workflow)
+    await queue.enqueued(workflow)
+    doorbell.ring()
+    done, _ = await asyncio.wait(waiters, timeout=2, return_when=asyncio.FIRST_COMPLETED)
+    results = [task.result() for task in done]
+    assert [result.workflow.uuid if result else None for result in results] == [workflow.uuid]
+    assert waiters[0] in done  # the one that waited longest
+    await asyncio.sleep(0.1)
+    assert queue.attempts == 21  # the woken one looked; the 19 others did not
+    doorbell.close()
+    assert await asyncio.gather(*waiters[1:]) == [None] * 19
+
+
+async def test_a_woken_waiter_whose_client_has_gone_wakes_another(tmp_path: object) -> None:
+    queue, doorbell = CountingQueue(), Doorbell()
+    consume = ConsumeWorkflow(queue, CsvExporter(str(tmp_path)), utc_now, doorbell)
+    consume.recheck_every = 3600.0
+    there = [True]
+
+    async def first_client() -> bool:
+        return there[0]
+
+    gone_later = asyncio.create_task(consume(wait=20, still_wanted=first_client))
+    await asyncio.sleep(0.05)
+    other = asyncio.create_task(consume(wait=20))
+    await asyncio.sleep(0.05)
+    there[0] = False  # the longest waiting one's client goes away
+    workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), (), utc_now())
+    await queue.repository.add(workflow)
+    await queue.enqueued(workflow)
+    doorbell.ring()
+    assert await asyncio.wait_for(gone_later, 1) is None
+    consumed = await asyncio.wait_for(other, 1)  # the turn was passed on
+    assert consumed is not None
+    assert consumed.workflow.uuid == workflow.uuid

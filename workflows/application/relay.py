@@ -277,7 +277,7 @@ class OutboxRelay:
 
     def _confirmed(self, uuids: list[UUID]) -> None:
         if self.doorbell is not None:
-            self.doorbell.ring()
+            self.doorbell.ring(len(uuids))
         for uuid in uuids:
             for future in self._waiters.get(uuid, ()):
                 if not future.done():

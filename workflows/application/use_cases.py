@@ -116,8 +116,8 @@ class ConsumeWorkflow:
     """Take the oldest queued workflow, write its export, mark it consumed.
 
     With `wait`, a call that finds nothing waits up to that many seconds for the doorbell
-    and tries again when it rings; `still_wanted` is asked before every try, so a client
-    that has gone away takes nothing."""
+    and tries again when it wakes it; `still_wanted` is asked before every try, so a client
+    that has gone away takes nothing (and a ring that woke it wakes another waiter)."""
 
     queue: WorkflowQueue
     exporter: Exporter
@@ -133,17 +133,23 @@ class ConsumeWorkflow:
         self, wait: float = 0.0, still_wanted: Callable[[], Awaitable[bool]] | None = None
     ) -> Consumed | None:
         deadline = time.monotonic() + wait
-        while True:
-            if still_wanted is not None and not await still_wanted():
-                return None  # the client has gone: take nothing it could not receive
-            ticket = self.doorbell.ticket()
-            consumed = await self._once()
-            remaining = deadline - time.monotonic()
-            if consumed is not None or remaining <= 0 or self.doorbell.closed:
-                return consumed
-            rung = await self.doorbell.wait(ticket, min(remaining, self.recheck_every))
-            if not rung and time.monotonic() >= deadline:
-                return None
+        woken = False  # by the doorbell, and not looked yet: a turn to pass on if unused
+        try:
+            while True:
+                if still_wanted is not None and not await still_wanted():
+                    return None  # the client has gone: take nothing it could not receive
+                ticket = self.doorbell.ticket()
+                consumed = await self._once()
+                woken = False
+                remaining = deadline - time.monotonic()
+                if consumed is not None or remaining <= 0 or self.doorbell.closed:
+                    return consumed
+                woken = await self.doorbell.wait(ticket, min(remaining, self.recheck_every))
+                if not woken and time.monotonic() >= deadline:
+                    return None
+        finally:
+            if woken:
+                self.doorbell.pass_on()  # a ring woke this call for a workflow it did not take
 
     async def _once(self) -> Consumed | None:
         exported: list[bytes] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from uuid import uuid4
 
 import psycopg
 
@@ -15,7 +16,8 @@ from workflows.domain.errors import DependencyUnavailable
 log = logging.getLogger(__name__)
 
 CHANNEL = "workflows_ready"
-NOTIFY = f"NOTIFY {CHANNEL}"
+# The payload: the sender's token, a space, how many workflows it rang for.
+NOTIFY = f"SELECT pg_notify('{CHANNEL}', %s)"
 LISTEN = f"LISTEN {CHANNEL}"
 NOTIFY_EVERY = 0.005
 """Seconds between two NOTIFYs of one process at most: a burst of POSTs costs one NOTIFY
@@ -24,9 +26,12 @@ per interval, not one per round trip (a waiter elsewhere wakes at most this much
 
 class PostgresDoorbell(Doorbell):
     """Each process listens on one connection of its own; a ring wakes local waiters at
-    once and sends a NOTIFY for the others. Rings that come while a NOTIFY is on its way,
-    or within NOTIFY_EVERY of the last one, share the next one. After the listening
-    connection is lost and regained, local waiters are woken to look again."""
+    once and sends a NOTIFY for the others, which says how many workflows it rang for: a
+    listener wakes as many of its waiters (all of them for a NOTIFY that does not say). A
+    process ignores its own NOTIFYs: its waiters were woken already. Rings that come while
+    a NOTIFY is on its way, or within NOTIFY_EVERY of the last one, share the next one, their
+    counts added. After the listening connection is lost and regained, local waiters are
+    woken to look again."""
 
     def __init__(self, url: str, pool: Pool) -> None:
         super().__init__()
@@ -34,7 +39,9 @@ class PostgresDoorbell(Doorbell):
         self._pool = pool
         self._listener: asyncio.Task[None] | None = None
         self._pending_notify = False
+        self._announced = 0  # workflows rung for since the last NOTIFY went
         self._last_notify = 0.0
+        self._token = uuid4().hex  # this process's NOTIFYs
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -48,8 +55,11 @@ class PostgresDoorbell(Doorbell):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def announce(self) -> None:
-        if self._pending_notify or self._listener is None:
+    def announce(self, count: int) -> None:
+        if self._listener is None:
+            return
+        self._announced += count
+        if self._pending_notify:
             return
         self._pending_notify = True
         task = asyncio.get_running_loop().create_task(self._notify())
@@ -62,7 +72,8 @@ class PostgresDoorbell(Doorbell):
             self._last_notify = time.monotonic()
             async with connection(self._pool) as conn:
                 self._pending_notify = False  # a ring from now on needs a NOTIFY of its own
-                await conn.execute(NOTIFY)
+                count, self._announced = self._announced, 0
+                await conn.execute(NOTIFY, (f"{self._token} {count}",))
         except DependencyUnavailable as exc:
             log.debug("doorbell could not notify other processes: %s", exc)
         finally:
@@ -77,9 +88,22 @@ class PostgresDoorbell(Doorbell):
                     await conn.execute(LISTEN)
                     self.wake_local()  # whatever rang while nobody listened
                     backoff = 0.5
-                    async for _ in conn.notifies():
-                        self.wake_local()
+                    async for notify in conn.notifies():
+                        self._heard(notify.payload)
             except (psycopg.Error, OSError) as exc:
                 log.warning("doorbell listener lost its connection: %s", exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    def _heard(self, payload: str) -> None:
+        """A NOTIFY: wake as many waiters as the other process rang for."""
+        sender, _, said = payload.partition(" ")
+        if sender == self._token:
+            return  # this process's own: its waiters were woken when it rang
+        try:
+            count: int | None = int(said)
+        except ValueError:
+            count = None  # a sender that does not say how many: every waiter looks
+        if count is not None and count < 1:
+            count = None
+        self.wake_local(count)
