@@ -137,7 +137,7 @@ class HotRoutes:
             _text(headers.get(b"content-length")) or "",
             self.limit,
         )
-        data, steps = schemas.parse_new_workflow(body)
+        data, steps = await schemas.read_new_workflow(body)
         created = await self.container.create_workflow()(data, steps, key)
         workflow = created.workflow
         rendered = rendering.render_workflow(workflow)

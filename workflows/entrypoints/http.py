@@ -67,7 +67,7 @@ async def read_json_body(request: Request) -> bytes:
 class WorkflowCollection(HTTPEndpoint):
     async def post(self, request: Request) -> Response:
         key = schemas.parse_idempotency_key(request.headers.get("idempotency-key"))
-        data, steps = schemas.parse_new_workflow(await read_json_body(request))
+        data, steps = await schemas.read_new_workflow(await read_json_body(request))
         created = await container_of(request).create_workflow()(data, steps, key)
         workflow = created.workflow
         # The scope's path, not request.url: building a URL object costs more than the rest.
