@@ -159,3 +159,36 @@ async def test_a_woken_waiter_whose_client_has_gone_wakes_another(tmp_path: obje
     consumed = await asyncio.wait_for(other, 1)  # the turn was passed on
     assert consumed is not None
     assert consumed.workflow.uuid == workflow.uuid
+
+
+class FailingOnce(CsvExporter):
+    """An export that fails the first time it is asked for, then works."""
+
+    def __init__(self, export_dir: str) -> None:
+        super().__init__(export_dir)
+        self.failures = 0
+
+    async def render(self, workflow: Workflow) -> bytes:
+        if self.failures == 0:
+            self.failures += 1
+            raise RuntimeError("the disk said no, once")
+        return await super().render(workflow)
+
+
+async def test_a_workflow_whose_export_failed_wakes_a_waiter(tmp_path: object) -> None:
+    queue, doorbell = CountingQueue(), Doorbell()
+    consume = ConsumeWorkflow(
+        queue, FailingOnce(str(tmp_path)), utc_now, doorbell, queue.repository
+    )
+    consume.recheck_every = 3600.0
+    waiting = asyncio.create_task(consume(wait=20))
+    await asyncio.sleep(0.05)
+    workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), (), utc_now())
+    await queue.repository.add(workflow)
+    await queue.enqueued(workflow)  # no ring: the waiter sleeps on
+    with pytest.raises(RuntimeError):
+        await consume(wait=0)  # takes it, fails, puts it back
+    consumed = await asyncio.wait_for(waiting, 1)  # woken: it is queued again
+    assert consumed is not None
+    assert consumed.workflow.uuid == workflow.uuid
+    assert consumed.workflow.delivery_attempts == 1

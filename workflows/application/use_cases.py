@@ -170,24 +170,29 @@ class ConsumeWorkflow:
         try:
             workflow = await self.queue.consume(export, now)
         except Exception:
-            if failed and self.repository is not None:
-                await self._count_failure(failed[-1])
+            if failed:
+                await self._put_back(failed[-1])
             raise
         if workflow is None:
             return None
         return Consumed(workflow, exported[-1])
 
-    async def _count_failure(self, workflow: Workflow) -> None:
-        assert self.repository is not None
-        counted = await self.repository.record_failure(
-            workflow.uuid, self.clock(), self.max_attempts
-        )
-        if counted is not None and counted.dead_lettered_at is not None:
-            log.error(
-                "workflow %s dead-lettered after %d failed consumes",
-                workflow.uuid,
-                counted.delivery_attempts,
+    async def _put_back(self, workflow: Workflow) -> None:
+        """A failed export left `workflow` queued: count the failure and, unless that
+        dead-lettered it, ring, so that a consumer waiting in any process takes it now
+        rather than at its next look (up to `recheck_every` later)."""
+        if self.repository is not None:
+            counted = await self.repository.record_failure(
+                workflow.uuid, self.clock(), self.max_attempts
             )
+            if counted is not None and counted.dead_lettered_at is not None:
+                log.error(
+                    "workflow %s dead-lettered after %d failed consumes",
+                    workflow.uuid,
+                    counted.delivery_attempts,
+                )
+                return
+        self.doorbell.ring()
 
 
 @attrs.define
