@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from uuid import UUID
+
 import httpx
 import pytest
+
+from workflows.domain.model import JsonDocument, Workflow
+from workflows.entrypoints.container import Container
+from workflows.entrypoints.inputs import receive_json_body
+from workflows.entrypoints.problems import Problem
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 PROBLEM = "application/problem+json"
 JSON = {"Content-Type": "application/json"}
@@ -125,6 +135,37 @@ async def test_malformed_uuid_in_path_is_422(client: httpx.AsyncClient, path: st
     ]
 
 
+# Forms Python's UUID() reads, each as the workflow below or as another one.
+NOT_HYPHENATED_UUIDS = [
+    "+1a24bc3-13ec-7726-aded-389bb2c9c0e8",  # int() takes a sign
+    "%201a24bc3-13ec-7726-aded-389bb2c9c0e8",  # and surrounding blanks
+    "0_a24bc3-13ec-7726-aded-389bb2c9c0e8",  # and underscores: another uuid
+    "01a24bc3urn:-13ec-7726-aded-389bb2c9c0e8",  # "urn:" anywhere is dropped
+    "urn:uuid:01a24bc3-13ec-7726-aded-389bb2c9c0e8",
+    "%7B01a24bc3-13ec-7726-aded-389bb2c9c0e8%7D",  # braces
+    "01a24bc313ec7726aded389bb2c9c0e8",  # hyphens anywhere or none
+    "01a24bc3-13ec7726-aded-389bb2c9c0e8-",
+]
+
+
+@pytest.mark.parametrize("form", NOT_HYPHENATED_UUIDS)
+async def test_only_the_hyphenated_uuid_names_a_workflow(
+    client: httpx.AsyncClient, container: Container, form: str
+) -> None:
+    uuid = UUID("01a24bc3-13ec-7726-aded-389bb2c9c0e8")
+    await container.repository().add(Workflow.new(uuid, JsonDocument('{"a":1}'), (), NOW))
+    for path in (f"/workflow/{form}", f"/workflow/{form}/csv", f"/v1/workflow/{form}"):
+        problem = assert_problem(await client.get(path), 422, "validation-failed")
+        assert problem["errors"][0]["pointer"] == "/path/uuid"  # type: ignore[index]
+    patch = await client.patch(f"/workflow/{form}", json={"status": "consumed"})
+    assert_problem(patch, 422, "validation-failed")
+    listed = await client.get(f"/workflow?after={form}")
+    assert_problem(listed, 422, "validation-failed")
+    upper = await client.get(f"/workflow/{str(uuid).upper()}")  # either case is the uuid
+    assert upper.status_code == 200
+    assert upper.json()["status"] == "inserted"
+
+
 async def test_unknown_uuid_is_404(client: httpx.AsyncClient) -> None:
     unknown = "0190b6d4-0000-7000-8000-000000000000"
     assert_problem(await client.get(f"/workflow/{unknown}"), 404, "not-found")
@@ -159,6 +200,7 @@ async def test_bad_patch_is_422_and_changes_nothing(client: httpx.AsyncClient, b
         "limit=-1",
         "limit=ten",
         "limit=99999999999999999999999",
+        "limit=" + "9" * 4301,  # more digits than int() reads
         "status=done",
         "after=nope",
         "sort=desc",
@@ -180,3 +222,24 @@ async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None
 
 async def test_unknown_path_is_a_404_problem(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/nowhere"), 404, "not-found")
+
+
+@pytest.mark.parametrize(
+    ("declared", "refused"),
+    [("9" * 5000, True), ("0" * 5000 + "12", False), ("2000", True), ("1000", False)],
+)
+async def test_a_declared_length_of_any_size_is_read_as_a_number(
+    declared: str, refused: bool
+) -> None:
+    """A Content-Length of more digits than int() reads is over the limit, not a 500."""
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    reading = receive_json_body(receive, "application/json", declared, 1000)
+    if refused:
+        with pytest.raises(Problem) as raised:
+            await reading
+        assert raised.value.status == 413
+    else:
+        assert await reading == b"{}"

@@ -35,7 +35,7 @@ async def receive_json_body(
                 f"-H 'Content-Type: application/json'",
                 headers={"Accept-Patch": JSON} if patch else {},
             )
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and _over(declared, limit):
         raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
@@ -50,6 +50,13 @@ async def receive_json_body(
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _over(digits: str, limit: int) -> bool:
+    """Whether the decimal `digits` are a number over `limit`, however many there are
+    (int() refuses a string of over 4,300 digits)."""
+    digits = digits.lstrip("0")
+    return len(digits) > len(str(limit)) or int(digits or "0") > limit
 
 
 def too_large(limit: int) -> Problem:
@@ -91,9 +98,12 @@ def list_query(params: QueryParams) -> tuple[WorkflowStatus | None, UUID | None,
     limit = 100
     if "limit" in params:
         raw = params["limit"]
-        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
+        digits = raw.lstrip("0")  # int() refuses over 4,300 digits: a 500, not a 422
+        if not (raw.isascii() and raw.isdigit() and len(digits) <= 4):
             raise invalid("/query/limit", "must be an integer from 1 to 1000")
-        limit = int(raw)
+        limit = int(digits or "0")
+        if not 1 <= limit <= 1000:
+            raise invalid("/query/limit", "must be an integer from 1 to 1000")
     after = schemas.parse_uuid(params["after"], "/query/after") if "after" in params else None
     dead = None
     if "dead_lettered" in params:

@@ -9,6 +9,7 @@ receives values that are already known to be good.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 from uuid import UUID
 
@@ -121,11 +122,19 @@ def parse_idempotency_key(raw: str | None) -> str | None:
     return key
 
 
+UUID_TEXT = re.compile(
+    "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+"""A UUID as RFC 9562 writes it: 32 hex digits in groups of 8-4-4-4-12, either case."""
+
+
 def parse_uuid(raw: str, pointer: str) -> UUID:
-    try:
-        return UUID(raw)
-    except ValueError:
-        raise invalid(pointer, f"{raw[:64]!r} is not a UUID") from None
+    """`raw` as a UUID, or a 422. Only the hyphenated form: Python's UUID() also takes
+    braces, a `urn:uuid:` prefix, hyphens anywhere or none, and underscores or a sign
+    (read by int()), which would make a malformed path name some other workflow."""
+    if UUID_TEXT.fullmatch(raw) is None:
+        raise invalid(pointer, f"{raw[:64]!r} is not a UUID (8-4-4-4-12 hex digits)")
+    return UUID(raw)
 
 
 def _structure(value: Any, cls: type[Any]) -> Any:
