@@ -243,3 +243,25 @@ async def test_a_declared_length_of_any_size_is_read_as_a_number(
         assert raised.value.status == 413
     else:
         assert await reading == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "pointer"),
+    [
+        ("POST", '{"data": {"\\udfff": 1}}', "/data/\\udfff"),
+        ("POST", '{"data": [{"a": {"x\\ud800": 1}}]}', "/data/0/a/x\\ud800"),
+        ("POST", '{"data": {"a": 1}, "\\udfff": 1}', "/\\udfff"),
+        ("PATCH", '{"status": "consumed", "\\udc00": 1}', "/\\udc00"),
+    ],
+)
+async def test_an_unpaired_surrogate_in_a_key_is_a_422_that_names_it(
+    client: httpx.AsyncClient, method: str, body: str, pointer: str
+) -> None:
+    """The pointer to such a key cannot be UTF-8: it shows the surrogate as its escape."""
+    created = (await client.post("/workflow", json={"data": {"a": 1}})).json()
+    path = "/workflow" if method == "POST" else f"/workflow/{created['uuid']}"
+    response = await client.request(method, path, content=body, headers=JSON)
+    problem = assert_problem(response, 422, "validation-failed")
+    assert pointer in [e["pointer"] for e in problem["errors"]]  # type: ignore[attr-defined]
+    assert response.headers["x-request-id"]
+    assert (await client.get("/workflow")).json() == [created]

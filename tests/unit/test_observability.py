@@ -360,3 +360,13 @@ def test_uvicorn_builds_access_lines_only_when_they_are_on(access_log: bool) -> 
         assert logger.hasHandlers() is access_log
     finally:
         logger.level, logger.handlers[:], logger.propagate = saved
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_log_line_carries_an_unpaired_surrogate_as_its_escape(as_json: bool) -> None:
+    """A client's key may hold one; the line is still written, with `\\udfff` in it."""
+    formatter = JsonFormatter() if as_json else TextFormatter()
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "key %s", ("a\udfff",), None)
+    line = formatter.format(record)
+    line.encode("utf-8")  # what the stream handler does, strictly
+    assert "key a\\udfff" in (orjson.loads(line)["message"] if as_json else line)

@@ -36,6 +36,20 @@ def redact(text: str) -> str:
     return text
 
 
+def printable(value: Any) -> Any:
+    """`value` (a string, or a dict or list of them) with every unpaired UTF-16 surrogate
+    written out as its escape, the six characters `\\udfff`: what UTF-8, and so orjson,
+    can carry. A client may send one in a key (`"\\udfff"` in JSON), which a pointer or a
+    log line then names."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {printable(key): printable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [printable(item) for item in value]
+    return value
+
+
 class RequestIdFilter(logging.Filter):
     """Adds `request_id` (None outside a request) to every record it sees."""
 
@@ -63,7 +77,10 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = redact(self.formatException(record.exc_info))
         elif record.exc_text:
             entry["exception"] = redact(record.exc_text)
-        return orjson.dumps(entry).decode()
+        try:
+            return orjson.dumps(entry).decode()
+        except orjson.JSONEncodeError:  # an unpaired surrogate, from a request
+            return orjson.dumps(printable(entry)).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -73,7 +90,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None)
         record.rid = f" [{rid}]" if rid else ""
-        return redact(super().format(record))
+        line: str = printable(redact(super().format(record)))
+        return line
 
 
 def use_json(log_format: str, stream: Any = None) -> bool:

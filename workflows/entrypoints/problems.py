@@ -7,6 +7,8 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from workflows.entrypoints.logs import printable
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 TITLES = {
@@ -54,8 +56,12 @@ class Problem(Exception):
         }
         if self.errors is not None:
             body["errors"] = self.errors
+        try:
+            content = orjson.dumps(body)
+        except orjson.JSONEncodeError:  # an unpaired surrogate in a key the detail names
+            content = orjson.dumps(printable(body))
         return Response(
-            orjson.dumps(body),
+            content,
             status_code=self.status,
             headers=self.headers,
             media_type=PROBLEM_MEDIA_TYPE,
