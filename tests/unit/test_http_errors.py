@@ -265,3 +265,20 @@ async def test_an_unpaired_surrogate_in_a_key_is_a_422_that_names_it(
     assert pointer in [e["pointer"] for e in problem["errors"]]  # type: ignore[attr-defined]
     assert response.headers["x-request-id"]
     assert (await client.get("/workflow")).json() == [created]
+
+
+@pytest.mark.parametrize("prefix", ["", "/v1"])
+async def test_head_on_consume_is_405_and_takes_nothing(
+    client: httpx.AsyncClient, prefix: str
+) -> None:
+    """A HEAD must be safe: on the consume path GET takes a workflow, so HEAD is refused."""
+    created = (await client.post("/workflow", json={"data": {"a": 1}})).json()
+    response = await client.head(f"{prefix}/workflow/consume")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+    refused = await client.delete(f"{prefix}/workflow/consume")
+    assert_problem(refused, 405, "method-not-allowed")
+    assert refused.headers["allow"] == "GET, POST"
+    assert (await client.get(f"/workflow/{created['uuid']}")).json()["status"] == "inserted"
+    assert (await client.head(f"{prefix}/workflow/{created['uuid']}")).status_code == 200
+    assert (await client.get(f"{prefix}/workflow/consume")).status_code == 200

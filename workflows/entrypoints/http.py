@@ -109,6 +109,14 @@ class WorkflowCsv(HTTPEndpoint):
 
 
 class Consume(HTTPEndpoint):
+    """GET and POST take a workflow. HEAD, which Starlette answers with `get` wherever
+    there is one, is a 405 here: a HEAD must be safe, and this one would take a workflow
+    and throw its CSV away."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        super().__init__(scope, receive, send)
+        self._allowed_methods = [m for m in self._allowed_methods if m != "HEAD"]
+
     async def get(self, request: Request) -> Response:
         wait = consume_wait(request.query_params)
 
