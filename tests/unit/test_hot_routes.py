@@ -115,6 +115,15 @@ SCENARIOS: dict[str, list[Send]] = {
         consume(query="?wait=0.01"),
     ],
     "other routes": [post(), consume("DELETE"), post(path="/workflow/")],
+    "unknown query parameters": [
+        post(path="/workflow?x=1"),
+        post(path="/v1/workflow?x=1&data=2"),
+        post(path="/workflow?"),  # an empty query is none
+        get_created("?x=1"),
+        get_created("?&"),
+        consume(query="?x=1"),
+        get("/workflow?x=1"),
+    ],
     "get one": [
         post(),
         get_created(),

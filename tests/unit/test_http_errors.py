@@ -282,3 +282,30 @@ async def test_head_on_consume_is_405_and_takes_nothing(
     assert (await client.get(f"/workflow/{created['uuid']}")).json()["status"] == "inserted"
     assert (await client.head(f"{prefix}/workflow/{created['uuid']}")).status_code == 200
     assert (await client.get(f"{prefix}/workflow/consume")).status_code == 200
+
+
+async def test_an_unknown_query_parameter_is_422_on_every_workflow_operation(
+    client: httpx.AsyncClient,
+) -> None:
+    """Never silently ignored, so that a misspelt parameter is seen; nothing changes."""
+    created = (await client.post("/workflow", json={"data": {"a": 1}})).json()
+    item = f"/workflow/{created['uuid']}"
+    refused = [
+        await client.post("/workflow?x=1", json={"data": {"b": 2}}),
+        await client.post("/v1/workflow?stauts=inserted", json={"data": {"b": 2}}),
+        await client.get(f"{item}?x=1"),
+        await client.patch(f"{item}?x=1", json={"status": "consumed"}),
+        await client.get(f"{item}/csv?x=1"),
+        await client.get("/version?x=1"),
+        await client.get("/v1/version?x=1"),
+        await client.get("/workflow?x=1"),
+        await client.get("/workflow/consume?x=1"),
+    ]
+    for response in refused:
+        problem = assert_problem(response, 422, "validation-failed")
+        assert problem["errors"][0]["pointer"] in ("/query/x", "/query/stauts")  # type: ignore[index]
+    assert (await client.get("/workflow")).json() == [created]
+    # An empty query is no parameter; the probes and the docs take whatever they are sent.
+    assert (await client.get(f"{item}?")).status_code == 200
+    for path in ("/healthz?x=1", "/readyz?x=1", "/openapi.json?x=1"):
+        assert (await client.get(path)).status_code == 200, path

@@ -32,6 +32,7 @@ from workflows.entrypoints.inputs import (
     consume_wait,
     list_query,
     next_page_link,
+    no_query,
     receive_json_body,
 )
 from workflows.entrypoints.logs import request_id
@@ -130,6 +131,8 @@ class HotRoutes:
 
     async def create(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
         """WorkflowCollection.post (http.py), without the Starlette layers."""
+        if scope.get("query_string"):
+            no_query(scope["query_string"])
         key = schemas.parse_idempotency_key(_text(headers.get(b"idempotency-key")))
         body = await receive_json_body(
             receive,
@@ -186,6 +189,8 @@ class HotRoutes:
 
     async def item(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
         """WorkflowItem.get (http.py), without the Starlette layers."""
+        if scope.get("query_string"):
+            no_query(scope["query_string"])
         uuid = schemas.parse_uuid(scope["path"].rpartition("/")[2], "/path/uuid")
         rendered = rendering.render_workflow(await self.container.get_workflow()(uuid))
         return 200, [(b"content-length", str(len(rendered)).encode()), JSON_TYPE], rendered

@@ -30,6 +30,7 @@ from workflows.entrypoints.inputs import (
     consume_wait,
     list_query,
     next_page_link,
+    no_query,
     receive_json_body,
 )
 from workflows.entrypoints.problems import Problem
@@ -66,6 +67,7 @@ async def read_json_body(request: Request) -> bytes:
 
 class WorkflowCollection(HTTPEndpoint):
     async def post(self, request: Request) -> Response:
+        no_query(request.scope.get("query_string", b""))
         key = schemas.parse_idempotency_key(request.headers.get("idempotency-key"))
         data, steps = await schemas.read_new_workflow(await read_json_body(request))
         created = await container_of(request).create_workflow()(data, steps, key)
@@ -90,11 +92,13 @@ class WorkflowCollection(HTTPEndpoint):
 
 class WorkflowItem(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
+        no_query(request.scope.get("query_string", b""))
         uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
         workflow = await container_of(request).get_workflow()(uuid)
         return json_response(rendering.render_workflow(workflow))
 
     async def patch(self, request: Request) -> Response:
+        no_query(request.scope.get("query_string", b""))
         uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
         status = schemas.parse_status_patch(await read_json_body(request))
         workflow = await container_of(request).update_status()(uuid, status)
@@ -103,6 +107,7 @@ class WorkflowItem(HTTPEndpoint):
 
 class WorkflowCsv(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
+        no_query(request.scope.get("query_string", b""))
         uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
         content = await container_of(request).export_workflow()(uuid)
         return Response(content, media_type=CSV, headers=attachment(str(uuid)))
@@ -165,6 +170,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def version(request: Request) -> Response:
+    no_query(request.scope.get("query_string", b""))
     commit = request.app.state.settings.commit
     return json_response(orjson.dumps({"version": __version__, "commit": commit}))
 

@@ -63,6 +63,13 @@ def too_large(limit: int) -> Problem:
     return Problem(413, f"the body is larger than the limit of {limit} bytes (MAX_BODY_BYTES)")
 
 
+def no_query(query_string: bytes) -> None:
+    """For an operation that takes no query parameter: a 422 naming the first one given."""
+    if query_string:
+        for name in QueryParams(query_string):
+            raise invalid(f"/query/{name}", "is not a known parameter (this operation takes none)")
+
+
 def consume_wait(params: QueryParams) -> float:
     """`?wait=N`: seconds (0 to 20, decimals allowed) to wait for a workflow to arrive."""
     for name in params:
