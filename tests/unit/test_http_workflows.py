@@ -8,6 +8,7 @@ from uuid import UUID
 import httpx
 import pytest
 
+from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -161,3 +162,38 @@ async def test_health_readiness_and_version(client: httpx.AsyncClient) -> None:
     version = (await client.get("/v1/version")).json()
     assert set(version) == {"version", "commit"}
     assert version["version"]
+
+
+async def test_not_ready_while_no_export_could_be_written(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """A worker that can only answer every consume 503 is not ready; it is again once the
+    directory is usable. The probe leaves nothing in it."""
+    exports = Path(settings.export_dir)
+    _put_a_file_at(exports)
+    workflow = (await post(client, '{"data": {"a": 1}}')).json()
+    assert (await client.get("/workflow/consume")).status_code == 503
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.headers["retry-after"] == "2"
+    checks = ready.json()["checks"]
+    assert checks["database"] == checks["queue"] == "ok"
+    assert str(exports) in checks["exports"]
+    _remove(exports)
+    assert (await client.get("/readyz")).status_code == 200
+    assert _names_in(exports) == []  # made by the probe, and empty
+    consumed = await client.get("/workflow/consume")
+    assert consumed.headers["x-workflow-uuid"] == workflow["uuid"]
+
+
+def _put_a_file_at(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("a file where the directory should be")
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+def _names_in(directory: Path) -> list[str]:
+    return [entry.name for entry in directory.iterdir()]

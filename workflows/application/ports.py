@@ -128,6 +128,11 @@ class Exporter(abc.ABC):
         """Make every export written so far durable, and record that it is."""
 
     @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise DependencyUnavailable unless an export could be written now (the
+        readiness check)."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Let go of what the exporter holds (threads, open files), once no more exports
         are written."""

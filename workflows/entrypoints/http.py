@@ -161,7 +161,11 @@ async def readyz(request: Request) -> Response:
             checks[name] = "ok"
         except DependencyUnavailable as exc:
             checks[name] = exc.detail
-    checks["exports"] = "ok" if container.export_flusher().recovered else RECOVERING
+    try:
+        await container.exporter().ping()
+        checks["exports"] = "ok" if container.export_flusher().recovered else RECOVERING
+    except DependencyUnavailable as exc:
+        checks["exports"] = exc.detail
     ready = all(value == "ok" for value in checks.values())
     body = orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks})
     if ready:

@@ -128,6 +128,12 @@ class CsvExporter(Exporter):
             self._unflushed = True
             raise
 
+    async def ping(self) -> None:
+        try:
+            await asyncio.to_thread(files.probe_directory, self._dir_name)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+
     async def unflushed_since(self) -> datetime | None:
         try:
             text = (self._dir / MARKER).read_text()

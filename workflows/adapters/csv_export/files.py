@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import secrets
@@ -220,6 +221,22 @@ def unnamed_files_work(directory: str) -> bool:
     finally:
         os.close(descriptor)
     return True
+
+
+def probe_directory(directory: str) -> None:
+    """Raise OSError unless a file could be made in `directory` now (made if missing, as
+    an export makes it): an unnamed file, opened and closed, which leaves nothing on disk;
+    where there are none, the directory's permissions say."""
+    os.makedirs(directory, exist_ok=True)
+    if O_TMPFILE:
+        try:
+            os.close(os.open(directory, os.O_WRONLY | O_TMPFILE, 0o666))
+            return
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise  # the others: a filesystem (or kernel) without unnamed files
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "cannot make files here", directory)
 
 
 def _temporary_name(target: str) -> str:
