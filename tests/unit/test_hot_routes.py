@@ -76,6 +76,16 @@ def streamed(body: bytes, chunk: int = 4096) -> Send:
     return send
 
 
+def keyed_twice(second: str) -> Send:
+    """A POST with two Idempotency-Key headers."""
+
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        keys = [("Idempotency-Key", "k-1"), ("Idempotency-Key", second)]
+        return client.post("/workflow", content=BODY, headers=[*keys, *JSON.items()])
+
+    return send
+
+
 def consume(method: str = "GET", query: str = "", headers: dict[str, str] | None = None) -> Send:
     def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
         return client.request(method, f"/workflow/consume{query}", headers=headers)
@@ -96,6 +106,8 @@ SCENARIOS: dict[str, list[Send]] = {
         post(headers={"Idempotency-Key": "k-1"}),
         post(b'{"data": {"a": 2}}', headers={"Idempotency-Key": "k-1"}),
         post(headers={"Idempotency-Key": ""}),
+        keyed_twice("k-1"),
+        keyed_twice("k-2"),
     ],
     "bad bodies": [
         post(b"{"),

@@ -72,6 +72,17 @@ async def test_invalid_workflow_is_rejected_with_a_pointer(
     await assert_nothing_changed(client)
 
 
+async def test_a_capped_list_of_errors_says_there_may_be_more(client: httpx.AsyncClient) -> None:
+    body = '{"data": {' + ", ".join(f'"k{i}": "\\u0000"' for i in range(30)) + "}}"
+    response = await client.post("/workflow", content=body, headers=JSON)
+    problem = assert_problem(response, 422, "validation-failed")
+    assert len(problem["errors"]) == 20  # type: ignore[arg-type]
+    assert str(problem["detail"]).endswith("(and 19 more listed; there may be others)")
+    two = '{"data": {"a": "\\u0000", "b": "\\u0000"}}'
+    detail = (await client.post("/workflow", content=two, headers=JSON)).json()["detail"]
+    assert detail.endswith("(and 1 more)")
+
+
 async def test_json_nested_beyond_the_depth_limit_is_rejected(client: httpx.AsyncClient) -> None:
     deep = '{"data": {"a": ' + "[" * 70 + "]" * 70 + "}}"
     assert_problem(

@@ -62,3 +62,22 @@ async def test_malformed_key_is_422_and_stores_nothing(client: httpx.AsyncClient
     assert response.status_code == 422
     assert response.json()["errors"][0]["pointer"] == "/header/Idempotency-Key"
     assert (await client.get("/workflow")).json() == []
+
+
+async def test_a_key_sent_twice_is_422_and_stores_nothing(client: httpx.AsyncClient) -> None:
+    """Which of two keys would name the request? Neither: as a repeated query parameter."""
+    for keys in (["k", "k"], ["k", "other"]):
+        response = await client.post(
+            "/workflow",
+            content=b'{"data": {"a": 1}}',
+            headers=[("Idempotency-Key", key) for key in keys]
+            + [("Content-Type", "application/json")],
+        )
+        assert response.status_code == 422
+        problem = response.json()
+        assert problem["errors"] == [
+            {"pointer": "/header/Idempotency-Key", "message": "is given more than once"}
+        ]
+    assert (await client.get("/workflow")).json() == []
+    once = await client.post("/workflow", json={"data": {"a": 1}}, headers={"Idempotency-Key": "k"})
+    assert once.status_code == 201  # the refused requests did not use the key up

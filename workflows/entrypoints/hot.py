@@ -133,7 +133,10 @@ class HotRoutes:
         """WorkflowCollection.post (http.py), without the Starlette layers."""
         if scope.get("query_string"):
             no_query(scope["query_string"])
-        key = schemas.parse_idempotency_key(_text(headers.get(b"idempotency-key")))
+        key = None
+        if (raw_key := headers.get(b"idempotency-key")) is not None:
+            sent = sum(1 for name, _ in scope["headers"] if name == b"idempotency-key")
+            key = schemas.parse_idempotency_key(_text(raw_key), sent)
         body = await receive_json_body(
             receive,
             _text(headers.get(b"content-type")),

@@ -68,7 +68,8 @@ async def read_json_body(request: Request) -> bytes:
 class WorkflowCollection(HTTPEndpoint):
     async def post(self, request: Request) -> Response:
         no_query(request.scope.get("query_string", b""))
-        key = schemas.parse_idempotency_key(request.headers.get("idempotency-key"))
+        sent = request.headers.getlist("idempotency-key")
+        key = schemas.parse_idempotency_key(sent[0] if sent else None, len(sent))
         data, steps = await schemas.read_new_workflow(await read_json_body(request))
         created = await container_of(request).create_workflow()(data, steps, key)
         workflow = created.workflow

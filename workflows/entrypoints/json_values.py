@@ -13,6 +13,8 @@ from simplejson import RawJSON
 from workflows.entrypoints.problems import Problem, error, invalid
 
 MAX_DEPTH = 64
+MAX_PROBLEMS = 20
+"""The errors a 422 lists at most: checking a document stops at this many."""
 # PostgreSQL's numeric (which JSONB numbers are) holds these many digits at most.
 MAX_INTEGER_DIGITS = 131072
 MAX_FRACTION_DIGITS = 16383
@@ -56,7 +58,7 @@ def check_data(data: Any, problems: list[dict[str, str]]) -> None:
 
 
 def _check_value(value: Any, pointer: str, depth: int, problems: list[dict[str, str]]) -> None:
-    if len(problems) >= 20:
+    if len(problems) >= MAX_PROBLEMS:
         return
     if depth > MAX_DEPTH:
         problems.append(error(pointer, f"nests deeper than {MAX_DEPTH} levels"))

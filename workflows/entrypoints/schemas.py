@@ -20,7 +20,7 @@ from simplejson import RawJSON
 
 from workflows.domain.model import JsonDocument, WorkflowStatus
 from workflows.entrypoints.fast_parse import parse_new_workflow_fast
-from workflows.entrypoints.json_values import check_data, check_string, parse_json
+from workflows.entrypoints.json_values import MAX_PROBLEMS, check_data, check_string, parse_json
 from workflows.entrypoints.problems import Problem, error, invalid
 
 STATUSES = ", ".join(s.value for s in WorkflowStatus)
@@ -109,11 +109,13 @@ def parse_status_patch(body: bytes) -> WorkflowStatus:
     return patch.status
 
 
-def parse_idempotency_key(raw: str | None) -> str | None:
+def parse_idempotency_key(raw: str | None, sent: int = 1) -> str | None:
     """The Idempotency-Key header: a structured-field string (`"..."`), or bare, of 1 to
-    255 printable ASCII characters."""
+    255 printable ASCII characters; `sent` is how many times the header came."""
     if raw is None:
         return None
+    if sent > 1:
+        raise invalid("/header/Idempotency-Key", "is given more than once")
     key = raw.strip()
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
@@ -196,6 +198,8 @@ def _pointer(path: str) -> str:
 def _summary(problems: list[dict[str, str]]) -> str:
     first = problems[0]
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if len(problems) >= MAX_PROBLEMS:  # the check stopped there
+        more = f" (and {len(problems) - 1} more listed; there may be others)"
     return f"{first['pointer'] or 'the body'} {first['message']}{more}"
 
 
