@@ -231,6 +231,22 @@ async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None
     await assert_nothing_changed(client)
 
 
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        ("/healthz", "GET, HEAD"),
+        ("/v1/version", "GET, HEAD"),
+        ("/workflow", "GET, HEAD, POST"),
+        ("/workflow/0190b6d4-0000-7000-8000-000000000000", "GET, HEAD, PATCH"),
+        ("/workflow/consume", "GET, POST"),
+    ],
+)
+async def test_allow_lists_the_methods_in_one_order(
+    client: httpx.AsyncClient, path: str, allow: str
+) -> None:
+    assert (await client.delete(path)).headers["allow"] == allow
+
+
 async def test_unknown_path_is_a_404_problem(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/nowhere"), 404, "not-found")
 

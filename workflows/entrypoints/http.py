@@ -201,12 +201,17 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
         404: f"no resource at {request.url.path}",
         405: f"{request.method} is not allowed here",
     }
+    headers = dict(exc.headers or {})
+    if "Allow" in headers:  # a function route's methods are a set: its order varies
+        allowed = {method.strip() for method in headers["Allow"].split(",")}
+        headers["Allow"] = ", ".join(sorted(allowed, key=lambda m: _METHOD_RANK.get(m, 99)))
     problem = Problem(
-        exc.status_code,
-        detail.get(exc.status_code, str(exc.detail)),
-        headers=dict(exc.headers or {}),
+        exc.status_code, detail.get(exc.status_code, str(exc.detail)), headers=headers
     )
     return problem.response()
+
+
+_METHOD_RANK = {m: i for i, m in enumerate(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"))}
 
 
 async def not_found_handler(request: Request, exc: Exception) -> Response:
