@@ -17,6 +17,7 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 PROBLEM = "application/problem+json"
 JSON = {"Content-Type": "application/json"}
+BODY = b'{"data": {"a": 1}}'
 
 
 async def assert_nothing_changed(client: httpx.AsyncClient) -> None:
@@ -121,6 +122,30 @@ async def test_form_data_is_415_with_a_hint(client: httpx.AsyncClient) -> None:
     body = assert_problem(response, 415, "unsupported-media-type")
     assert "Content-Type: application/json" in str(body["detail"])
     await assert_nothing_changed(client)
+
+
+@pytest.mark.parametrize(
+    ("media", "accepted"),
+    [
+        ("application/json", True),
+        ("Application/JSON; charset=utf-8", True),
+        ("application/merge-patch+json", True),
+        ("application/vnd.example.workflow+json", True),
+        ("+json", False),
+        ("application/+json", False),
+        ("/+json", False),
+        ("application/jsonx", False),
+    ],
+)
+async def test_a_json_type_is_json_or_a_structured_plus_json_type(
+    client: httpx.AsyncClient, media: str, accepted: bool
+) -> None:
+    response = await client.post("/workflow", content=BODY, headers={"Content-Type": media})
+    if accepted:
+        assert response.status_code == 201, response.text
+    else:
+        assert_problem(response, 415, "unsupported-media-type")
+        await assert_nothing_changed(client)
 
 
 async def test_oversize_body_is_413(client: httpx.AsyncClient) -> None:

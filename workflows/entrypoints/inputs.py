@@ -3,6 +3,7 @@ routes (hot.py): the JSON body, the consume call's query and the list's query.""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -15,6 +16,8 @@ from workflows.entrypoints import schemas
 from workflows.entrypoints.problems import Problem, invalid
 
 JSON = "application/json"
+JSON_SUFFIXED = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*\+json")
+"""A structured-syntax JSON type, as `application/merge-patch+json` (RFC 6839)."""
 MAX_WAIT_SECONDS = 20
 LIST_PARAMETERS = frozenset({"status", "limit", "after", "dead_lettered"})
 
@@ -27,7 +30,7 @@ async def receive_json_body(
     as soon as it grows past `limit`."""
     if content_type is not None:
         media = content_type.split(";", 1)[0].strip().lower()
-        if media != JSON and not media.endswith("+json"):
+        if media != JSON and JSON_SUFFIXED.fullmatch(media) is None:
             raise Problem(
                 415,
                 f"the body must be JSON, sent with 'Content-Type: application/json' "
