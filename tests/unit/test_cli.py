@@ -20,7 +20,7 @@ def test_without_database_url_or_the_embedded_extra_a_command_says_what_to_do(
     monkeypatch.chdir(tmp_path)  # no .env
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("QUEUE_BACKEND", "rabbitmq" if command == "relay" else "postgres")
-    monkeypatch.setenv("RABBITMQ_URL", "amqp://unused@127.0.0.1:1/%2F")  # never reached
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://unused:unused@127.0.0.1:1/%2F")  # never reached
     for module in ("pgserver", "pgserver.postgres_server"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed: ImportError
     assert cli.main([command]) == 2
@@ -28,3 +28,30 @@ def test_without_database_url_or_the_embedded_extra_a_command_says_what_to_do(
     assert "DATABASE_URL is not set and the embedded PostgreSQL is not installed" in error
     assert "pip install 'workflows[embedded]'" in error
     assert not (tmp_path / "var").exists(), "nothing is made for a server that cannot start"
+
+
+def test_serve_refuses_workers_that_would_split_the_memory_backend(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("QUEUE_BACKEND", "memory")
+    assert cli.main(["serve", "--workers", "2", "--port", "1"]) == 2
+    assert "QUEUE_BACKEND=memory keeps every workflow in one process" in capsys.readouterr().err
+    assert cli.main(["serve", "--workers", "0", "--port", "1"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_an_unreachable_database_is_one_line_and_status_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("QUEUE_BACKEND", "postgres")
+    url = "postgresql://postgres:pw@127.0.0.1:1/nowhere?connect_timeout=2"
+    monkeypatch.setenv("DATABASE_URL", url)
+    for command in ("migrate", "stats", "serve"):
+        assert cli.main([command]) == 1, command
+        error = capsys.readouterr().err
+        assert error.startswith("workflows: database is unavailable"), error
+        assert error.count("\n") == 1
+        assert "Traceback" not in error
+        assert ":pw@" not in error

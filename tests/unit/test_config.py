@@ -55,6 +55,17 @@ def test_explicit_backend_wins() -> None:
         ({"EXPORT_FLUSH_INTERVAL": "3601"}, "EXPORT_FLUSH_INTERVAL"),
         ({"RABBITMQ_PREFETCH": "-1"}, "RABBITMQ_PREFETCH"),
         ({"RABBITMQ_PREFETCH": "many"}, "RABBITMQ_PREFETCH"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+        ({"LOG_LEVEL": "warn"}, "LOG_LEVEL"),  # uvicorn would fail on it later
+        ({"RABBITMQ_URL": "garbage"}, "RABBITMQ_URL is not an AMQP URL"),
+        ({"RABBITMQ_URL": "amqp://h:5672/%2F?heartbeat=abc"}, "RABBITMQ_URL.*heartbeat"),
+        ({"RABBITMQ_URL": "http://h/"}, "RABBITMQ_URL"),
+        ({"RABBITMQ_URL": "amqp://user@h/"}, "RABBITMQ_URL.*a user without a password"),
+        ({"DATABASE_URL": "garbage"}, "DATABASE_URL is not a PostgreSQL URL"),
+        ({"DATABASE_URL": "postgresql://u:secret@h/db?nonsense=1"}, r"DATABASE_URL(?!.*secret)"),
+        ({"IDEMPOTENCY_TTL": "1e12"}, "IDEMPOTENCY_TTL must be at most 315360000"),
+        ({"IDEMPOTENCY_TTL": "inf"}, "IDEMPOTENCY_TTL"),
+        ({"CONFIRM_TIMEOUT": "inf"}, "CONFIRM_TIMEOUT must be at most 60"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
@@ -93,3 +104,12 @@ async def test_export_flush_interval_zero_fsyncs_each_file_instead(
     # Only a file left to the flusher needs the flush record first.
     assert (tmp_path / MARKER).exists() is flushed_behind
     assert container.export_flusher().interval == every  # 0: the recovery's retries only
+
+
+def test_the_longest_settings_still_serve() -> None:
+    """At their limits: a key expiring ten years on is a date that can be stored."""
+    settings = Settings.from_env(
+        {"IDEMPOTENCY_TTL": "315360000", "CONFIRM_TIMEOUT": "60", "LOG_LEVEL": " debug "}
+    )
+    assert (settings.idempotency_ttl, settings.confirm_timeout) == (315360000, 60)
+    assert settings.log_level == "DEBUG"

@@ -17,9 +17,10 @@ from dotenv import load_dotenv
 # PROMETHEUS_MULTIPROC_DIR first (tests/unit/test_observability.py checks).
 from workflows.adapters.embedded_postgres import EmbeddedPostgres, NotInstalled
 from workflows.adapters.postgres import migrate
+from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints import operations
 from workflows.entrypoints.config import ConfigError, Settings
-from workflows.entrypoints.logs import configure_logging, logging_config
+from workflows.entrypoints.logs import configure_logging, logging_config, redact
 from workflows.entrypoints.security import protected_mode_refusal
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except NotInstalled as exc:
         print(f"workflows: {exc}", file=sys.stderr)
         return 2
+    except DependencyUnavailable as exc:  # the database, at start: one line, no traceback
+        line = " ".join(part.strip() for part in str(exc).splitlines())  # psycopg's hint too
+        print(f"workflows: {redact(line)}", file=sys.stderr)
+        return 1
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -83,7 +88,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     host = args.host or settings.host
-    if refusal := protected_mode_refusal(host, settings):
+    if refusal := protected_mode_refusal(host, settings) or _workers_refusal(
+        args.workers, settings
+    ):
         print(f"workflows: {refusal}", file=sys.stderr)
         return 2
     if settings.queue_backend != "memory":
@@ -115,6 +122,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             log_config=logging_config(settings.log_level, settings.log_format, args.access_log),
         )
     return 0
+
+
+def _workers_refusal(workers: int, settings: Settings) -> str | None:
+    if workers < 1:
+        return f"--workers must be at least 1, not {workers}"
+    if workers > 1 and settings.queue_backend == "memory":
+        return (
+            "QUEUE_BACKEND=memory keeps every workflow in one process: with --workers "
+            f"{workers} each worker would have its own (use postgres or rabbitmq)"
+        )
+    return None
 
 
 def _with_database(settings: Settings) -> Settings:

@@ -6,11 +6,20 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import attrs
 
+from workflows.entrypoints.logs import redact
+
 BACKENDS = ("rabbitmq", "postgres", "memory")
 LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_CONFIRM_TIMEOUT = 60.0
+"""Seconds: a POST waits this long for its confirm at most; with the broker away a longer
+wait would hold every POST (the relay delivers later whatever the wait)."""
+MAX_IDEMPOTENCY_TTL = 10 * 365 * 24 * 3600.0
+"""Ten years: a key's expiry must be a date PostgreSQL and Python can hold."""
 TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,}=*")
 """RFC 6750 b64token, at least 16 characters (`openssl rand -hex 32` makes a good one)."""
 
@@ -49,6 +58,11 @@ class Settings:
         env = os.environ if env is None else env
         d = DEFAULTS
         rabbitmq_url = env.get("RABBITMQ_URL") or None
+        if rabbitmq_url is not None:
+            _check_rabbitmq_url(rabbitmq_url)
+        database_url = env.get("DATABASE_URL") or None
+        if database_url is not None:
+            _check_database_url(database_url)
         backend = env.get("QUEUE_BACKEND") or ("rabbitmq" if rabbitmq_url else "postgres")
         if backend not in BACKENDS:
             raise ConfigError(
@@ -59,7 +73,7 @@ class Settings:
         return cls(
             host=env.get("HOST", d.host),
             port=_int(env, "PORT", d.port, low=0, high=65535),
-            database_url=env.get("DATABASE_URL") or None,
+            database_url=database_url,
             queue_backend=backend,
             rabbitmq_url=rabbitmq_url,
             rabbitmq_queue=env.get("RABBITMQ_QUEUE", d.rabbitmq_queue),
@@ -70,10 +84,10 @@ class Settings:
             export_flush_interval=_flush_interval(env),
             embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, low=1),
-            log_level=env.get("LOG_LEVEL", d.log_level).upper(),
-            confirm_timeout=_float(env, "CONFIRM_TIMEOUT", d.confirm_timeout),
+            log_level=_log_level(env),
+            confirm_timeout=_float(env, "CONFIRM_TIMEOUT", d.confirm_timeout, MAX_CONFIRM_TIMEOUT),
             pool_size=_int(env, "DB_POOL_SIZE", d.pool_size, low=1),
-            idempotency_ttl=_float(env, "IDEMPOTENCY_TTL", d.idempotency_ttl),
+            idempotency_ttl=_float(env, "IDEMPOTENCY_TTL", d.idempotency_ttl, MAX_IDEMPOTENCY_TTL),
             max_delivery_attempts=_int(
                 env, "MAX_DELIVERY_ATTEMPTS", d.max_delivery_attempts, low=1, high=1000
             ),
@@ -99,7 +113,7 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int | 
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, high: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -109,14 +123,52 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
     if not value >= 0:
         raise ConfigError(f"{name} must not be negative")
+    if value > high:  # inf too
+        raise ConfigError(f"{name} must be at most {high:.0f} (seconds)")
     return value
 
 
 def _flush_interval(env: Mapping[str, str]) -> float:
-    value = _float(env, "EXPORT_FLUSH_INTERVAL", DEFAULTS.export_flush_interval)
-    if value > 3600:  # inf too: a flusher that never runs would leave every file unflushed
-        raise ConfigError("EXPORT_FLUSH_INTERVAL must be at most 3600 (seconds)")
+    # At most an hour: a flusher that never runs would leave every file unflushed.
+    return _float(env, "EXPORT_FLUSH_INTERVAL", DEFAULTS.export_flush_interval, 3600)
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    value = env.get("LOG_LEVEL", DEFAULTS.log_level).strip().upper() or DEFAULTS.log_level
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
     return value
+
+
+def _check_database_url(url: str) -> None:
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError as error:  # the message may quote the URL: masked
+        raise ConfigError(
+            f"DATABASE_URL is not a PostgreSQL URL or connection string "
+            f"({redact(str(error).strip())})"
+        ) from None
+
+
+def _check_rabbitmq_url(url: str) -> None:
+    import pika
+
+    scheme = url.partition("://")[0].lower()
+    try:
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError("it must start with amqp:// or amqps://")
+        parts = urlsplit(url)
+        if parts.username is not None and parts.password is None:
+            raise ValueError("it names a user without a password")  # which pika cannot take
+        pika.URLParameters(url)
+    except Exception as error:  # pika raises what its parsing meets (IndexError, ...)
+        raise ConfigError(
+            f"RABBITMQ_URL is not an AMQP URL like amqp://user:password@host:5672/%2F "
+            f"({redact(str(error)) or type(error).__name__})"
+        ) from None
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
