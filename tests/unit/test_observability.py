@@ -362,6 +362,25 @@ def test_uvicorn_builds_access_lines_only_when_they_are_on(access_log: bool) -> 
         logger.level, logger.handlers[:], logger.propagate = saved
 
 
+@pytest.mark.parametrize(("level", "written"), [("INFO", False), ("ERROR", False), ("DEBUG", True)])
+def test_pika_writes_its_connection_errors_at_debug_only(level: str, written: bool) -> None:
+    """Seven ERROR lines per failed attempt while the broker is away: the adapters' own
+    warnings say it once, with the cause."""
+    pika_logger, root = logging.getLogger("pika.adapters.base_connection"), logging.getLogger()
+    saved = (root.level, root.handlers[:], logging.getLogger("pika").level)
+    stream = io.StringIO()
+    try:
+        logging.config.dictConfig(logging_config(level, "text"))
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        pika_logger.error("Full-stack connection workflow failed")
+        logging.getLogger("workflows.adapters.rabbitmq.link").error("rabbitmq connection lost")
+    finally:
+        root.level, root.handlers[:] = saved[0], saved[1]
+        logging.getLogger("pika").setLevel(saved[2])
+    assert ("Full-stack connection workflow failed" in stream.getvalue()) is written
+    assert "rabbitmq connection lost" in stream.getvalue()
+
+
 @pytest.mark.parametrize("as_json", [True, False])
 def test_a_log_line_carries_an_unpaired_surrogate_as_its_escape(as_json: bool) -> None:
     """A client's key may hold one; the line is still written, with `\\udfff` in it."""

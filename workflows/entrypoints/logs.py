@@ -112,7 +112,9 @@ def logging_config(
     Without `access_log`, uvicorn's line per request is off (it costs throughput).
     """
     formatter = JsonFormatter if use_json(log_format) else TextFormatter
-    quiet = logging.getLevelName(max(logging.WARNING, logging.getLevelName(level)))
+    # pika writes seven ERROR lines for each failed connection attempt while the broker is
+    # away; the adapter's own warning says it once, with the cause. Its lines at DEBUG only.
+    pika_level = "DEBUG" if level == "DEBUG" else "CRITICAL"
     routed = {"handlers": [], "propagate": True}  # uvicorn's loggers, through root
     return {
         "version": 1,
@@ -138,7 +140,7 @@ def logging_config(
                 if access_log
                 else {"level": "WARNING", "handlers": [], "propagate": False}
             ),
-            "pika": {"level": quiet},
+            "pika": {"level": pika_level},
         },
     }
 
