@@ -10,6 +10,7 @@ import pytest
 from workflows.adapters.csv_export import CsvExporter
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import Workflow
+from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
 
 
@@ -77,6 +78,25 @@ async def test_an_unavailable_export_directory_counts_no_attempt(
     assert await consume_errors(client, 7) == [503] * 7
     stored = (await client.get(f"/workflow/{uuid}")).json()
     assert (stored["delivery_attempts"], stored["dead_lettered_at"]) == (0, None)
+
+
+async def test_a_directory_where_a_file_goes_dead_letters_that_workflow_alone(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Not the export directory's fault (503 for ever, the queue held up behind it): that
+    workflow's failed consumes, counted like a poison workflow's."""
+    blocked = (await client.post("/workflow", json={"data": {"a": 1}})).json()["uuid"]
+    healthy = (await client.post("/workflow", json={"data": {"b": 2}})).json()["uuid"]
+    _make_directory(Path(settings.export_dir) / f"{blocked}.csv")
+    assert await consume_errors(client, 5) == [500] * 5
+    assert (await client.get("/workflow/consume")).headers["x-workflow-uuid"] == healthy
+    stored = (await client.get(f"/workflow/{blocked}")).json()
+    assert (stored["status"], stored["delivery_attempts"]) == ("inserted", 5)
+    assert stored["dead_lettered_at"] is not None
+
+
+def _make_directory(path: Path) -> None:
+    path.mkdir(parents=True)
 
 
 async def test_bad_dead_lettered_filter_is_422(client: httpx.AsyncClient) -> None:

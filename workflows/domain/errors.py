@@ -24,6 +24,12 @@ class DependencyUnavailable(WorkflowError):
         self.detail = detail
 
 
+class ExportFailed(WorkflowError):
+    """This workflow's export cannot be written for a reason of its own, not the export
+    directory's (a directory stands where its file goes): a failed consume of this one
+    workflow, counted towards its dead-lettering, so that it cannot hold up the queue."""
+
+
 class IdempotencyKeyReused(WorkflowError):
     """An idempotency key came back with a different request than the one it first named."""
 

@@ -28,7 +28,7 @@ from workflows.adapters.csv_export import files
 from workflows.adapters.csv_export.fsync import Fsync
 from workflows.adapters.csv_export.render import render_csv
 from workflows.application.ports import Exporter
-from workflows.domain.errors import DependencyUnavailable
+from workflows.domain.errors import DependencyUnavailable, ExportFailed
 from workflows.domain.model import Workflow
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ class CsvExporter(Exporter):
                     files.link_unnamed(self._dir_name, target, content, self._spares)
                 else:
                     await files.replace_atomically(Path(target), content, None)
+        except IsADirectoryError as error:
+            # A directory where this workflow's file goes fails this workflow alone: as the
+            # directory's fault it would answer 503 forever and hold up the queue behind it.
+            raise ExportFailed(f"{target} is a directory: {error}") from error
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{target}: {error}") from error
         if not late:
