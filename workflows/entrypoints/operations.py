@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator, Sized
 from contextlib import AsyncExitStack
@@ -79,7 +80,10 @@ def _unless_unavailable(what: str) -> Iterator[None]:
 def stats(settings: Settings, *, as_json: bool) -> int:
     """Print queue depth, outbox backlog and workflows by status."""
     if settings.queue_backend == "memory":
-        print("workflows stats: QUEUE_BACKEND=memory keeps its queue inside the serving process")
+        print(
+            "workflows stats: QUEUE_BACKEND=memory keeps its queue inside the serving process",
+            file=sys.stderr,
+        )
         return 2
     report = asyncio.run(_gather_stats(_not_consuming(settings)))
     if as_json:
@@ -133,7 +137,8 @@ def relay(settings: Settings) -> int:
     if settings.queue_backend != "rabbitmq":
         print(
             f"workflows relay: only QUEUE_BACKEND=rabbitmq has an outbox "
-            f"(this one is {settings.queue_backend})"
+            f"(this one is {settings.queue_backend})",
+            file=sys.stderr,
         )
         return 2
     asyncio.run(_relay(_not_consuming(settings)))
