@@ -55,16 +55,3 @@ def test_an_unreachable_database_is_one_line_and_status_1(
         assert error.count("\n") == 1
         assert "Traceback" not in error
         assert ":pw@" not in error
-
-
-def test_a_command_refused_for_the_backend_says_so_on_stderr(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)  # no .env
-    for backend, command in (("memory", "stats"), ("postgres", "relay")):
-        monkeypatch.setenv("QUEUE_BACKEND", backend)
-        monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/unused")
-        assert cli.main([command]) == 2
-        out, err = capsys.readouterr()
-        assert out == ""
-        assert err.startswith(f"workflows {command}: ")

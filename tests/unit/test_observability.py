@@ -344,9 +344,11 @@ def test_stats_and_relay_explain_when_the_backend_has_nothing_for_them(
     monkeypatch.setenv("QUEUE_BACKEND", "memory")
     monkeypatch.setenv("DATABASE_URL", "postgresql://unused@127.0.0.1:1/unused")
     assert operations.stats(cli.Settings.from_env(), as_json=False) == 2
-    assert "inside the serving process" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert (out, "inside the serving process" in err) == ("", True)  # a refusal: stderr
     assert operations.relay(cli.Settings.from_env()) == 2
-    assert "only QUEUE_BACKEND=rabbitmq" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert (out, "only QUEUE_BACKEND=rabbitmq" in err) == ("", True)
 
 
 @pytest.mark.parametrize("access_log", [False, True])
