@@ -30,6 +30,7 @@ from workflows.entrypoints.logs import (
     RequestIdFilter,
     TextFormatter,
     logging_config,
+    mask_values,
     redact,
     use_json,
 )
@@ -362,6 +363,26 @@ def test_uvicorn_builds_access_lines_only_when_they_are_on(access_log: bool) -> 
         assert logger.hasHandlers() is access_log
     finally:
         logger.level, logger.handlers[:], logger.propagate = saved
+
+
+def test_an_api_token_is_masked_wherever_a_client_put_it() -> None:
+    """In a path or a query (RFC 6750's `access_token=`), which the access log writes."""
+    token = "k3y-" + "Q" * 28
+    path = f"/workflow/{token}?access_token={token}&limit=1"
+    args = ("127.0.0.1:5", "GET", path, "1.1", 422)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s "%s %s HTTP/%s" %d', args, None
+    )
+    assert redact("GET /workflow?access_token=other-token&limit=1").endswith("=***&limit=1")
+    mask_values([token])
+    try:
+        for formatter in (JsonFormatter(), TextFormatter()):
+            line = formatter.format(record)
+            assert token not in line
+            assert "/workflow/***?access_token=***&limit=1" in line
+    finally:
+        mask_values([])
+    assert token in TextFormatter().format(record)  # without the setting: only the query's
 
 
 @pytest.mark.parametrize(("level", "written"), [("INFO", False), ("ERROR", False), ("DEBUG", True)])

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.http import create_app
-from workflows.entrypoints.logs import configure_logging
+from workflows.entrypoints.logs import configure_logging, mask_values
 from workflows.entrypoints.observability import sampling
 
 THREAD_SWITCH_INTERVAL = 0.0005
@@ -35,6 +35,7 @@ def create(settings: Settings | None = None) -> Starlette:
     # `workflows serve --access-log` sets WORKFLOWS_ACCESS_LOG for its workers.
     access_log = os.environ.get("WORKFLOWS_ACCESS_LOG") == "1"
     configure_logging(settings.log_level, settings.log_format, access_log)
+    mask_values(settings.api_tokens)
     container = Container(settings=settings)
 
     @asynccontextmanager

@@ -20,7 +20,7 @@ from workflows.adapters.postgres import migrate
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints import operations
 from workflows.entrypoints.config import ConfigError, Settings
-from workflows.entrypoints.logs import configure_logging, logging_config, redact
+from workflows.entrypoints.logs import configure_logging, logging_config, mask_values, redact
 from workflows.entrypoints.security import protected_mode_refusal
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workflows: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    mask_values(settings.api_tokens)
     try:
         return _run(settings, args)
     except NotInstalled as exc:

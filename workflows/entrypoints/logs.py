@@ -14,6 +14,7 @@ import logging
 import logging.config
 import re
 import sys
+from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -26,13 +27,26 @@ SECRETS = (
     (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^@\s]*@", re.IGNORECASE), r"\1***@"),
     (re.compile(r"(\bbearer\s+)[^\s,;\"']+", re.IGNORECASE), r"\1***"),
     (re.compile(r"(\bpassword\s*=\s*)[^\s&;]+", re.IGNORECASE), r"\1***"),
+    # RFC 6750's query form: a client may send its token so, and the access log has the URL.
+    (re.compile(r"(\baccess_token=)[^\s&;#\"']+", re.IGNORECASE), r"\1***"),
 )
+_LITERALS: list[str] = []  # the configured API tokens, wherever a client put them
+
+
+def mask_values(values: Iterable[str]) -> None:
+    """Mask these exact values too in every line from now on (the API tokens: a client
+    may send one in a path or a query, which the access log writes)."""
+    _LITERALS[:] = sorted({value for value in values if value}, key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    """`text` with URL passwords, bearer tokens and `password=` values masked."""
+    """`text` with URL passwords, bearer tokens, `password=` and `access_token=` values,
+    and the values given to `mask_values` masked."""
     for pattern, replacement in SECRETS:
         text = pattern.sub(replacement, text)
+    for literal in _LITERALS:
+        if literal in text:
+            text = text.replace(literal, "***")
     return text
 
 
