@@ -8,9 +8,11 @@ import socket
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 
+from workflows.entrypoints import http_protocol
 from workflows.entrypoints.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
 
 
@@ -125,6 +127,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "lifespan.shutdown.complete"})
         return
     path = scope["path"]
+    if scope["method"] == "POST":  # read the whole body first
+        while (await receive()).get("more_body"):
+            pass
     if path == "/stream":
         headers = [(b"content-type", b"text/plain")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -193,3 +198,53 @@ async def test_a_streamed_body_arrives_as_it_is_sent(served: str) -> None:
     assert b"".join(chunk for _, chunk in arrivals) == b"0\n1\n2\nend\n"
     # The first chunk came ~0.6 s before the end: held bytes do not wait for the next write.
     assert arrivals[-1][0] - arrivals[0][0] >= 0.4
+
+
+async def exchange_raw(url: str, *parts: bytes, pause: float = 0.0) -> bytes:
+    """Send `parts` on a new connection (`pause` seconds apart) and read until it closes."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause)
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_a_head_over_the_limit_is_a_431_problem(served: str) -> None:
+    big = b"GET /h HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    answer = await exchange_raw(served, big[:30_000], big[30_000:])
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert b"connection: close" in head
+    assert b"x-content-type-options: nosniff" in head
+    assert orjson.loads(body)["type"] == "/problems/request-header-fields-too-large"
+    endless = [b"GET /h HTTP/1.1\r\nHost: x\r\n"]
+    endless += [b"X-%d: %s\r\n" % (n, b"b" * 9_000) for n in range(12)]  # and never an end
+    assert (await exchange_raw(served, *endless)).startswith(b"HTTP/1.1 431 ")
+    fits = (
+        b"GET /h HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000 + b"\r\nConnection: close\r\n\r\n"
+    )
+    assert (await exchange_raw(served, fits)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_head_that_does_not_come_in_time_is_a_408(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT", 0.3)
+    started = asyncio.get_running_loop().time()
+    answer = await exchange_raw(served, b"GET /h HTTP/1.1\r\n")
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert asyncio.get_running_loop().time() - started < 3
+    # Neither a slow body nor an idle keep-alive connection is a late head.
+    slow_body = [b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"]
+    answer = await exchange_raw(served, *slow_body, b"a", b"b", b"c", pause=0.2)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    one = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+    two = b"GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = await exchange_raw(served, one, two, pause=0.6)
+    assert answer.count(b"HTTP/1.1 200 ") == 2

@@ -16,9 +16,13 @@ never reordered and never held past the iteration, so streamed bodies still flow
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from workflows.entrypoints.security import with_defaults
 
 
 class CoalescingTransport:
@@ -79,10 +83,114 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+MAX_HEAD_BYTES = 64 * 1024
+"""A request's line and headers together: more is a 431 (httptools sets no limit of its
+own: a 100 MB header was read whole, the worker's memory growing by its size)."""
+HEAD_TIMEOUT = 10.0
+"""Seconds from a request's first bytes to the end of its headers: past it, a 408 (a client
+that sends a partial request and nothing more held its connection for ever)."""
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """`uvicorn --http httptools`, each connection's transport wrapped in a
-    `CoalescingTransport`."""
+    `CoalescingTransport`, and a request's head (its line and headers) held to
+    `MAX_HEAD_BYTES` and `HEAD_TIMEOUT`.
+
+    A head that comes in one read, as nearly every one does, costs a counter and a flag: the
+    timer starts only when a read ends with a head still incomplete."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing: Any = CoalescingTransport(transport, self.loop)
+        self._head_done = False  # the current request's headers are all in
+        self._head_bytes = 0  # bytes read since its head began, while it is incomplete
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+        self._too_large = False  # a head over MAX_HEAD_BYTES came whole: refuse it
         super().connection_made(coalescing)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped until the client has the answer and closes
+        if not self._head_done:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._too_large:
+            self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
+            return
+        if self._head_done or not self._head_bytes or self.transport.is_closing():
+            return
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
+        elif self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        # The bytes read since the head began bound its size: only past the limit is it
+        # worth measuring, and a head over it never reaches the app.
+        if self._too_large or (
+            self._head_bytes > MAX_HEAD_BYTES and self._head_size() > MAX_HEAD_BYTES
+        ):
+            self._too_large = True
+            return
+        self._head_done, self._head_bytes = True, 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._too_large:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._too_large:
+            return
+        super().on_message_complete()
+        self._head_done = False  # what comes next is the next request's head
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._head_done and not self.transport.is_closing():
+            self._refuse(408, f"the request's headers did not arrive within {HEAD_TIMEOUT:g} s")
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer a problem document and close: the request never reached the app."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        slug, title = REFUSALS[status]
+        body = orjson.dumps(
+            {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail}
+        )
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            (b"x-request-id", f"{random.getrandbits(128):032x}".encode()),
+        ]
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, title.encode())]
+        head += [name + b": " + value + b"\r\n" for name, value in with_defaults("/", headers)]
+        self.transport.write(b"".join(head) + b"\r\n" + body)
+        # Closed at once with the rest of the request unread, the socket would answer the
+        # client's next bytes with a reset, which can destroy the answer before it is read:
+        # end the writing side, drop what still comes, close a second later.
+        self._refused = True
+        self.transport.write_eof()
+        self.loop.call_later(REFUSED_LINGER, self.transport.close)
+
+
+REFUSED_LINGER = 1.0
+"""Seconds a refused connection stays open, reading and dropping, after its answer."""
+REFUSALS = {
+    408: ("request-timeout", "Request Timeout"),
+    431: ("request-header-fields-too-large", "Request Header Fields Too Large"),
+}
