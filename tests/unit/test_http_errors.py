@@ -361,3 +361,14 @@ async def test_an_unknown_query_parameter_is_422_on_every_workflow_operation(
     assert (await client.get(f"{item}?")).status_code == 200
     for path in ("/healthz?x=1", "/readyz?x=1", "/openapi.json?x=1"):
         assert (await client.get(path)).status_code == 200, path
+
+
+async def test_a_long_name_is_not_echoed_whole(client: httpx.AsyncClient) -> None:
+    long = "x" * 60_000
+    missing = await client.get(f"/{long}")
+    assert_problem(missing, 404, "not-found")
+    assert len(missing.content) < 1_000
+    unknown = await client.get(f"/workflow?{long}=1")
+    problem = assert_problem(unknown, 422, "validation-failed")
+    assert problem["errors"][0]["pointer"] == "/query/" + "x" * 64 + "…"  # type: ignore[index]
+    assert len(unknown.content) < 1_000

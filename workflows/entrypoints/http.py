@@ -32,6 +32,7 @@ from workflows.entrypoints.inputs import (
     next_page_link,
     no_query,
     receive_json_body,
+    shown,
 )
 from workflows.entrypoints.problems import Problem
 
@@ -198,7 +199,7 @@ async def problem_handler(request: Request, exc: Exception) -> Response:
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail = {
-        404: f"no resource at {request.url.path}",
+        404: f"no resource at {shown(request.url.path, 200)}",
         405: f"{request.method} is not allowed here",
     }
     headers = dict(exc.headers or {})

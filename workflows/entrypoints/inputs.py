@@ -66,18 +66,26 @@ def too_large(limit: int) -> Problem:
     return Problem(413, f"the body is larger than the limit of {limit} bytes (MAX_BODY_BYTES)")
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """`text` as a problem document names it: cut to `limit` characters (a client's
+    60 KB parameter name is not echoed back whole)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def no_query(query_string: bytes) -> None:
     """For an operation that takes no query parameter: a 422 naming the first one given."""
     if query_string:
         for name in QueryParams(query_string):
-            raise invalid(f"/query/{name}", "is not a known parameter (this operation takes none)")
+            raise invalid(
+                f"/query/{shown(name)}", "is not a known parameter (this operation takes none)"
+            )
 
 
 def consume_wait(params: QueryParams) -> float:
     """`?wait=N`: seconds (0 to 20, decimals allowed) to wait for a workflow to arrive."""
     for name in params:
         if name != "wait":
-            raise invalid(f"/query/{name}", "is not a known parameter (wait)")
+            raise invalid(f"/query/{shown(name)}", "is not a known parameter (wait)")
         if len(params.getlist(name)) > 1:
             raise invalid("/query/wait", "is given more than once")
     raw = params.get("wait")
@@ -95,10 +103,11 @@ def list_query(params: QueryParams) -> tuple[WorkflowStatus | None, UUID | None,
     for name in params:
         if name not in LIST_PARAMETERS:
             raise invalid(
-                f"/query/{name}", "is not a known parameter (status, limit, after, dead_lettered)"
+                f"/query/{shown(name)}",
+                "is not a known parameter (status, limit, after, dead_lettered)",
             )
         if len(params.getlist(name)) > 1:
-            raise invalid(f"/query/{name}", "is given more than once")
+            raise invalid(f"/query/{shown(name)}", "is given more than once")
     status = None
     if "status" in params:
         try:
