@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
@@ -16,6 +17,7 @@ from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.memory import InMemoryWorkflowRepository
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 from workflows.adapters.rabbitmq.delivery import Delivery
+from workflows.adapters.rabbitmq.queue import BROKER_RETRY_AFTER
 from workflows.application.ports import (
     ClaimHandler,
     Outbox,
@@ -363,3 +365,65 @@ async def test_consumes_that_ask_together_share_an_empty_answer(
     finally:
         await broker.delete_queue()
         await broker.stop()
+
+
+async def test_while_the_broker_is_away_consumes_take_from_the_rows_and_ask_it_once_a_second(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    proxy = TcpProxy.to_amqp(rabbitmq_url)
+    await proxy.up()
+    broker = CountingBroker(proxy.url, queue=queue_name, timeout=2.0)
+    await broker.start()
+    setup = Setup(broker, wait_for_confirm=True)
+    try:
+        published = [await setup.submit() for _ in range(2)]  # confirmed: on the broker
+        await proxy.down()
+        broker.gets = 0
+        started = time.monotonic()
+        taken = [await setup.queue.consume(record_nothing, now()) for _ in range(3)]
+        assert [w.uuid if w else None for w in taken] == [
+            published[0].uuid,
+            published[1].uuid,
+            None,
+        ]
+        assert time.monotonic() - started < BROKER_RETRY_AFTER  # no call timeout waited
+        assert broker.gets == 1  # the first failed: the next ones left the broker alone
+        stored = await setup.repository.get(published[0].uuid)
+        assert stored is not None
+        assert stored.status is WorkflowStatus.CONSUMED
+
+        await asyncio.sleep(BROKER_RETRY_AFTER)
+        assert await setup.queue.consume(record_nothing, now()) is None
+        assert broker.gets == 2  # a second later, the broker is asked again
+        await proxy.up()
+        await asyncio.sleep(BROKER_RETRY_AFTER)
+        # Back: the messages of the workflows taken from the rows are acked and skipped.
+        assert await setup.queue.consume(record_nothing, now()) is None
+        assert broker.gets > 2
+        assert await left_after_reconnecting(broker) == 0
+    finally:
+        await proxy.up()
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+        await proxy.down()
+
+
+async def test_a_database_away_still_fails_the_consume(rabbitmq_url: str, queue_name: str) -> None:
+    """Only the broker's failure is taken for "no message": the rows' failing is not."""
+
+    class AwayRows(QueuedRows):
+        async def consume(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
+            raise DependencyUnavailable("postgresql", "connection refused")
+
+    proxy = TcpProxy.to_amqp(rabbitmq_url)
+    await proxy.up()
+    async with running(proxy.url, queue_name) as setup:
+        setup.queue = RabbitMqQueue(
+            setup.repository, setup.broker, setup.relay, AwayRows(setup.repository)
+        )
+        await proxy.down()
+        with pytest.raises(DependencyUnavailable, match="postgresql"):
+            await setup.queue.consume(record_nothing, now())
+        await proxy.up()
+    await proxy.down()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime
 from uuid import UUID
 
@@ -11,9 +12,14 @@ from workflows.adapters.rabbitmq.broker import RabbitMqBroker
 from workflows.adapters.rabbitmq.delivery import Delivery
 from workflows.application.ports import ClaimHandler, WorkflowQueue, WorkflowRepository
 from workflows.application.relay import OutboxRelay
+from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import Workflow
 
 log = logging.getLogger(__name__)
+
+BROKER_RETRY_AFTER = 1.0
+"""Seconds the consumes leave the broker alone after it failed one of them (they take
+from the database's rows meanwhile): one connection attempt a second, not one per consume."""
 
 
 class RabbitMqQueue(WorkflowQueue):
@@ -28,7 +34,11 @@ class RabbitMqQueue(WorkflowQueue):
     (the INSERTED rows, `SKIP LOCKED`, concurrent consumes in one transaction): so a
     workflow is consumable from its commit on, published or not, and a `204` means that
     nothing is queued. Its message, if it was published, is a duplicate that consumers
-    skip; if it was not, the relay deletes its entry instead of publishing it."""
+    skip; if it was not, the relay deletes its entry instead of publishing it.
+
+    The same holds while the broker is away: a consume whose get fails takes from the rows
+    instead of failing, and for `BROKER_RETRY_AFTER` seconds the consumes do not ask the
+    broker at all. Only the database being away makes a consume fail."""
 
     def __init__(
         self,
@@ -48,6 +58,8 @@ class RabbitMqQueue(WorkflowQueue):
         # hold, a consume waits for that get's answer rather than asking too.
         self._found_empty = False
         self._asking: asyncio.Future[bool] | None = None
+        self._away_until = 0.0  # monotonic: till then, consumes do not ask the broker
+        self._away = False  # the broker failed a get and has not answered one since
 
     async def enqueued(self, workflow: Workflow) -> None:
         if not self._wait_for_confirm:
@@ -73,16 +85,29 @@ class RabbitMqQueue(WorkflowQueue):
         while self._found_empty and (asking := self._asking) is not None:
             if await asyncio.shield(asking):
                 return None
+        if time.monotonic() < self._away_until:
+            return None  # the broker failed a get just now: the rows instead
         self._asking = asking = asyncio.get_running_loop().create_future()
         empty = False
         try:
             delivery = await self._broker.get()
             empty = delivery is None
+        except DependencyUnavailable as error:
+            self._away_until = time.monotonic() + BROKER_RETRY_AFTER
+            if not self._away:
+                self._away = True
+                log.warning(
+                    "the broker is unavailable (%s): consumes take from the database", error
+                )
+            return None
         finally:
             self._found_empty = empty
             if self._asking is asking:
                 self._asking = None
             asking.set_result(empty)
+        if self._away:
+            self._away = False
+            log.info("the broker answers again: consumes take its messages")
         return delivery
 
     async def _from_broker(self, handle: ClaimHandler, now: datetime) -> Workflow | None:
