@@ -14,6 +14,7 @@ from uuid import UUID, uuid4
 
 import orjson
 import pika
+import pika.exceptions
 import pytest
 
 from tests.integration.test_rabbitmq_broker import take, uuids_of
@@ -318,3 +319,39 @@ async def test_workflows_stats_takes_no_message_ahead(
     back = read_all(rabbitmq_url, queue_name)
     assert [body for body, _ in back] == [str(u) for u in published]  # in order, untouched
     assert [count or 0 for _, count in back] == [0, 0, 0]
+
+
+def queue_exists(url: str, queue: str) -> bool:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code == 404:
+            return False
+        raise
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+async def test_workflows_stats_declares_no_queue(
+    pg: PostgresDatabase,
+    database_url: str,
+    rabbitmq_url: str,
+    queue_name: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A mistyped RABBITMQ_QUEUE: stats says the broker has no such queue and creates
+    neither it nor its dead-letter queue."""
+    settings = Settings.from_env(
+        {"DATABASE_URL": database_url, "RABBITMQ_URL": rabbitmq_url, "RABBITMQ_QUEUE": queue_name}
+    )
+    assert await asyncio.to_thread(operations.stats, settings, as_json=True) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["queue_depth"] is None
+    assert report["workflows"] == {}
+    assert f"the broker has no queue {queue_name!r}" in caplog.text
+    for queue in (queue_name, f"{queue_name}.dead"):
+        assert not await asyncio.to_thread(queue_exists, rabbitmq_url, queue)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Sized
+from collections.abc import Awaitable, Callable, Iterator, Sized
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import attrs
 import orjson
 
 from workflows.adapters.postgres.stats import OutboxBacklog, PostgresStats
+from workflows.adapters.rabbitmq.peek import QueueMissing, queue_depth
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
@@ -41,9 +43,12 @@ class Snapshot:
     dead_letters: int | None = None
 
 
-async def snapshot(container: Any) -> Snapshot:
-    """Queue depth (rabbitmq: messages ready in the broker; postgres: queued rows;
-    memory: this process's queue), dead letters and, with rabbitmq, the outbox backlog."""
+async def snapshot(
+    container: Any, broker_depth: Callable[[], Awaitable[int]] | None = None
+) -> Snapshot:
+    """Queue depth (rabbitmq: messages ready in the broker, read by `broker_depth` or the
+    container's broker; postgres: queued rows; memory: this process's queue), dead letters
+    and, with rabbitmq, the outbox backlog."""
     backend: str = container.settings().queue_backend
     depth: int | None = None
     outbox: OutboxBacklog | None = None
@@ -55,7 +60,8 @@ async def snapshot(container: Any) -> Snapshot:
         elif backend == "postgres":
             depth = await asyncio.wait_for(_stats(container).queue_depth(), STATS_TIMEOUT)
         else:
-            depth = await asyncio.wait_for(container.broker().depth(), STATS_TIMEOUT)
+            read = container.broker().depth if broker_depth is None else broker_depth
+            depth = await asyncio.wait_for(read(), STATS_TIMEOUT)
     if backend != "memory":
         with _unless_unavailable("dead letters"):
             dead = await asyncio.wait_for(_stats(container).dead_letters(), STATS_TIMEOUT)
@@ -75,6 +81,13 @@ def _unless_unavailable(what: str) -> Iterator[None]:
         yield
     except (DependencyUnavailable, TimeoutError) as error:
         log.warning("%s could not be read: %s", what, error or "timed out")
+    except QueueMissing as missing:
+        log.warning(
+            "%s could not be read: the broker has no queue %r (check RABBITMQ_QUEUE; "
+            "the service declares it when it starts)",
+            what,
+            str(missing),
+        )
 
 
 def stats(settings: Settings, *, as_json: bool) -> int:
@@ -107,16 +120,11 @@ def stats(settings: Settings, *, as_json: bool) -> int:
 
 async def _gather_stats(settings: Settings) -> dict[str, Any]:
     container = Container(settings=settings)
-    async with AsyncExitStack() as stack:  # the adapters only: no relay, no housekeeping
+    async with AsyncExitStack() as stack:  # the database only: no relay, no housekeeping
         database = container.database()
         stack.push_async_callback(database.stop)
         await database.start()
-        if settings.queue_backend == "rabbitmq":
-            broker = container.broker()
-            stack.push_async_callback(broker.stop)
-            with _unless_unavailable("rabbitmq"):
-                await broker.start()
-        snap = await snapshot(container)
+        snap = await snapshot(container, functools.partial(_peek_depth, settings))
         by_status = await _stats(container).counts_by_status()
     outbox = None if snap.outbox is None else attrs.asdict(snap.outbox)
     return {
@@ -126,6 +134,15 @@ async def _gather_stats(settings: Settings) -> dict[str, Any]:
         "outbox": outbox,
         "workflows": by_status,
     }
+
+
+async def _peek_depth(settings: Settings) -> int:
+    """The broker queue's depth, declaring nothing: a mistyped RABBITMQ_QUEUE must not
+    create a queue (nor fix a new one's arguments from this process's settings)."""
+    assert settings.rabbitmq_url is not None
+    return await asyncio.to_thread(
+        queue_depth, settings.rabbitmq_url, settings.rabbitmq_queue, timeout=STATS_TIMEOUT
+    )
 
 
 def _or_unknown(value: object) -> str:

@@ -8,7 +8,7 @@ basic.get, ack), a `Delivery` each message taken; `confirms`: the publisher conf
 `declaration`: declaring the queues, used as they are when they exist with other
 arguments; `prefetch`: the prefetching consumer, its messages held ahead of the consume
 calls. `queue`: the workflow queue port on top of the broker, the repository staying the
-truth.
+truth. `peek`: a queue's depth read without declaring it, for `workflows stats`.
 """
 
 from workflows.adapters.rabbitmq.broker import RabbitMqBroker
