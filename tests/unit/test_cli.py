@@ -41,6 +41,22 @@ def test_serve_refuses_workers_that_would_split_the_memory_backend(
     assert "--workers must be at least 1" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_host_that_is_neither_an_address_nor_a_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("QUEUE_BACKEND", "memory")
+    assert cli.main(["serve", "--host", "999.1.1.1", "--port", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        "workflows: configuration error: --host must be an IP address or a host name, "
+        "not '999.1.1.1'\n"
+    )
+    monkeypatch.setenv("HOST", "999.1.1.1")
+    assert cli.main(["serve", "--port", "1"]) == 2
+    assert "configuration error: HOST must be an IP address" in capsys.readouterr().err
+
+
 def test_an_unreachable_database_is_one_line_and_status_1(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

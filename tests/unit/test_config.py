@@ -9,7 +9,7 @@ from workflows.adapters.csv_export import MARKER
 from workflows.adapters.postgres.database import utc_options
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
-from workflows.entrypoints.config import ConfigError, Settings
+from workflows.entrypoints.config import DEFAULTS, ConfigError, Settings
 from workflows.entrypoints.container import Container
 
 
@@ -66,6 +66,12 @@ def test_explicit_backend_wins() -> None:
         ({"IDEMPOTENCY_TTL": "1e12"}, "IDEMPOTENCY_TTL must be at most 315360000"),
         ({"IDEMPOTENCY_TTL": "inf"}, "IDEMPOTENCY_TTL"),
         ({"CONFIRM_TIMEOUT": "inf"}, "CONFIRM_TIMEOUT must be at most 60"),
+        ({"HOST": "999.1.1.1"}, "HOST must be an IP address or a host name, not '999.1.1.1'"),
+        ({"HOST": "1.2.3"}, "HOST"),
+        ({"HOST": "api host"}, "HOST"),
+        ({"HOST": "-api.example"}, "HOST"),
+        ({"HOST": "http://api.example"}, "HOST"),
+        ({"HOST": "a" * 64}, "HOST"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
@@ -113,3 +119,15 @@ def test_the_longest_settings_still_serve() -> None:
     )
     assert (settings.idempotency_ttl, settings.confirm_timeout) == (315360000, 60)
     assert settings.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "127.0.0.1", "::", "[::1]", "fe80::1", "localhost", "api", "db-1.example."]
+)
+def test_addresses_and_host_names_are_accepted(host: str) -> None:
+    assert Settings.from_env({"HOST": host}).host == host
+
+
+def test_an_empty_host_or_export_dir_means_the_default() -> None:
+    settings = Settings.from_env({"HOST": " ", "EXPORT_DIR": ""})
+    assert (settings.host, settings.export_dir) == (DEFAULTS.host, DEFAULTS.export_dir)

@@ -19,7 +19,7 @@ from workflows.adapters.embedded_postgres import EmbeddedPostgres, NotInstalled
 from workflows.adapters.postgres import migrate
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints import operations
-from workflows.entrypoints.config import ConfigError, Settings
+from workflows.entrypoints.config import ConfigError, Settings, check_host
 from workflows.entrypoints.logs import configure_logging, logging_config, mask_values, redact
 from workflows.entrypoints.security import protected_mode_refusal
 
@@ -88,7 +88,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    host = args.host or settings.host
+    try:
+        host = check_host(args.host, "--host") if args.host else settings.host
+    except ConfigError as exc:
+        print(f"workflows: configuration error: {exc}", file=sys.stderr)
+        return 2
     if refusal := protected_mode_refusal(host, settings) or _workers_refusal(
         args.workers, settings
     ):

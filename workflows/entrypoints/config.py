@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ MAX_CONFIRM_TIMEOUT = 60.0
 wait would hold every POST (the relay delivers later whatever the wait)."""
 MAX_IDEMPOTENCY_TTL = 10 * 365 * 24 * 3600.0
 """Ten years: a key's expiry must be a date PostgreSQL and Python can hold."""
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,}=*")
 """RFC 6750 b64token, at least 16 characters (`openssl rand -hex 32` makes a good one)."""
 
@@ -71,7 +73,7 @@ class Settings:
         if backend == "rabbitmq" and not rabbitmq_url:
             raise ConfigError("QUEUE_BACKEND=rabbitmq needs RABBITMQ_URL")
         return cls(
-            host=env.get("HOST", d.host),
+            host=check_host(env.get("HOST", "").strip() or d.host, "HOST"),
             port=_int(env, "PORT", d.port, low=0, high=65535),
             database_url=database_url,
             queue_backend=backend,
@@ -80,7 +82,7 @@ class Settings:
             rabbitmq_prefetch=_int(
                 env, "RABBITMQ_PREFETCH", d.rabbitmq_prefetch, low=0, high=65535
             ),
-            export_dir=Path(env.get("EXPORT_DIR", str(d.export_dir))),
+            export_dir=Path(env.get("EXPORT_DIR", "").strip() or d.export_dir),
             export_flush_interval=_flush_interval(env),
             embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, low=1),
@@ -126,6 +128,21 @@ def _float(env: Mapping[str, str], name: str, default: float, high: float) -> fl
     if value > high:  # inf too
         raise ConfigError(f"{name} must be at most {high:.0f} (seconds)")
     return value
+
+
+def check_host(host: str, name: str) -> str:
+    """`host` when it is an IP address (IPv6 may be bracketed) or a DNS name; a name of
+    digits and dots only must be an IPv4 address (999.1.1.1 is neither)."""
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        return host
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    numeric = all(label.isdigit() for label in labels)
+    if numeric or len(host) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(f"{name} must be an IP address or a host name, not {host!r}")
+    return host
 
 
 def _flush_interval(env: Mapping[str, str]) -> float:
