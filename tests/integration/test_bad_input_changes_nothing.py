@@ -26,6 +26,22 @@ BAD_REQUESTS = [
         415,
     ),
     (
+        "another charset",
+        "POST",
+        "/workflow",
+        '{"data": {"a": 1}}'.encode("utf-16"),
+        {"Content-Type": "application/json; charset=utf-16"},
+        415,
+    ),
+    (
+        "another charset, PATCH",
+        "PATCH",
+        f"/workflow/{EXISTING}",
+        b'{"status": "consumed"}',
+        {"Content-Type": 'application/json; charset="latin1"'},
+        415,
+    ),
+    (
         "oversize body",
         "POST",
         "/workflow",

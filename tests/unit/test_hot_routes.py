@@ -114,6 +114,8 @@ SCENARIOS: dict[str, list[Send]] = {
         post(b'{"data": 1}'),
         post(b'{"data": {"a": 1}, "extra": true}'),
         post(headers={"Content-Type": "text/plain"}),
+        post(headers={"Content-Type": "application/json; charset=utf-16"}),
+        post(headers={"Content-Type": 'application/json; charset="UTF-8"'}),
         post(b'{"data": {"a": "' + b"x" * 70_000 + b'"}}'),
         post(headers={"Content-Length": "999999"}),
         streamed(BODY, chunk=7),

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import httpx
 import pytest
 
+from tests.openapi_check import check_response
 from workflows.domain.model import JsonDocument, Workflow
 from workflows.entrypoints.container import Container
+from workflows.entrypoints.http import create_app
 from workflows.entrypoints.inputs import receive_json_body
 from workflows.entrypoints.problems import Problem
 
@@ -23,6 +28,16 @@ BODY = b'{"data": {"a": 1}}'
 async def assert_nothing_changed(client: httpx.AsyncClient) -> None:
     assert (await client.get("/workflow")).json() == []
     assert (await client.get("/workflow/consume")).status_code == 204
+
+
+@asynccontextmanager
+async def client_of(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app` whose every response must be one openapi.yaml describes."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", event_hooks={"response": [check_response]}
+    ) as client:
+        yield client
 
 
 def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, object]:
@@ -146,6 +161,68 @@ async def test_a_json_type_is_json_or_a_structured_plus_json_type(
     else:
         assert_problem(response, 415, "unsupported-media-type")
         await assert_nothing_changed(client)
+
+
+OTHER_CHARSETS = [
+    "application/json; charset=utf-16",
+    'application/json; charset="latin1"',
+    "application/json;CHARSET=ISO-8859-1",
+    "application/merge-patch+json; charset=utf-16le",
+    "application/json; charset=utf-8; charset=utf-16",
+    "application/json; charset=",
+]
+
+
+@pytest.mark.parametrize("media", OTHER_CHARSETS)
+@pytest.mark.parametrize("hot", [True, False])
+async def test_a_post_in_a_charset_other_than_utf_8_is_415(
+    container: Container, media: str, hot: bool
+) -> None:
+    """JSON is UTF-8 (RFC 8259): a body declared otherwise is not read as UTF-8 anyway."""
+    async with client_of(create_app(container, hot_routes=hot)) as client:
+        response = await client.post("/workflow", content=BODY, headers={"Content-Type": media})
+        problem = assert_problem(response, 415, "unsupported-media-type")
+        assert "only UTF-8 is accepted" in str(problem["detail"])
+        await assert_nothing_changed(client)
+
+
+@pytest.mark.parametrize("media", OTHER_CHARSETS)
+async def test_a_patch_in_a_charset_other_than_utf_8_is_415(
+    client: httpx.AsyncClient, media: str
+) -> None:
+    created = (await client.post("/workflow", json={"data": {"a": 1}})).json()
+    response = await client.patch(
+        f"/workflow/{created['uuid']}",
+        content=b'{"status": "consumed"}',
+        headers={"Content-Type": media},
+    )
+    problem = assert_problem(response, 415, "unsupported-media-type")
+    assert "only UTF-8 is accepted" in str(problem["detail"])
+    assert response.headers["accept-patch"] == "application/json"
+    assert (await client.get(f"/workflow/{created['uuid']}")).json() == created
+
+
+@pytest.mark.parametrize(
+    "media",
+    [
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        'application/json; charset="utf-8"',
+        'application/json; CharSet = "Utf-8" ',
+        "application/json; profile=x; charset=utf-8",
+    ],
+)
+async def test_utf_8_named_as_the_charset_is_accepted(
+    client: httpx.AsyncClient, media: str
+) -> None:
+    created = await client.post("/workflow", content=BODY, headers={"Content-Type": media})
+    assert created.status_code == 201, created.text
+    patched = await client.patch(
+        created.headers["location"],
+        content=b'{"status": "consumed"}',
+        headers={"Content-Type": media},
+    )
+    assert patched.json()["status"] == "consumed"
 
 
 async def test_oversize_body_is_413(client: httpx.AsyncClient) -> None:

@@ -26,18 +26,10 @@ async def receive_json_body(
     receive: Receive, content_type: str | None, declared: str, limit: int, *, patch: bool = False
 ) -> bytes:
     """Read a request body off `receive`: refused (415, 413) before reading when its
-    declared type is not JSON or its declared length is over `limit`, and while reading
-    as soon as it grows past `limit`."""
+    declared type is not JSON (or names a charset other than UTF-8) or its declared length
+    is over `limit`, and while reading as soon as it grows past `limit`."""
     if content_type is not None:
-        media = content_type.split(";", 1)[0].strip().lower()
-        if media != JSON and JSON_SUFFIXED.fullmatch(media) is None:
-            raise Problem(
-                415,
-                f"the body must be JSON, sent with 'Content-Type: application/json' "
-                f"(got {media or 'an empty type'!r}); with curl, add "
-                f"-H 'Content-Type: application/json'",
-                headers={"Accept-Patch": JSON} if patch else {},
-            )
+        _check_type(content_type, patch)
     if declared.isascii() and declared.isdigit() and _over(declared, limit):
         raise too_large(limit)
     chunks: list[bytes] = []
@@ -53,6 +45,45 @@ async def receive_json_body(
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _check_type(content_type: str, patch: bool) -> None:
+    media, _, parameters = content_type.partition(";")
+    media = media.strip().lower()
+    if media != JSON and JSON_SUFFIXED.fullmatch(media) is None:
+        raise Problem(
+            415,
+            f"the body must be JSON, sent with 'Content-Type: application/json' "
+            f"(got {media or 'an empty type'!r}); with curl, add "
+            f"-H 'Content-Type: application/json'",
+            headers=_accept_patch(patch),
+        )
+    if parameters and (charset := _other_charset(parameters)) is not None:
+        raise Problem(
+            415,
+            f"only UTF-8 is accepted (JSON is UTF-8, RFC 8259), not charset "
+            f"{shown(charset)!r}; send the body in UTF-8 with 'Content-Type: application/json'",
+            headers=_accept_patch(patch),
+        )
+
+
+def _accept_patch(patch: bool) -> dict[str, str]:
+    return {"Accept-Patch": JSON} if patch else {}
+
+
+def _other_charset(parameters: str) -> str | None:
+    """The first `charset` among a Content-Type's `parameters` that is not UTF-8 (its
+    value unquoted), or None. JSON is UTF-8 (RFC 8259, 8.1): a body declared in another
+    charset would be read as UTF-8 all the same, and mean something else."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if value.lower() != "utf-8":
+                return value
+    return None
 
 
 def _over(digits: str, limit: int) -> bool:
