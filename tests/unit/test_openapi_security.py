@@ -38,6 +38,7 @@ UUID = "0190b6d4-0000-7000-8000-000000000000"
 SCHEMATHESIS_EXAMPLES = 10
 CHALLENGE = 'Bearer realm="workflows"'
 INVALID = 'Bearer realm="workflows", error="invalid_token"'
+REPEATED = 'Bearer realm="workflows", error="invalid_request"'
 JSON = {"Content-Type": "application/json"}
 
 
@@ -209,6 +210,26 @@ async def test_a_protected_operation_needs_the_token(
             method, path, content=content, headers={**typed, **bearer(TOKEN)}
         )
         assert right.status_code != 401
+
+
+@pytest.mark.parametrize(("method", "template"), PROTECTED)
+@pytest.mark.parametrize("second", [TOKEN, WRONG], ids=["both right", "one wrong"])
+async def test_two_authorization_headers_on_a_protected_operation_are_a_400(
+    guarded: Settings, method: str, template: str, second: str
+) -> None:
+    """Which line would be the credentials? Neither: refused before anything is read."""
+    content = body_for(method, template)
+    typed = list(JSON.items()) if content is not None else []
+    twice = [("Authorization", f"Bearer {TOKEN}"), ("Authorization", f"Bearer {second}")]
+    async with checked_client(attrs.evolve(guarded, metrics_public=False)) as client:
+        response = await client.request(
+            method, concrete(template), content=content, headers=twice + typed
+        )
+        assert response.status_code == 400
+        assert response.headers["www-authenticate"] == REPEATED
+        problem = response.json()
+        assert problem["type"] == "/problems/invalid-request"
+        assert "more than one Authorization header" in problem["detail"]
 
 
 @pytest.mark.parametrize(("method", "template"), PUBLIC)

@@ -108,6 +108,56 @@ async def test_any_configured_token_is_accepted(
     assert consumed.status_code == 200
 
 
+def twice(first: str = TOKEN, second: str = TOKEN) -> list[tuple[str, str]]:
+    """Two Authorization lines, and a JSON Content-Type."""
+    lines = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+    return [*lines, *JSON.items()]
+
+
+async def test_two_authorization_headers_are_a_400_that_changes_nothing(
+    guarded: httpx.AsyncClient,
+) -> None:
+    created = await guarded.post("/workflow", content=BODY, headers={**bearer(), **JSON})
+    item = created.headers["location"]
+    status = b'{"status": "consumed"}'
+    refused = [
+        await guarded.post("/workflow", content=BODY, headers=twice()),
+        await guarded.post("/v1/workflow", content=BODY, headers=twice(OTHER_TOKEN, TOKEN)),
+        await guarded.patch(item, content=status, headers=twice()),
+        await guarded.get("/workflow/consume", headers=twice(TOKEN, "wrong")),
+        await guarded.post("/workflow/consume", headers=twice()),
+        await guarded.get("/no/such/path", headers=twice()),  # before routing, as the 401
+    ]
+    for response in refused:
+        assert response.status_code == 400, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["type"] == "/problems/invalid-request"
+        assert response.json()["detail"].startswith("more than one Authorization header")
+        assert 'error="invalid_request"' in response.headers["www-authenticate"]
+        assert_security_headers(response)
+    listed = await guarded.get("/workflow", headers=bearer())
+    assert listed.json() == [created.json()]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/version"])
+async def test_two_authorization_headers_on_a_public_path_are_ignored(
+    guarded: httpx.AsyncClient, path: str
+) -> None:
+    assert (await guarded.get(path, headers=twice(TOKEN, "wrong"))).status_code == 200
+
+
+async def test_without_tokens_two_authorization_headers_are_ignored(
+    client: httpx.AsyncClient,
+) -> None:
+    created = await client.post("/workflow", content=BODY, headers=twice(TOKEN, "wrong"))
+    assert created.status_code == 201  # the hot route
+    item = created.headers["location"]
+    status = b'{"status": "consumed"}'
+    patched = await client.patch(item, content=status, headers=twice("a", "b"))
+    assert patched.status_code == 200  # a Starlette route
+    assert (await client.get(f"{item}/csv", headers=twice())).status_code == 200
+
+
 @pytest.mark.parametrize(
     "path",
     ["/healthz", "/readyz", "/version", "/v1/version", "/metrics", "/docs", "/openapi.json"],

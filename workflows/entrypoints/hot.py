@@ -87,9 +87,8 @@ class HotRoutes:
             try:
                 problem = None
                 if self.tokens:
-                    problem = security.authorization_problem(
-                        self.tokens, _text(headers.get(b"authorization"))
-                    )
+                    sent = security.authorizations(scope)
+                    problem = security.authorization_problem(self.tokens, sent)
                 if problem is not None:
                     status, raw, body = _rendered(problem.response())
                 else:

@@ -6,7 +6,6 @@ import hmac
 import ipaddress
 from collections.abc import Iterable
 
-from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -104,7 +103,7 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or self.is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
-        problem = authorization_problem(self.tokens, Headers(scope=scope).get("authorization"))
+        problem = authorization_problem(self.tokens, authorizations(scope))
         if problem is None:
             await self.app(scope, receive, send)
             return
@@ -128,18 +127,37 @@ def accepts(tokens: list[bytes], authorization: str) -> bool:
     return matched
 
 
-def authorization_problem(tokens: list[bytes], authorization: str | None) -> Problem | None:
-    """The 401 for a request to a protected path, or None when it may pass."""
-    if authorization is None:
+def authorizations(scope: Scope) -> list[str]:
+    """The values of every Authorization line of a request, in order."""
+    return [value.decode("latin-1") for name, value in scope["headers"] if name == b"authorization"]
+
+
+def authorization_problem(tokens: list[bytes], sent: list[str]) -> Problem | None:
+    """The refusal of a request to a protected path (401), or None when it may pass.
+    `sent` is every Authorization line of the request: more than one is a 400 (RFC 6750's
+    invalid_request) whatever they hold: none is the request's credentials more than another."""
+    if not sent:
         return unauthorized("send 'Authorization: Bearer <token>' (one of API_TOKENS)")
-    if not accepts(tokens, authorization):
+    if len(sent) > 1:
+        return Problem(
+            400,
+            f"more than one Authorization header ({len(sent)}); send one, "
+            f"'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": challenge("invalid_request")},
+            slug="invalid-request",
+            title="Bad Request",
+        )
+    if not accepts(tokens, sent[0]):
         return unauthorized("the bearer token is not valid", error="invalid_token")
     return None
 
 
 def unauthorized(detail: str, error: str | None = None) -> Problem:
-    challenge = 'Bearer realm="workflows"' + (f', error="{error}"' if error else "")
-    return Problem(401, detail, headers={"WWW-Authenticate": challenge})
+    return Problem(401, detail, headers={"WWW-Authenticate": challenge(error)})
+
+
+def challenge(error: str | None) -> str:
+    return 'Bearer realm="workflows"' + (f', error="{error}"' if error else "")
 
 
 def is_loopback(host: str) -> bool:
