@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from uuid import UUID
 
 import httpx
 import pytest
 
+from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
+from workflows.entrypoints.http import RECOVERING
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -165,25 +168,69 @@ async def test_health_readiness_and_version(client: httpx.AsyncClient) -> None:
 
 
 async def test_not_ready_while_no_export_could_be_written(
-    client: httpx.AsyncClient, settings: Settings
+    client: httpx.AsyncClient, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker that can only answer every consume 503 is not ready; it is again once the
-    directory is usable. The probe leaves nothing in it."""
+    directory is usable. The probe leaves nothing in it. The reason, which names the
+    directory, is logged, not told to whoever asks (/readyz is public)."""
     exports = Path(settings.export_dir)
     _put_a_file_at(exports)
     workflow = (await post(client, '{"data": {"a": 1}}')).json()
     assert (await client.get("/workflow/consume")).status_code == 503
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="workflows.entrypoints.http")
     ready = await client.get("/readyz")
     assert ready.status_code == 503
     assert ready.headers["retry-after"] == "2"
-    checks = ready.json()["checks"]
-    assert checks["database"] == checks["queue"] == "ok"
-    assert str(exports) in checks["exports"]
+    assert ready.json() == {
+        "status": "not ready",
+        "checks": {"database": "ok", "queue": "ok", "exports": "unavailable"},
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("not ready: the exports check failed")
+    assert str(exports) in warnings[0]
     _remove(exports)
     assert (await client.get("/readyz")).status_code == 200
     assert _names_in(exports) == []  # made by the probe, and empty
     consumed = await client.get("/workflow/consume")
     assert consumed.headers["x-workflow-uuid"] == workflow["uuid"]
+
+
+@pytest.mark.parametrize("failing", ["repository", "queue"])
+async def test_not_ready_names_the_failed_check_and_logs_why(
+    client: httpx.AsyncClient,
+    container: Container,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    reason = "AMQPConnectionError: ConnectionRefusedError(111) at 10.0.0.7:5672"
+
+    async def unavailable() -> None:
+        raise DependencyUnavailable("rabbitmq", reason)
+
+    monkeypatch.setattr(getattr(container, failing)(), "ping", unavailable)
+    caplog.set_level(logging.WARNING, logger="workflows.entrypoints.http")
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    name = "database" if failing == "repository" else "queue"
+    assert ready.json()["checks"] == {"database": "ok", "queue": "ok", "exports": "ok"} | {
+        name: "unavailable"
+    }
+    assert "10.0.0.7" not in ready.text
+    assert "ConnectionRefusedError" not in ready.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"not ready: the {name} check failed: rabbitmq is unavailable: {reason}"]
+
+
+async def test_not_ready_until_the_export_files_are_checked(
+    client: httpx.AsyncClient, container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(container.export_flusher(), "_recovered", False)
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["exports"] == RECOVERING  # a value openapi.yaml lists
 
 
 def _put_a_file_at(path: Path) -> None:

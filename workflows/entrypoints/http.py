@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import orjson
@@ -153,26 +153,29 @@ RECOVERING = "checking the export files written since the last flush (after a cr
 
 async def readyz(request: Request) -> Response:
     container = container_of(request)
-    checks: dict[str, str] = {}
-    for name, ping in (
-        ("database", container.repository().ping),
-        ("queue", container.queue().ping),
-    ):
-        try:
-            await ping()
-            checks[name] = "ok"
-        except DependencyUnavailable as exc:
-            checks[name] = exc.detail
-    try:
-        await container.exporter().ping()
-        checks["exports"] = "ok" if container.export_flusher().recovered else RECOVERING
-    except DependencyUnavailable as exc:
-        checks["exports"] = exc.detail
+    checks = {
+        "database": await _check("database", container.repository().ping),
+        "queue": await _check("queue", container.queue().ping),
+        "exports": await _check("exports", container.exporter().ping),
+    }
+    if checks["exports"] == "ok" and not container.export_flusher().recovered:
+        checks["exports"] = RECOVERING
     ready = all(value == "ok" for value in checks.values())
     body = orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks})
     if ready:
         return json_response(body)
     return json_response(body, 503, {"Retry-After": RETRY_AFTER_SECONDS})
+
+
+async def _check(name: str, ping: Callable[[], Awaitable[None]]) -> str:
+    """`ok`, or `unavailable` with the reason logged only: /readyz is public, and the
+    reason (a broker's address, a directory's path, a library's error) is the operator's."""
+    try:
+        await ping()
+    except DependencyUnavailable as exc:
+        log.warning("not ready: the %s check failed: %s", name, exc)
+        return "unavailable"
+    return "ok"
 
 
 async def version(request: Request) -> Response:
