@@ -188,7 +188,7 @@ async def test_not_ready_while_no_export_could_be_written(
     }
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1
-    assert warnings[0].startswith("not ready: the exports check failed")
+    assert warnings[0].startswith("readiness: the exports check failed")
     assert str(exports) in warnings[0]
     _remove(exports)
     assert (await client.get("/readyz")).status_code == 200
@@ -197,14 +197,21 @@ async def test_not_ready_while_no_export_could_be_written(
     assert consumed.headers["x-workflow-uuid"] == workflow["uuid"]
 
 
-@pytest.mark.parametrize("failing", ["repository", "queue"])
-async def test_not_ready_names_the_failed_check_and_logs_why(
+@pytest.mark.parametrize(
+    ("failing", "status", "code"),
+    [("repository", "not ready", 503), ("queue", "degraded", 200)],
+)
+async def test_readiness_names_the_failed_check_and_logs_why(
     client: httpx.AsyncClient,
     container: Container,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
     failing: str,
+    status: str,
+    code: int,
 ) -> None:
+    """The database failing is not ready; the queue alone (the broker: requests are
+    served without it) is degraded, still 200, so traffic keeps coming."""
     reason = "AMQPConnectionError: ConnectionRefusedError(111) at 10.0.0.7:5672"
 
     async def unavailable() -> None:
@@ -213,15 +220,17 @@ async def test_not_ready_names_the_failed_check_and_logs_why(
     monkeypatch.setattr(getattr(container, failing)(), "ping", unavailable)
     caplog.set_level(logging.WARNING, logger="workflows.entrypoints.http")
     ready = await client.get("/readyz")
-    assert ready.status_code == 503
+    assert ready.status_code == code
+    assert ("retry-after" in ready.headers) == (code == 503)
     name = "database" if failing == "repository" else "queue"
-    assert ready.json()["checks"] == {"database": "ok", "queue": "ok", "exports": "ok"} | {
-        name: "unavailable"
+    assert ready.json() == {
+        "status": status,
+        "checks": {"database": "ok", "queue": "ok", "exports": "ok"} | {name: "unavailable"},
     }
     assert "10.0.0.7" not in ready.text
     assert "ConnectionRefusedError" not in ready.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warnings == [f"not ready: the {name} check failed: rabbitmq is unavailable: {reason}"]
+    assert warnings == [f"readiness: the {name} check failed: rabbitmq is unavailable: {reason}"]
 
 
 async def test_not_ready_until_the_export_files_are_checked(
