@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import httpx
+import pytest
 
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
@@ -54,6 +55,38 @@ async def test_exact_numbers_survive_storage_response_and_csv(live: Live) -> Non
     assert '"data":{"big":98765432109876543210987654321,"dec":2.50,"tiny":1e-30}' in fetched.text
     rows = list(csv.reader(io.StringIO((await client.get("/workflow/consume")).text)))
     assert rows == [["big", "dec", "tiny"], ["98765432109876543210987654321", "2.50", "1e-30"]]
+
+
+@pytest.mark.parametrize(
+    ("number", "status"),
+    [
+        ("1" + "0" * 131071, 201),  # 131,072 digits before the point: PostgreSQL's most
+        ("1" + "0" * 131072, 422),
+        ("9.9e131071", 201),
+        ("1e131072", 422),
+        ("0." + "0" * 16382 + "1", 201),  # 16,383 after the point: PostgreSQL's most
+        ("0." + "0" * 16383 + "1", 422),
+        ("1e-16384", 422),
+        ("0e999999", 201),  # a zero of any positive exponent is stored as 0
+        ("-0E+131072", 201),
+        ("0e-16383", 201),
+        ("0e-16384", 422),
+    ],
+    ids=lambda v: str(v) if len(str(v)) < 20 else f"{v[:6]}..({len(v)})",
+)
+async def test_a_number_is_refused_exactly_when_postgresql_cannot_store_it(
+    live: Live, number: str, status: int
+) -> None:
+    client, _ = live
+    body = '{"data": {"n": ' + number + "}}"
+    created = await client.post(
+        "/workflow", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert created.status_code == status, created.text[:300]
+    if status == 201:
+        # (Python's json would refuse the 131,072-digit integer: the uuid from Location.)
+        fetched = await client.get(created.headers["location"])
+        assert '"data":{"n":' + number + "}" in fetched.text  # the number's text, kept
 
 
 async def test_eight_concurrent_consumers_take_200_workflows_exactly_once(live: Live) -> None:

@@ -74,7 +74,8 @@ def _check_value(value: Any, pointer: str, depth: int, problems: list[dict[str, 
         check_string(value, pointer, problems)
     elif isinstance(value, RawJSON):
         number = Decimal(value.encoded_json)
-        integer_digits = number.adjusted() + 1
+        # PostgreSQL stores a zero of any positive exponent (0e999999) as 0.
+        integer_digits = 0 if number.is_zero() else number.adjusted() + 1
         exponent = number.as_tuple().exponent
         fraction_digits = -exponent if isinstance(exponent, int) and exponent < 0 else 0
         if integer_digits > MAX_INTEGER_DIGITS or fraction_digits > MAX_FRACTION_DIGITS:
