@@ -9,6 +9,7 @@ With CI=true nothing is skipped: an unreachable service fails the run.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,30 @@ from workflows.adapters.postgres import PostgresDatabase, migrate
 
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(autouse=True)
+def logging_left_as_found() -> Iterator[None]:
+    """A command a test runs (`cli.main`, `asgi.create`) configures logging for the whole
+    process, with handlers on the stdout of that moment, which pytest closes after the test
+    ("I/O operation on closed file" at a later test's log line): put back what was there."""
+    manager = logging.Logger.manager
+    before = dict(manager.loggerDict)
+    saved = [
+        (logger, logger.level, logger.handlers[:], logger.propagate, logger.disabled)
+        for logger in (logging.getLogger(), *before.values())
+        if isinstance(logger, logging.Logger)
+    ]
+    yield
+    for logger, level, handlers, propagate, disabled in saved:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate, logger.disabled = propagate, disabled
+    for name, logger in list(manager.loggerDict.items()):
+        if name not in before and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.NOTSET)  # made during the test: as a new logger is
+            logger.handlers.clear()
+            logger.propagate, logger.disabled = True, False
 
 
 def unavailable(what: str, error: Exception) -> None:
