@@ -229,8 +229,15 @@ async def test_readiness_names_the_failed_check_and_logs_why(
     }
     assert "10.0.0.7" not in ready.text
     assert "ConnectionRefusedError" not in ready.text
+    assert (await client.get("/readyz")).status_code == code  # a probe later: logged once
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"readiness: the {name} check failed: rabbitmq is unavailable: {reason}"]
+    monkeypatch.undo()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="workflows.entrypoints.http")
+    assert (await client.get("/readyz")).json()["status"] == "ready"
+    assert (await client.get("/readyz")).json()["status"] == "ready"
+    assert [r.getMessage() for r in caplog.records] == [f"readiness: the {name} check passes again"]
 
 
 async def test_not_ready_until_the_export_files_are_checked(

@@ -153,10 +153,11 @@ RECOVERING = "checking the export files written since the last flush (after a cr
 
 async def readyz(request: Request) -> Response:
     container = container_of(request)
+    failing: dict[str, str] = request.app.state.failing_checks
     checks = {
-        "database": await _check("database", container.repository().ping),
-        "queue": await _check("queue", container.queue().ping),
-        "exports": await _check("exports", container.exporter().ping),
+        "database": await _check("database", container.repository().ping, failing),
+        "queue": await _check("queue", container.queue().ping, failing),
+        "exports": await _check("exports", container.exporter().ping, failing),
     }
     if checks["exports"] == "ok" and not container.export_flusher().recovered:
         checks["exports"] = RECOVERING
@@ -172,14 +173,20 @@ async def readyz(request: Request) -> Response:
     return json_response(body, 503, {"Retry-After": RETRY_AFTER_SECONDS})
 
 
-async def _check(name: str, ping: Callable[[], Awaitable[None]]) -> str:
+async def _check(name: str, ping: Callable[[], Awaitable[None]], failing: dict[str, str]) -> str:
     """`ok`, or `unavailable` with the reason logged only: /readyz is public, and the
-    reason (a broker's address, a directory's path, a library's error) is the operator's."""
+    reason (a broker's address, a directory's path, a library's error) is the operator's.
+    Logged when a check starts failing (or fails for another reason) and when it passes
+    again, not at every probe: `failing` holds the process's failing checks' reasons."""
     try:
         await ping()
     except DependencyUnavailable as exc:
-        log.warning("readiness: the %s check failed: %s", name, exc)
+        if failing.get(name) != str(exc):
+            failing[name] = str(exc)
+            log.warning("readiness: the %s check failed: %s", name, exc)
         return "unavailable"
+    if failing.pop(name, None) is not None:
+        log.info("readiness: the %s check passes again", name)
     return "ok"
 
 
@@ -297,6 +304,7 @@ def create_app(
     app.router.redirect_slashes = False  # /workflow/ is an unknown path: 404, not a 307
     app.state.container = container
     app.state.settings = settings
+    app.state.failing_checks = {}  # /readyz: each failing check's reason, logged once
     if hot_routes and not settings.cors_origins:  # CORS: see hot.py
         app.hot = HotRoutes(app)
     return app
