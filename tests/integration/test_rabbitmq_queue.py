@@ -17,7 +17,7 @@ from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.memory import InMemoryWorkflowRepository
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 from workflows.adapters.rabbitmq.delivery import Delivery
-from workflows.adapters.rabbitmq.queue import BROKER_RETRY_AFTER
+from workflows.adapters.rabbitmq.queue import BROKER_RETRY_AFTER, BROKER_STALLED_AFTER
 from workflows.application.ports import (
     ClaimHandler,
     Outbox,
@@ -367,16 +367,32 @@ async def test_consumes_that_ask_together_share_an_empty_answer(
         await broker.stop()
 
 
-async def test_while_the_broker_is_away_consumes_take_from_the_rows_and_ask_it_once_a_second(
+@contextlib.asynccontextmanager
+async def behind_a_relay(
     rabbitmq_url: str, queue_name: str
-) -> None:
+) -> AsyncIterator[tuple[TcpProxy, CountingBroker, Setup, list[Workflow]]]:
+    """A queue whose broker is reached through a TCP relay, two workflows published on it
+    (confirmed); the relay is up again, and the queue deleted, at the end."""
     proxy = TcpProxy.to_amqp(rabbitmq_url)
     await proxy.up()
     broker = CountingBroker(proxy.url, queue=queue_name, timeout=2.0)
     await broker.start()
     setup = Setup(broker, wait_for_confirm=True)
     try:
-        published = [await setup.submit() for _ in range(2)]  # confirmed: on the broker
+        yield proxy, broker, setup, [await setup.submit() for _ in range(2)]
+    finally:
+        proxy.flow()
+        await proxy.up()
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+        await proxy.down()
+
+
+async def test_while_the_broker_is_away_consumes_take_from_the_rows_and_ask_it_once_a_second(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    async with behind_a_relay(rabbitmq_url, queue_name) as (proxy, broker, setup, published):
         await proxy.down()
         broker.gets = 0
         started = time.monotonic()
@@ -401,12 +417,6 @@ async def test_while_the_broker_is_away_consumes_take_from_the_rows_and_ask_it_o
         assert await setup.queue.consume(record_nothing, now()) is None
         assert broker.gets > 2
         assert await left_after_reconnecting(broker) == 0
-    finally:
-        await proxy.up()
-        with contextlib.suppress(DependencyUnavailable):
-            await broker.delete_queue()
-        await broker.stop()
-        await proxy.down()
 
 
 async def test_a_database_away_still_fails_the_consume(rabbitmq_url: str, queue_name: str) -> None:
@@ -427,3 +437,26 @@ async def test_a_database_away_still_fails_the_consume(rabbitmq_url: str, queue_
             await setup.queue.consume(record_nothing, now())
         await proxy.up()
     await proxy.down()
+
+
+async def test_a_hung_broker_holds_one_consume_not_each(rabbitmq_url: str, queue_name: str) -> None:
+    """A broker that neither answers nor refuses (packets dropped): the consume whose get
+    is on its way waits for the call timeout; those after it take from the rows at once."""
+    async with behind_a_relay(rabbitmq_url, queue_name) as (proxy, broker, setup, published):
+        proxy.stall()
+        first = asyncio.create_task(setup.queue.consume(record_nothing, now()))
+        await asyncio.sleep(BROKER_STALLED_AFTER + 0.2)
+        assert not first.done()
+        started = time.monotonic()
+        second = await setup.queue.consume(record_nothing, now())
+        assert time.monotonic() - started < 0.5  # not behind the get on its way
+        assert second is not None
+        assert second.uuid == published[0].uuid  # the oldest, from the rows
+        taken = await asyncio.wait_for(first, 5)  # after the 2 s call timeout, from the rows
+        assert taken is not None
+        assert taken.uuid == published[1].uuid
+        proxy.flow()
+        await asyncio.sleep(BROKER_RETRY_AFTER)
+        # Back: both messages are still on the broker, and skipped.
+        assert await setup.queue.consume(record_nothing, now()) is None
+        assert await left_after_reconnecting(broker) == 0

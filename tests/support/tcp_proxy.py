@@ -27,6 +27,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._traps: list[tuple[Direction, bytes]] = []
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.sprung = 0
         """How many traps have cut a connection."""
 
@@ -74,6 +76,15 @@ class TcpProxy:
         for connection in connections:
             connection.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
+
+    def stall(self) -> None:
+        """Relay nothing more, either way, on any connection, old or new, until `flow()`:
+        a network that drops packets, where the service neither answers nor refuses."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        """Relay again, what was held first."""
+        self._flowing.set()
 
     def trap(self, direction: Direction, marker: bytes) -> None:
         """The next chunk of bytes going `direction` that contains `marker` is not
@@ -129,6 +140,7 @@ class TcpProxy:
                 if self._springs(direction, data):
                     relay.cancel()
                     return
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except OSError:

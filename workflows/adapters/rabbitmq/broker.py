@@ -163,6 +163,10 @@ class RabbitMqBroker(MessagePublisher):
 
         return await self._consumer.call(get, on_orphan=self._requeue_orphan)
 
+    def stalled(self, after: float) -> bool:
+        """The consumer connection's opening, or a get, has waited `after` seconds."""
+        return self._consumer.stalled(after)
+
     def ack(self, delivery: Delivery) -> None:
         """Remove the message, before any later call on this broker; never raises."""
         self._delivered_by(delivery).post(

@@ -64,6 +64,15 @@ class AmqpConnection(Link):
     def running(self) -> bool:
         return self._loop is not None and not self._stopping
 
+    def stalled(self, after: float) -> bool:
+        """The broker has left the opening of the connection, or a request, unanswered for
+        `after` seconds: it may be hung (a partition drops packets rather than refusing).
+        The watcher drops such a connection once `timeout` has passed."""
+        now = time.monotonic()
+        if self._connection is not None and not self._ready:
+            return now - self._connecting_since > after
+        return any(now - request.sent_at > after for request in self._in_flight.values())
+
     def connect(self) -> None:
         """Open a connection now if none is open or opening, without a request: for a
         consumer, whose deliveries come unasked (a failed attempt is retried at the next

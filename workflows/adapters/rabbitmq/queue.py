@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 BROKER_RETRY_AFTER = 1.0
 """Seconds the consumes leave the broker alone after it failed one of them (they take
 from the database's rows meanwhile): one connection attempt a second, not one per consume."""
+BROKER_STALLED_AFTER = 0.25
+"""Seconds after which a get (or the connection's opening) the broker has not answered
+sends the next consumes to the rows instead of behind it: a hung broker holds one consume
+for the call timeout, not each one (a quorum queue answers a get in a few ms)."""
 
 
 class RabbitMqQueue(WorkflowQueue):
@@ -38,7 +42,9 @@ class RabbitMqQueue(WorkflowQueue):
 
     The same holds while the broker is away: a consume whose get fails takes from the rows
     instead of failing, and for `BROKER_RETRY_AFTER` seconds the consumes do not ask the
-    broker at all. Only the database being away makes a consume fail."""
+    broker at all; nor while a get or the connection's opening has waited more than
+    `BROKER_STALLED_AFTER` (a broker that hangs rather than refuses). Only the database
+    being away makes a consume fail."""
 
     def __init__(
         self,
@@ -85,8 +91,8 @@ class RabbitMqQueue(WorkflowQueue):
         while self._found_empty and (asking := self._asking) is not None:
             if await asyncio.shield(asking):
                 return None
-        if time.monotonic() < self._away_until:
-            return None  # the broker failed a get just now: the rows instead
+        if time.monotonic() < self._away_until or self._broker.stalled(BROKER_STALLED_AFTER):
+            return None  # the broker failed a get just now, or is slow to answer: the rows
         self._asking = asking = asyncio.get_running_loop().create_future()
         empty = False
         try:
