@@ -460,3 +460,36 @@ async def test_a_hung_broker_holds_one_consume_not_each(rabbitmq_url: str, queue
         # Back: both messages are still on the broker, and skipped.
         assert await setup.queue.consume(record_nothing, now()) is None
         assert await left_after_reconnecting(broker) == 0
+
+
+async def test_consumes_failing_for_the_export_directory_dead_letter_nothing(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """A 503 (the export directory full, say) is not the workflow's fault: its message is
+    not handed back, which the quorum queue would count towards its delivery limit, and the
+    workflow, still queued in the rows, is consumed once the directory is back."""
+    broker = RabbitMqBroker(
+        rabbitmq_url, queue=queue_name, timeout=2.0, arguments={"x-delivery-limit": 1}
+    )
+    await broker.start()
+    setup = Setup(broker)
+    try:
+        workflows = [await setup.stored() for _ in range(2)]
+        await broker.publish([w.uuid for w in workflows])
+
+        async def directory_full(workflow: Workflow) -> None:
+            raise DependencyUnavailable("export directory", "No space left on device")
+
+        for _ in range(6):  # three times the limit for each message
+            with pytest.raises(DependencyUnavailable):
+                await setup.queue.consume(directory_full, now())
+        assert await setup.queue.sweep_dead_letters(now()) == 0
+        assert await consumed(setup) == [w.uuid for w in workflows]  # from the rows
+        for workflow in workflows:
+            stored = await setup.repository.get(workflow.uuid)
+            assert stored is not None
+            assert (stored.dead_lettered_at, stored.delivery_attempts) == (None, 0)
+        assert await left_after_reconnecting(broker) == 0
+    finally:
+        await broker.delete_queue()
+        await broker.stop()

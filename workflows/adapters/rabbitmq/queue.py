@@ -125,8 +125,15 @@ class RabbitMqQueue(WorkflowQueue):
                 continue
             try:
                 claimed = await self._repository.claim(uuid, handle, now)
+            except (DependencyUnavailable, asyncio.CancelledError):
+                # Not the workflow's fault (the export directory full, the database away,
+                # the caller gone): a message handed back counts towards the quorum queue's
+                # delivery limit, and ten such 503s would dead-letter a healthy workflow.
+                # Its row is the truth and stays queued: consumes take it from the rows.
+                self._broker.ack(delivery)
+                raise
             except BaseException:
-                self._broker.requeue(delivery)
+                self._broker.requeue(delivery)  # counted: the workflow's own failure
                 raise
             self._broker.ack(delivery)  # after the commit: a lost ack only redelivers a skip
             if claimed is not None:
