@@ -225,12 +225,17 @@ def unnamed_files_work(directory: str) -> bool:
 
 def probe_directory(directory: str) -> None:
     """Raise OSError unless a file could be made in `directory` now (made if missing, as
-    an export makes it): an unnamed file, opened and closed, which leaves nothing on disk;
-    where there are none, the directory's permissions say."""
+    an export makes it): an unnamed file with one byte in it (a data block: a full
+    filesystem refuses it with ENOSPC, where an empty file needs only an inode), closed,
+    which leaves nothing on disk; where there are none, the directory's permissions say."""
     os.makedirs(directory, exist_ok=True)
     if O_TMPFILE:
         try:
-            os.close(os.open(directory, os.O_WRONLY | O_TMPFILE, 0o666))
+            probe = os.open(directory, os.O_WRONLY | O_TMPFILE, 0o666)
+            try:
+                os.write(probe, b"\n")
+            finally:
+                os.close(probe)
             return
         except OSError as error:
             if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
