@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from workflows.adapters.csv_export import CsvExporter
 from workflows.adapters.postgres import PostgresDatabase, PostgresQueue, PostgresWorkflowRepository
+from workflows.application.doorbell import Doorbell
+from workflows.application.use_cases import ConsumeWorkflow
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
 
@@ -179,6 +183,66 @@ async def test_a_caller_that_leaves_during_its_handler_leaves_its_row_queued(
     assert again is not None
     assert again.uuid == workflow.uuid
     assert again.status is WorkflowStatus.CONSUMED
+
+
+async def test_a_row_put_back_for_a_caller_that_left_wakes_a_waiting_consume(
+    pg: PostgresDatabase, tmp_path: Path
+) -> None:
+    """A long-poll consume takes a row queued again because its caller left, when the
+    batch commits, not at its next look (here never: no recheck)."""
+    doorbell = Doorbell()
+    repository = PostgresWorkflowRepository(pg.pool, outbox=False)
+    queue = PostgresQueue(pg.pool, returned=doorbell.ring)
+    consume = ConsumeWorkflow(queue, CsvExporter(str(tmp_path)), lambda: T0, doorbell)
+    consume.recheck_every = 3600.0
+    waiting = asyncio.create_task(consume(wait=20))
+    await asyncio.sleep(0.1)  # it looked, found nothing, and waits for the doorbell
+    workflow = make(1)
+    await repository.add(workflow)  # no ring: only the caller that leaves can wake it
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(w: Workflow) -> None:
+        started.set()
+        await release.wait()
+
+    leaving = asyncio.create_task(queue.consume(slow, T0))
+    await started.wait()
+    leaving.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    consumed = await asyncio.wait_for(waiting, 5)
+    assert consumed is not None
+    assert consumed.workflow.uuid == workflow.uuid
+    doorbell.close()
+
+
+async def test_a_claim_by_uuid_whose_caller_left_tells_how_many_rows_went_back(
+    pg: PostgresDatabase,
+) -> None:
+    """The rabbitmq backend's claims (by the message's uuid) tell of rows put back too."""
+    returned: list[int] = []
+    repository = PostgresWorkflowRepository(pg.pool, outbox=False, returned=returned.append)
+    workflow = make(1)
+    await repository.add(workflow)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(w: Workflow) -> None:
+        started.set()
+        await release.wait()
+
+    leaving = asyncio.create_task(repository.claim(workflow.uuid, slow, T0))
+    await started.wait()
+    leaving.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    for _ in range(100):
+        if returned:
+            break
+        await asyncio.sleep(0.01)
+    assert returned == [1]
+    assert await repository.get(workflow.uuid) == workflow  # queued, as it was
 
 
 async def test_a_batch_answers_each_claim_with_the_row_as_committed(pg: PostgresDatabase) -> None:

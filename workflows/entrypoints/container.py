@@ -87,10 +87,20 @@ class Container(containers.DeclarativeContainer):
     repository = providers.Selector(
         backend,
         memory=providers.Singleton(InMemoryWorkflowRepository),
-        postgres=providers.Singleton(PostgresWorkflowRepository, pool, outbox=False),
-        rabbitmq=providers.Singleton(PostgresWorkflowRepository, pool, outbox=True),
+        # A consume's row put back because its caller left rings, as a new one would.
+        postgres=providers.Singleton(
+            PostgresWorkflowRepository,
+            pool,
+            outbox=False,
+            returned=postgres_doorbell.provided.ring,
+        ),
+        rabbitmq=providers.Singleton(
+            PostgresWorkflowRepository, pool, outbox=True, returned=postgres_doorbell.provided.ring
+        ),
     )
-    postgres_queue = providers.Singleton(PostgresQueue, pool)
+    postgres_queue = providers.Singleton(
+        PostgresQueue, pool, returned=postgres_doorbell.provided.ring
+    )
     queue = providers.Selector(
         backend,
         memory=providers.Singleton(InMemoryQueue, repository),

@@ -133,7 +133,8 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
 
     Each claim keeps the meaning of a lone one: it gets its row only after the commit; a
     handler that raises leaves its row queued as it was (and gets the error); a claim that
-    finds no row gets None; a caller cancelled before the commit leaves its row queued.
+    finds no row gets None; a caller cancelled before the commit leaves its row queued, and
+    `returned` is told how many such rows the batch put back, once it has committed.
     A batch's rows share one consumed time, the latest `now` of its claims, and one token
     (`claim_token`, random): when the connection dies with the COMMIT, the rows tell
     whether it committed, and the callers get their workflows rather than a 503.
@@ -164,11 +165,13 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
         parallel: int = 2,
         linger: int = 1,
         begin_first: bool = False,
+        returned: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(max_batch=max_batch, parallel=parallel, linger=linger)
         self._pool = pool
         self._take_many = take_many
         self._begin_first = begin_first
+        self._returned = returned
         self._beginning: set[object] = set()  # runners whose BEGIN is on its way
 
     def _collecting(self) -> bool:
@@ -213,6 +216,7 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
         mine: list[tuple[Claim, asyncio.Future[Workflow | None], Workflow]] = []
         batch: list[tuple[Claim, asyncio.Future[Workflow | None]]] = []
         ran_by, committing, token = 0, False, uuid4()
+        gone = 0  # rows put back because their callers had left
         try:
             try:
                 async with transaction(self._pool) as conn:
@@ -242,6 +246,7 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
                             continue
                         if future.done():  # the caller has gone: its row stays queued
                             back.append(workflow)
+                            gone += 1
                         else:
                             consumed.append(
                                 (future, workflow.with_status(WorkflowStatus.CONSUMED, now))
@@ -267,6 +272,10 @@ class GroupClaim(Group[Claim, "Workflow | None"]):
             settle(future, workflow)
         for _, future in batch:
             settle(future, None)  # found no row (or, below the others, nothing left)
+        if gone and self._returned is not None:
+            # Queued again now that the COMMIT is done: a consume waiting for work (long
+            # poll) takes them at once, not at its next look.
+            self._returned(gone)
 
     async def _committed(self, uuids: list[UUID], token: UUID, ran_by: int) -> bool:
         """Whether the claim with `token` of these rows committed: some of them carry the

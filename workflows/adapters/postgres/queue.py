@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from workflows.adapters.postgres.batching import Claim, GroupClaim
@@ -12,11 +13,12 @@ from workflows.domain.model import Workflow
 
 
 class PostgresQueue(WorkflowQueue):
-    """The INSERTED rows are the queue; consumers take the oldest one no one else holds."""
+    """The INSERTED rows are the queue; consumers take the oldest one no one else holds.
+    `returned(n)` hears of rows queued again because their consumes' callers left."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, returned: Callable[[int], None] | None = None) -> None:
         self._pool = pool
-        self._claims = GroupClaim(pool, take_oldest, linger=0, begin_first=True)
+        self._claims = GroupClaim(pool, take_oldest, linger=0, begin_first=True, returned=returned)
 
     async def enqueued(self, workflow: Workflow) -> None:
         """Nothing to do: the committed INSERTED row is already the queue entry."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -100,9 +100,12 @@ AFTER = sql.SQL("uuid > %(after)s")
 
 
 class PostgresWorkflowRepository(WorkflowRepository):
-    """With `outbox`, every write that queues a workflow also writes its outbox entry."""
+    """With `outbox`, every write that queues a workflow also writes its outbox entry.
+    `returned(n)` hears of rows queued again because their claims' callers left."""
 
-    def __init__(self, pool: Pool, *, outbox: bool) -> None:
+    def __init__(
+        self, pool: Pool, *, outbox: bool, returned: Callable[[int], None] | None = None
+    ) -> None:
         self._pool = pool
         self._outbox = outbox
         self._insert_many = INSERT_MANY_WITH_OUTBOX if outbox else INSERT_MANY
@@ -110,7 +113,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         # is one round trip and one WAL flush for many POSTs instead of one each.
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
         self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
-        self._claims = GroupClaim(pool, take_these, linger=0, begin_first=True)
+        self._claims = GroupClaim(pool, take_these, linger=0, begin_first=True, returned=returned)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
         if idempotency is None:
