@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from uuid import UUID, uuid4
 
 import pika
@@ -250,6 +251,40 @@ async def test_idle_connection_keeps_its_deliveries_thanks_to_heartbeats(
     finally:
         await broker.delete_queue()
         await broker.stop()
+
+
+@contextlib.contextmanager
+def memory_alarm() -> Iterator[None]:
+    """RabbitMQ's memory alarm, raised for the whole node (a watermark of 1 byte), and the
+    node's own watermark back afterwards."""
+    before = subprocess.run(
+        ["rabbitmqctl", "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_vm_memory_high_watermark", "absolute", "1"], check=True
+    )
+    try:
+        yield
+    finally:
+        restore = ["absolute", before] if before.isdigit() else [before]
+        subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", *restore], check=True)
+
+
+async def test_ping_fails_while_the_broker_blocks_publishing(broker: RabbitMqBroker) -> None:
+    """A memory alarm blocks publishes: /readyz's queue check fails (the service is then
+    `degraded`: POSTs wait in the outbox) until a publish is confirmed again."""
+    await broker.publish([uuid4()])
+    await broker.ping()
+    with memory_alarm():
+        with pytest.raises(DependencyUnavailable):
+            await broker.publish([uuid4()])  # blocked for the 2 s timeout
+        with pytest.raises(DependencyUnavailable, match="blocks publishing"):
+            await broker.ping()
+    await broker.publish([uuid4()])
+    await broker.ping()  # a confirmed publish: it takes them again
 
 
 async def test_stopped_broker_refuses_calls(broker: RabbitMqBroker) -> None:

@@ -141,6 +141,7 @@ class RabbitMqBroker(MessagePublisher):
             confirms.publish(self.queue, bodies, request)
 
         await self._publisher.call(publish, exclusive=False)
+        self._publisher.unblocked()  # confirmed: no alarm holds publishes now
 
     async def get(self, *, dead: bool = False) -> Delivery | None:
         """Take the next message (of the dead-letter queue, with `dead`), unacked; None
@@ -201,6 +202,12 @@ class RabbitMqBroker(MessagePublisher):
         return await self._consumer.call(declare)
 
     async def ping(self) -> None:
+        """Raise DependencyUnavailable when the broker does not answer, or blocks this
+        process's publishes (a memory or disk alarm: POSTs then wait in the outbox)."""
+        if self._publisher.blocked is not None:
+            raise DependencyUnavailable(
+                "rabbitmq", f"it blocks publishing: {self._publisher.blocked}"
+            )
         await self.depth()
 
     async def delete_queue(self) -> None:

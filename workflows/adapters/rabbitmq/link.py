@@ -52,6 +52,10 @@ class Link(abc.ABC):
         self._free: list[Lane] = []
         self._closing: set[Any] = set()
         self._stopping = False  # AmqpConnection.stop() is letting the last requests finish
+        # Why the broker blocks this link's publishes (connection.blocked: a memory or disk
+        # alarm), until it unblocks or a publish is confirmed; kept across a reconnect, as
+        # the broker tells a new connection only once it publishes.
+        self.blocked: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -88,6 +92,8 @@ class Link(abc.ABC):
         if connection is not self._connection:
             return
         _send_bursts_at_once(connection)
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
         opened: list[Lane] = []
 
         def on_channel(channel: Any) -> None:
@@ -143,6 +149,23 @@ class Link(abc.ABC):
         self._free = list(reversed(lanes))
         self._ready = True
         self._dispatch()
+
+    def _on_blocked(self, connection: Any, frame: Any) -> None:
+        if connection is self._connection:
+            reason = str(getattr(frame.method, "reason", "") or "a resource alarm")
+            if self.blocked is None:
+                log.warning("rabbitmq blocks publishing: %s", reason)
+            self.blocked = reason
+
+    def _on_unblocked(self, connection: Any, _frame: Any) -> None:
+        if connection is self._connection:
+            self.unblocked()
+
+    def unblocked(self) -> None:
+        """The broker takes publishes again (it said so, or confirmed one)."""
+        if self.blocked is not None:
+            log.info("rabbitmq takes publishes again")
+            self.blocked = None
 
     def _on_open_error(self, connection: Any, error: BaseException) -> None:
         self._closing.discard(connection)
