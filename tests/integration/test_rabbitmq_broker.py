@@ -273,16 +273,27 @@ def memory_alarm() -> Iterator[None]:
         subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", *restore], check=True)
 
 
-async def test_ping_fails_while_the_broker_blocks_publishing(broker: RabbitMqBroker) -> None:
+async def test_ping_fails_while_the_broker_blocks_publishing(
+    broker: RabbitMqBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     """A memory alarm blocks publishes: /readyz's queue check fails (the service is then
-    `degraded`: POSTs wait in the outbox) until a publish is confirmed again."""
+    `degraded`: POSTs wait in the outbox) until a publish is confirmed again. The alarm is
+    logged once, not at each reconnection of the blocked connection."""
     await broker.publish([uuid4()])
     await broker.ping()
-    with memory_alarm():
-        with pytest.raises(DependencyUnavailable):
-            await broker.publish([uuid4()])  # blocked for the 2 s timeout
-        with pytest.raises(DependencyUnavailable, match="blocks publishing"):
-            await broker.ping()
+    with memory_alarm(), caplog.at_level(logging.INFO, logger="workflows.adapters.rabbitmq"):
+        for _ in range(2):  # each blocked for the 2 s timeout, its connection dropped
+            with pytest.raises(DependencyUnavailable):
+                await broker.publish([uuid4()])
+            with pytest.raises(DependencyUnavailable, match="blocks publishing"):
+                await broker.ping()
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith("workflows")
+    ]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("rabbitmq blocks publishing")
     await broker.publish([uuid4()])
     await broker.ping()  # a confirmed publish: it takes them again
 

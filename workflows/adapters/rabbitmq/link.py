@@ -180,7 +180,7 @@ class Link(abc.ABC):
     def _on_closed(self, connection: Any, reason: BaseException) -> None:
         self._closing.discard(connection)
         if connection is self._connection:
-            log.warning("rabbitmq connection lost: %r", reason)
+            log.log(self._loss_level(reason), "rabbitmq connection lost: %r", reason)
             self._broken(reason)
         elif self._stopping:
             self._finish_stop_if_idle()
@@ -196,8 +196,19 @@ class Link(abc.ABC):
         ):
             self._reopen(lane, lambda: refusal.then(reason.reply_text))
             return
-        log.warning("rabbitmq channel %d closed: %r", channel.channel_number, reason)
+        log.log(
+            self._loss_level(reason),
+            "rabbitmq channel %d closed: %r",
+            channel.channel_number,
+            reason,
+        )
         self._broken(reason)
+
+    def _loss_level(self, reason: BaseException) -> int:
+        """A connection blocked for the timeout is dropped every few seconds while an alarm
+        lasts: the alarm was logged once (`_on_blocked`), each such loss is only INFO."""
+        timed_out = isinstance(reason, pika.exceptions.ConnectionBlockedTimeout)
+        return logging.INFO if timed_out and self.blocked is not None else logging.WARNING
 
     def _drop_connection(self) -> None:
         self._ready = False
