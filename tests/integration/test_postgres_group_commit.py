@@ -4,13 +4,13 @@ database refuses fails alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from workflows.adapters.postgres import PostgresDatabase, PostgresOutbox, PostgresWorkflowRepository
+from workflows.adapters.postgres.group_commit import Outgoing
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
 
@@ -42,9 +42,9 @@ async def test_concurrent_adds_share_statements(
     statements: list[int] = []
     write_many = repository._group._write_many
 
-    async def counted(rows: Sequence[Workflow]) -> None:
-        statements.append(len(rows))
-        await write_many(rows)
+    async def counted(outgoing: Outgoing[Workflow]) -> None:
+        await write_many(outgoing)
+        statements.append(len(outgoing.taken or ()))
 
     monkeypatch.setattr(repository._group, "_write_many", counted)
     await asyncio.gather(*(repository.add(make(n)) for n in range(200)))

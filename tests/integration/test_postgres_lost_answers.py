@@ -5,6 +5,7 @@ two apart by asking the database, instead of answering 503 for work that was don
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from workflows.adapters.postgres import (
     PostgresWorkflowRepository,
 )
 from workflows.adapters.postgres import workflows as workflows_module
+from workflows.adapters.postgres.group_commit import Outgoing
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
@@ -55,6 +57,12 @@ def new_workflows(n: int) -> list[Workflow]:
     return [Workflow.new(uuid7(), JsonDocument(f'{{"n":{i}}}'), ("s",), NOW) for i in range(n)]
 
 
+async def add_many(repository: PostgresWorkflowRepository, workflows: list[Workflow]) -> None:
+    """The group insert of `workflows` as one batch, with no deadline."""
+    loop = asyncio.get_running_loop()
+    await repository._add_many(Outgoing([((w, math.inf), loop.create_future()) for w in workflows]))
+
+
 async def stored(database_url: str, workflows: list[Workflow]) -> int:
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cursor = await conn.execute(
@@ -73,7 +81,7 @@ async def test_a_group_insert_whose_answer_is_lost_after_its_commit_succeeds(
     workflows = new_workflows(3)
     relay.trap("to_client", ANSWER_OF_AN_INSERT)
 
-    await repository._add_many(workflows)
+    await add_many(repository, workflows)
 
     assert relay.sprung == 1, "the answer was cut"
     assert await stored(database_url, workflows) == 3
@@ -89,7 +97,7 @@ async def test_a_group_insert_that_never_reached_the_server_still_fails(
     relay.trap("to_server", AN_INSERT_OF_WORKFLOWS)
 
     with pytest.raises(DependencyUnavailable):
-        await repository._add_many(workflows)
+        await add_many(repository, workflows)
 
     assert relay.sprung == 1
     assert await stored(database_url, workflows) == 0
@@ -114,7 +122,7 @@ async def test_a_lost_answer_stays_a_503_while_the_database_cannot_say(
     monkeypatch.setattr(repository, "_all_stored", asked_while_the_database_is_away)
     started = time.monotonic()
     with pytest.raises(DependencyUnavailable):
-        await repository._add_many(workflows)
+        await add_many(repository, workflows)
     assert time.monotonic() - started < 3, "asked for VERIFY_WITHIN, not the pool's 5 s"
     assert await stored(database_url, workflows) == 2, "stored: the 503 means 'not known'"
 
@@ -129,7 +137,7 @@ async def test_an_insert_still_running_when_its_connection_died_is_waited_for(
     async with await psycopg.AsyncConnection.connect(database_url) as holder:
         await holder.execute("BEGIN")
         await holder.execute("LOCK TABLE workflows IN SHARE ROW EXCLUSIVE MODE")
-        adding = asyncio.create_task(repository._add_many(workflows))
+        adding = asyncio.create_task(add_many(repository, workflows))
         async with asyncio.timeout(5):
             while not await waiting_for_a_lock(holder):  # noqa: ASYNC110 (polls the server)
                 await asyncio.sleep(0.02)

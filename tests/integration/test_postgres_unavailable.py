@@ -187,3 +187,46 @@ async def test_a_live_idle_connection_is_not_taken_for_a_closed_one(database_url
             assert not closed_by_server(conn)
     finally:
         await database.stop()
+
+
+async def test_a_post_behind_a_batch_waiting_for_a_connection_gets_its_503_in_one_timeout(
+    pg: PostgresDatabase, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection of the pool is taken (max_connections used up looks the same): a
+    POST whose group-commit batch ahead is waiting for one gets its 503 when its own
+    timeout is up, not after the batch ahead's and then a whole one of its own (it was up
+    to 10 s in all). A connection that comes later goes to the rows still wanted: that
+    503 stored nothing."""
+    monkeypatch.setattr(database_module, "ACQUIRE_TIMEOUT", 2.0)
+    database = PostgresDatabase(database_url, min_size=1, max_size=1)
+    await database.start()
+    repository = PostgresWorkflowRepository(database.pool, outbox=True)
+    loop = asyncio.get_running_loop()
+    ahead, behind, later = (Workflow.new(uuid7(), JsonDocument("{}"), (), NOW) for _ in range(3))
+    try:
+        held = await database.pool.getconn()  # the pool's only connection
+        try:
+            began = loop.time()
+            adding_ahead = asyncio.create_task(repository.add(ahead))  # due at 2.0 s
+            await asyncio.sleep(0.4)
+            started = loop.time()
+            adding_behind = asyncio.create_task(repository.add(behind))  # due at 2.4 s
+            await asyncio.sleep(1.4)
+            adding_later = asyncio.create_task(repository.add(later))  # due at 3.8 s
+            with pytest.raises(DependencyUnavailable):
+                await adding_ahead
+            with pytest.raises(DependencyUnavailable):
+                await adding_behind
+            waited = loop.time() - started
+            assert waited < 2.5, f"the 503 came after {waited:.2f} s"  # 2 s, not 1.6 + 2
+            await asyncio.sleep(began + 3.0 - loop.time())
+        finally:
+            await database.pool.putconn(held)  # at 3.0 s: in time for the later one
+        assert await asyncio.wait_for(adding_later, 5) == later
+    finally:
+        await database.stop()
+    repository = PostgresWorkflowRepository(pg.pool, outbox=True)
+    assert await repository.get(ahead.uuid) is None
+    assert await repository.get(behind.uuid) is None
+    assert await repository.get(later.uuid) == later
+    assert await PostgresOutbox(pg.pool).size() == 1

@@ -1,28 +1,41 @@
-"""GroupCommit: concurrent rows share writes; a bad row fails alone; callers can leave."""
+"""GroupCommit: concurrent rows share writes; a bad row fails alone; callers can leave; a
+row waits for its connection at most its deadline, the batch ahead included."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import psycopg
 import pytest
 
-from workflows.adapters.postgres.batching import GroupCommit
+from workflows.adapters.postgres.group_commit import GroupCommit, Outgoing
 from workflows.domain.errors import DependencyUnavailable
 
 
 class Recorder:
-    """A write_many that records each batch and takes a while, like a round trip."""
+    """A write_many that records each batch and takes a while, like a round trip. Its
+    batch waits for `connected` (a free connection) up to the batch's wait, as the pool
+    does, and then takes its rows; `gate` holds the write that has taken them."""
 
     def __init__(self, *, bad: frozenset[int] = frozenset(), down: bool = False) -> None:
         self.batches: list[list[int]] = []
         self.bad = bad
         self.down = down
+        self.calls = 0
+        self.connected = asyncio.Event()
+        self.connected.set()
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def __call__(self, rows: Sequence[int]) -> None:
+    async def __call__(self, outgoing: Outgoing[int]) -> None:
+        self.calls += 1
+        try:
+            await asyncio.wait_for(self.connected.wait(), outgoing.wait)
+        except TimeoutError:
+            raise DependencyUnavailable("database", "no connection") from None
+        rows = outgoing.take()
+        if not rows:
+            return
         await self.gate.wait()
         await asyncio.sleep(0.01)
         if self.down:
@@ -110,7 +123,8 @@ async def test_a_call_made_as_the_last_batch_finishes_still_goes() -> None:
     """The runner that has just found nothing more to do is not counted as running."""
     finishing = asyncio.Event()
 
-    async def write_many(rows: Sequence[int]) -> None:
+    async def write_many(outgoing: Outgoing[int]) -> None:
+        outgoing.take()
         await asyncio.sleep(0.001)
         finishing.set()  # wakes `late` before the runner's task is marked done
 
@@ -123,3 +137,55 @@ async def test_a_call_made_as_the_last_batch_finishes_still_goes() -> None:
     latecomer = asyncio.create_task(late())
     await group.add(1)
     await asyncio.wait_for(latecomer, 1)
+
+
+async def test_a_row_that_waits_its_deadline_behind_a_batch_fails_and_is_left_out() -> None:
+    """The batch ahead waits for a connection that does not come: a row behind it gets its
+    DependencyUnavailable (503) once its own deadline has passed, not after the batch
+    ahead has failed and its own batch waited a whole timeout more; and when the
+    connection does come, its batch writes only the rows whose callers still wait."""
+    writer = Recorder()
+    writer.connected.clear()
+    group = GroupCommit(writer, within=0.3)
+    loop = asyncio.get_running_loop()
+    ahead = asyncio.create_task(group.add(0))
+    await asyncio.sleep(0.1)
+    started = loop.time()
+    behind = asyncio.create_task(group.add(1))
+    await asyncio.sleep(0.15)
+    later = asyncio.create_task(group.add(2))  # due at 0.55 s; 1 is due at 0.4 s
+    with pytest.raises(DependencyUnavailable):
+        await ahead  # at 0.3 s
+    with pytest.raises(DependencyUnavailable):
+        await behind
+    assert loop.time() - started < 0.38  # its 0.3 s, not 0.2 s + 0.3 s
+    writer.connected.set()  # at 0.4 s: in time for 2 only
+    await asyncio.wait_for(later, 1)
+    assert writer.batches == [[2]]
+
+
+async def test_a_row_taken_by_its_write_is_not_failed_by_its_deadline() -> None:
+    """Once its statement may have gone, only the write's outcome answers the caller."""
+    writer = Recorder()
+    writer.gate.clear()
+    group = GroupCommit(writer, within=0.05)
+    adding = asyncio.create_task(group.add(1))
+    await asyncio.sleep(0.2)
+    writer.gate.set()
+    await asyncio.wait_for(adding, 1)
+    assert writer.batches == [[1]]
+
+
+async def test_rows_retried_alone_all_fail_at_once_when_the_database_goes_away() -> None:
+    """A bad row makes its batch's rows go one by one; the database going away then fails
+    the rest at once, instead of each waiting for a connection in turn."""
+    writer = Recorder(bad=frozenset({2}))
+
+    async def going_away_after_the_batch(outgoing: Outgoing[int]) -> None:
+        writer.down = writer.calls >= 1
+        await writer(outgoing)
+
+    group = GroupCommit(going_away_after_the_batch, within=5)
+    results = await asyncio.gather(*(group.add(n) for n in range(6)), return_exceptions=True)
+    assert all(isinstance(result, DependencyUnavailable) for result in results)
+    assert writer.calls == 2  # the batch, then the first row alone

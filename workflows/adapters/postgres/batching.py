@@ -1,17 +1,17 @@
-"""Concurrent writes and claims share one statement, one round trip and one commit."""
+"""Concurrent reads and claims share one statement, one round trip (and a claim batch one
+commit); concurrent writes, group_commit.py."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TypeVar
 from uuid import UUID, uuid4
 
 import attrs
-import psycopg
 
 from workflows.adapters.grouping import Group, settle
 from workflows.adapters.postgres.database import (
@@ -38,50 +38,6 @@ SET status = 'inserted', updated_at = queued.at
 FROM unnest(%b::uuid[], %b::timestamptz[]) AS queued (uuid, at)
 WHERE workflows.uuid = queued.uuid
 """
-
-
-class GroupCommit(Group[In, None]):
-    """Rows handed to `add` go to the database together; `add` returns once its row has
-    committed.
-
-    `write_many` must be atomic (one autocommit statement, say). When it fails with a
-    data or integrity error (which one row could cause), each row is written alone so that
-    only the guilty one fails; any other error fails the whole batch. A caller cancelled
-    before its batch goes is left out; after, its row may still commit (as a lone write
-    would).
-    """
-
-    def __init__(
-        self,
-        write_many: Callable[[Sequence[In]], Awaitable[None]],
-        *,
-        max_batch: int = 256,
-        parallel: int = 1,
-    ) -> None:
-        # One batch in flight: the POSTs that arrive meanwhile all go in the next, bigger
-        # one. Against two in flight, measured median +10 % POST/s (bench/notes.md). No
-        # linger: a batch one loop pass late measured -5 % POST/s (bench/notes.md).
-        super().__init__(max_batch=max_batch, parallel=parallel)
-        self._write_many = write_many
-
-    async def add(self, row: In) -> None:
-        await self.call(row)
-
-    async def run(self, batch: list[tuple[In, asyncio.Future[None]]]) -> None:
-        try:
-            await self._write_many([row for row, _ in batch])
-        except (psycopg.DataError, psycopg.IntegrityError) as error:
-            if len(batch) == 1:
-                raise
-            log.debug("a batch of %d rows failed (%s): writing each alone", len(batch), error)
-            for one in batch:
-                try:
-                    await self.run([one])
-                except Exception as alone:
-                    settle(one[1], error=alone)
-        else:
-            for _, future in batch:
-                settle(future)
 
 
 class GroupRead(Group[UUID, "Workflow | None"]):

@@ -10,7 +10,7 @@ from uuid import UUID
 from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
-from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupCommit, GroupRead
+from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupRead
 from workflows.adapters.postgres.claims import take_these
 from workflows.adapters.postgres.database import (
     VERIFY_WITHIN,
@@ -21,6 +21,7 @@ from workflows.adapters.postgres.database import (
     rows_left_by,
     transaction,
 )
+from workflows.adapters.postgres.group_commit import GroupCommit, Outgoing
 from workflows.adapters.postgres.rows import COLUMNS, QUEUED, as_workflow
 from workflows.application.ports import ClaimHandler, StatusChange, WorkflowRepository
 from workflows.domain.errors import DependencyUnavailable, IdempotencyKeyReused
@@ -111,7 +112,9 @@ class PostgresWorkflowRepository(WorkflowRepository):
         self._insert_many = INSERT_MANY_WITH_OUTBOX if outbox else INSERT_MANY
         # Adds without an idempotency key (nearly all) commit in groups: under load that
         # is one round trip and one WAL flush for many POSTs instead of one each.
-        self._group: GroupCommit[Workflow] = GroupCommit(self._add_many)
+        # Each POST waits for its row to go at most the pool's timeout in all, batch ahead
+        # included: its 503 comes after the one timeout, not two.
+        self._group: GroupCommit[Workflow] = GroupCommit(self._add_many, within=pool.timeout)
         self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
         self._claims = GroupClaim(pool, take_these, linger=0, begin_first=True, returned=returned)
 
@@ -143,18 +146,22 @@ class PostgresWorkflowRepository(WorkflowRepository):
                 raise IdempotencyKeyReused(idempotency.key)
             return await _one(await conn.execute(GET, (owner,)))
 
-    async def _add_many(self, workflows: Sequence[Workflow]) -> None:
-        columns = (
-            [w.uuid for w in workflows],
-            [w.status.value for w in workflows],
-            [w.data.text for w in workflows],
-            [_text_array(w.steps) for w in workflows],
-            [w.created_at for w in workflows],
-            [w.updated_at for w in workflows],
-        )
+    async def _add_many(self, outgoing: Outgoing[Workflow]) -> None:
         sent_by: int | None = None
+        uuids: list[UUID] = []
         try:
-            async with connection(self._pool) as conn:
+            async with connection(self._pool, wait=outgoing.wait) as conn:
+                # Only now: a row whose caller's deadline passed meanwhile is left out.
+                if not (workflows := outgoing.take()):
+                    return
+                columns = (
+                    uuids := [w.uuid for w in workflows],
+                    [w.status.value for w in workflows],
+                    [w.data.text for w in workflows],
+                    [_text_array(w.steps) for w in workflows],
+                    [w.created_at for w in workflows],
+                    [w.updated_at for w in workflows],
+                )
                 sent_by = conn.info.backend_pid
                 await conn.execute(self._insert_many, columns)
         except DependencyUnavailable:
@@ -162,7 +169,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
             # connection (a server that dies between its commit and its reply). Rather
             # than answer 503 for stored workflows, which a client would then POST again,
             # look: the statement is atomic, so all of them are stored or none.
-            if sent_by is None or not await self._all_stored(columns[0], sent_by):
+            if sent_by is None or not await self._all_stored(uuids, sent_by):
                 raise
 
     async def _all_stored(self, uuids: list[UUID], sent_by: int) -> bool:
