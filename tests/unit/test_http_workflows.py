@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from uuid import UUID
 
@@ -238,6 +241,44 @@ async def test_readiness_names_the_failed_check_and_logs_why(
     assert (await client.get("/readyz")).json()["status"] == "ready"
     assert (await client.get("/readyz")).json()["status"] == "ready"
     assert [r.getMessage() for r in caplog.records] == [f"readiness: the {name} check passes again"]
+
+
+async def test_readiness_waits_for_its_hanging_checks_side_by_side(
+    client: httpx.AsyncClient,
+    container: Container,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each check may wait up to its dependency's timeout (5 s for the database's pool and
+    the broker's calls): with all three hanging, /readyz answers after one such wait, not
+    after each in turn. Its body, status and log lines are what they are one at a time."""
+    hang = 0.4
+
+    def hanging(dependency: str) -> Callable[[], Awaitable[None]]:
+        async def ping() -> None:
+            await asyncio.sleep(hang)
+            raise DependencyUnavailable(dependency, "no answer")
+
+        return ping
+
+    monkeypatch.setattr(container.repository(), "ping", hanging("database"))
+    monkeypatch.setattr(container.queue(), "ping", hanging("rabbitmq"))
+    monkeypatch.setattr(container.exporter(), "ping", hanging("export directory"))
+    caplog.set_level(logging.WARNING, logger="workflows.entrypoints.http")
+    started = time.monotonic()
+    ready = await client.get("/readyz")
+    took = time.monotonic() - started
+    assert took < 2 * hang, f"{took:.2f} s: the checks waited in turn"
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "status": "not ready",
+        "checks": {"database": "unavailable", "queue": "unavailable", "exports": "unavailable"},
+    }
+    assert sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING) == [
+        "readiness: the database check failed: database is unavailable: no answer",
+        "readiness: the exports check failed: export directory is unavailable: no answer",
+        "readiness: the queue check failed: rabbitmq is unavailable: no answer",
+    ]
 
 
 async def test_not_ready_until_the_export_files_are_checked(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -154,11 +155,15 @@ RECOVERING = "checking the export files written since the last flush (after a cr
 async def readyz(request: Request) -> Response:
     container = container_of(request)
     failing: dict[str, str] = request.app.state.failing_checks
-    checks = {
-        "database": await _check("database", container.repository().ping, failing),
-        "queue": await _check("queue", container.queue().ping, failing),
-        "exports": await _check("exports", container.exporter().ping, failing),
+    # Side by side: each check may wait its dependency's timeout (5 s), and in turn two
+    # hanging ones took twice that.
+    pings = {
+        "database": container.repository().ping,
+        "queue": container.queue().ping,
+        "exports": container.exporter().ping,
     }
+    passed = await asyncio.gather(*(_check(name, ping, failing) for name, ping in pings.items()))
+    checks = dict(zip(pings, passed, strict=True))
     if checks["exports"] == "ok" and not container.export_flusher().recovered:
         checks["exports"] = RECOVERING
     # The queue alone failing is the broker (the postgres queue is the database): POSTs
