@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -257,6 +259,49 @@ async def test_a_spare_that_cannot_be_linked_in_gives_way_to_a_file_opened_then(
     with pytest.raises(OSError, match="Bad file descriptor"):  # and closed, with the others
         os.fstat(linked[0])
     assert spares.ready < 16 or spares.filling
+    exporter.close()
+
+
+async def test_spares_failing_write_after_write_are_logged_when_it_starts_and_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a full disk every write's spare fails (and the file opened instead, which makes
+    its consume a 503, logged as such): one WARNING when that starts, not one per
+    write, and one INFO, counted, once a spare works again."""
+    exporter = fresh(tmp_path)
+    await exporter.write(workflow(), b"a\r\n0\r\n", NOW)
+    await spares_of(exporter)
+    real_write_all, full = files._write_all, [True]
+
+    def write_all(descriptor: int, content: bytes) -> None:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(descriptor, content)
+
+    monkeypatch.setattr(files, "_write_all", write_all)
+    caplog.set_level(logging.INFO, logger="workflows.adapters.csv_export.files")
+    for _ in range(10):  # a spare for every other one or so: one failing is thrown away
+        with pytest.raises(DependencyUnavailable, match="No space left on device"):
+            await exporter.write(workflow(), b"a\r\n1\r\n", NOW)
+        await asyncio.sleep(0.01)  # time for the thread to open more
+    full[0] = False
+    await exporter.write(workflow(), b"a\r\n2\r\n", NOW)
+    await spares_of(exporter)
+    await exporter.write(workflow(), b"a\r\n3\r\n", NOW)  # with a spare
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert logged[0] == (
+        "WARNING",
+        "a spare unnamed file failed ([Errno 28] No space left on device): opening one instead",
+    )
+    assert [level for level, _ in logged] == ["WARNING", "INFO"]
+    over = re.fullmatch(
+        r"spare unnamed files work again, after (\d+) failures in [\d.]+ s \((\d+) not logged\)",
+        logged[1][1],
+    )
+    assert over is not None, logged[1][1]
+    failures, not_logged = map(int, over.groups())
+    assert failures >= 3  # repeated, each counted
+    assert not_logged == failures - 1
     exporter.close()
 
 

@@ -4,7 +4,9 @@ the torn ones rewritten; only then does the flush record move on."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
@@ -141,3 +143,57 @@ async def test_a_workflow_that_cannot_be_rendered_is_skipped(tmp_path: Path, dat
     exporter = CsvExporter(tmp_path)
     await exporter.write(poison, b"whatever", utc_now())  # makes the marker
     assert await ExportFlusher(repository, CsvExporter(tmp_path)).recover() == 0
+
+
+class FullDiskExporter(CsvExporter):
+    """Its first `full_for` flushes fail, as on a filesystem out of space."""
+
+    def __init__(self, export_dir: Path, full_for: int) -> None:
+        super().__init__(export_dir)
+        self.full_for = full_for
+        self.flushes = 0
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        if self.flushes <= self.full_for:
+            raise DependencyUnavailable("export directory", "[Errno 28] No space left on device")
+        await super().flush()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
+
+
+async def test_a_failure_that_repeats_every_interval_is_logged_when_it_starts_and_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recovery retried while the database is away, then a flush a second on a full
+    disk: each logs one WARNING as it starts and one INFO, counted, when it is over, not
+    a WARNING each time."""
+    repository = DownRepository()
+    await submit(repository, 1)
+    await Service(repository, tmp_path).consumed()  # the marker: something to recover
+    exporter = FullDiskExporter(tmp_path, full_for=10)
+    flusher = ExportFlusher(repository, exporter, interval=0.01)
+    caplog.set_level(logging.INFO, logger="workflows.application.flusher")
+    task = asyncio.create_task(flusher.run())
+    try:
+        await asyncio.sleep(0.1)  # about ten tries of the recovery
+        repository.down = False
+        await until(lambda: exporter.flushes >= 12)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in logged] == ["WARNING", "INFO", "WARNING", "INFO"]
+    assert logged[0][1] == "export recovery postponed: database is unavailable: down"
+    assert logged[1][1].startswith("export recovery ran, after ")
+    assert logged[2][1] == (
+        "export flush failed, retrying: "
+        "export directory is unavailable: [Errno 28] No space left on device"
+    )
+    assert logged[3][1].startswith("export flush works again, after 10 failures in ")

@@ -7,6 +7,7 @@ import logging
 
 import attrs
 
+from workflows.application.outages import Outage
 from workflows.application.ports import Exporter, WorkflowRepository
 from workflows.domain.errors import DependencyUnavailable
 
@@ -33,6 +34,17 @@ class ExportFlusher:
     needs_recovery: bool = True
     """False where nothing outlives the process (the memory backend): nothing to check."""
     _recovered: bool = attrs.field(init=False)
+    # Retried every `interval`: a full disk or a database away would log each try.
+    _postponed: Outage = attrs.field(
+        init=False,
+        factory=lambda: Outage(log, "export recovery postponed: %s", "export recovery ran"),
+    )
+    _failing: Outage = attrs.field(
+        init=False,
+        factory=lambda: Outage(
+            log, "export flush failed, retrying: %s", "export flush works again"
+        ),
+    )
 
     @_recovered.default
     def _nothing_to_recover(self) -> bool:
@@ -66,9 +78,10 @@ class ExportFlusher:
             try:
                 repaired = await self.recover()
             except DependencyUnavailable as exc:
-                log.warning("export recovery postponed: %s", exc)
+                self._postponed.failed(exc)
                 return False
             self._recovered = True
+            self._postponed.passed()
             if repaired:
                 log.warning("rewrote %d export files left torn by a crash", repaired)
         return True
@@ -90,4 +103,6 @@ class ExportFlusher:
         try:
             await self.exporter.flush()
         except DependencyUnavailable as exc:
-            log.warning("export flush failed, retrying: %s", exc)
+            self._failing.failed(exc)
+        else:
+            self._failing.passed()

@@ -29,6 +29,7 @@ from pathlib import Path
 from uuid import UUID
 
 from workflows.adapters.csv_export.fsync import Fsync
+from workflows.application.outages import Outage
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,17 @@ def link_unnamed(
     The file is one of `spares`, opened ahead by their thread, when one is ready; a spare
     that cannot be linked in (its directory was removed and made again on another
     filesystem, say) throws the others away, and a file opened now is tried instead."""
-    spare = spares.take() if spares is not None else None
-    if spare is not None:
+    if spares is not None and (spare := spares.take()) is not None:
         try:
             _write_and_link(spare, target, content)
-            return
         except OSError as error:
-            assert spares is not None
-            log.info("a spare unnamed file failed (%s): opening one instead", error)
+            # Logged when it starts and when it is over: with the disk full, every write
+            # would say so, while its consume answers 503 (which is logged).
+            spares.failing.failed(f"[Errno {error.errno}] {error.strerror}")
             spares.discard()
+        else:
+            spares.failing.passed()
+            return
     flags = os.O_WRONLY | O_TMPFILE
     try:
         descriptor = os.open(directory, flags, 0o666)
@@ -134,6 +137,12 @@ class SpareFiles:
         self._wanted = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.failing = Outage(
+            log,
+            "a spare unnamed file failed (%s): opening one instead",
+            "spare unnamed files work again",
+        )
+        """Spares that cannot be filled or linked in, logged once while it lasts."""
 
     @property
     def ready(self) -> int:
