@@ -1,5 +1,6 @@
 """The coalescing transport: a response's head and body leave in one write, bytes never
-reorder or wait past the loop iteration; and uvicorn serves through it unchanged."""
+reorder or wait past the loop iteration; and uvicorn serves through it unchanged, a
+request's head and body held to their limits and timeouts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import orjson
 import pytest
 import uvicorn
 
+from tests.support.slow_client import send_slowly
 from workflows.entrypoints import http_protocol
 from workflows.entrypoints.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
 
@@ -127,9 +129,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "lifespan.shutdown.complete"})
         return
     path = scope["path"]
+    size = 0
     if scope["method"] == "POST":  # read the whole body first
-        while (await receive()).get("more_body"):
-            pass
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
     if path == "/stream":
         headers = [(b"content-type", b"text/plain")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -142,7 +148,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
         return
-    body = b"hello " + path.encode()
+    body = b"%d" % size if path == "/size" else b"hello " + path.encode()
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -248,3 +254,87 @@ async def test_a_head_that_does_not_come_in_time_is_a_408(
     two = b"GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = await exchange_raw(served, one, two, pause=0.6)
     assert answer.count(b"HTTP/1.1 200 ") == 2
+
+
+def timeouts(monkeypatch: pytest.MonkeyPatch, gap: float, whole: float = 10.0) -> None:
+    monkeypatch.setattr(http_protocol, "BODY_GAP_TIMEOUT", gap)
+    monkeypatch.setattr(http_protocol, "BODY_TIMEOUT", whole)
+
+
+def posting(length: int, path: str = "/b") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), length)
+
+
+def problem_of(answer: bytes) -> dict[str, Any]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:200]
+    assert b"content-type: application/problem+json" in head
+    assert b"connection: close" in head
+    assert b"x-content-type-options: nosniff" in head
+    problem: dict[str, Any] = orjson.loads(body)
+    assert problem["type"] == "/problems/request-timeout"
+    assert problem["title"] == "Request Timeout"
+    assert problem["status"] == 408
+    return problem
+
+
+async def test_a_body_that_stops_coming_is_a_408(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeouts(monkeypatch, gap=0.3)
+    answer, seconds = await send_slowly(served, posting(10) + b"abc")
+    detail = "no byte of the request's body arrived for 0.3 s"
+    assert problem_of(answer)["detail"] == detail
+    assert 0.3 <= seconds < 2
+    answer, seconds = await send_slowly(served, posting(10))  # the headers, and no body
+    assert problem_of(answer)["detail"] == detail
+    assert 0.3 <= seconds < 2
+
+
+async def test_a_body_that_trickles_is_a_408_at_its_deadline(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeouts(monkeypatch, gap=0.5, whole=1.0)
+    answer, seconds = await send_slowly(served, posting(100), [b"a"] * 40, every=0.1)
+    detail = "the request's body did not all arrive within 1 s of its headers"
+    assert problem_of(answer)["detail"] == detail
+    assert 1.0 <= seconds < 2.5
+
+
+async def test_a_body_that_keeps_coming_is_read_whole_however_long_it_takes_within_the_deadline(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeouts(monkeypatch, gap=0.3, whole=4.0)
+    body = b"x" * 1024 * 1024
+    pieces = [body[n : n + 65536] for n in range(0, len(body), 65536)]
+    head = posting(len(body), "/size").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer, seconds = await send_slowly(served, head, pieces, every=0.1)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.endswith(b"\r\n\r\n1048576")
+    assert seconds > 1.5  # five times the gap
+
+
+async def test_a_body_waiting_behind_an_earlier_request_is_not_late(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipelined behind a GET answered over ~0.6 s, the POST's body is not read meanwhile:
+    that wait is the server's, not the client's."""
+    timeouts(monkeypatch, gap=0.3, whole=0.5)
+    first = b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = posting(3, "/size").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer, _ = await send_slowly(served, first + second + b"a", [b"bc"], every=0.4)
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer
+    assert answer.endswith(b"\r\n\r\n3")
+
+
+async def test_a_body_left_unread_by_the_answer_closes_its_connection_when_late(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered without its body read (the app had no use for it), a request whose body
+    then trickles gets no 408: its connection is closed at the deadline."""
+    timeouts(monkeypatch, gap=0.5, whole=1.0)
+    head = b"GET /r HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    answer, seconds = await send_slowly(served, head, [b"a"] * 40, every=0.1)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"\r\n\r\nhello /r")
+    assert 1.0 <= seconds < 2.5

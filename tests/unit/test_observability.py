@@ -205,6 +205,70 @@ async def test_an_unhandled_error_is_a_500_with_the_id_headers_and_log_line(
     assert sample("workflows_http_requests_total", **labels) == before + 1
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "hot_routes"),
+    [
+        ("POST", "/workflow", True),
+        ("POST", "/v1/workflow", False),
+        ("PATCH", "/workflow/0190b6d4-0000-7000-8000-000000000000", True),
+    ],
+)
+async def test_a_body_cut_short_is_an_info_line_not_an_error_nor_an_answer(
+    container: Container,
+    captured: io.StringIO,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    hot_routes: bool,
+) -> None:
+    """The client went away mid-body, or its body was late and the server answered 408
+    itself (http_protocol.py): the app's receive says http.disconnect. It logged an
+    unhandled error with its traceback and counted a 500 nobody received."""
+    from workflows.entrypoints.http import create_app
+
+    app = create_app(container, hot_routes=hot_routes)
+    messages = [
+        {"type": "http.request", "body": b'{"data": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"cut-1")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    caplog.set_level(logging.INFO, logger="workflows")
+    counted = answered()
+    await app(scope, receive, send)
+    assert sent == []
+    (logged,) = lines(captured)
+    assert logged["level"] == "INFO"
+    assert logged["request_id"] == "cut-1"
+    assert logged["message"].startswith(f"{method} {path}: the request's body did not all arrive")
+    assert answered() == counted
+
+
+def answered() -> float:
+    """Every request counted in workflows_http_requests_total, whatever its labels."""
+    samples = (sample for family in REGISTRY.collect() for sample in family.samples)
+    return sum(s.value for s in samples if s.name == "workflows_http_requests_total")
+
+
 def test_a_json_log_line_is_one_object_with_its_fields() -> None:
     record = logging.LogRecord("workflows.x", logging.WARNING, __file__, 1, "n=%d", (3,), None)
     record.request_id = "r-1"

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import QueryParams
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -93,6 +93,9 @@ class HotRoutes:
                     status, raw, body = _rendered(problem.response())
                 else:
                     status, raw, body = await handler(scope, receive, headers)
+            except ClientDisconnect:
+                observability.client_gone(scope)
+                return True
             except Exception as error:
                 status, raw, body = await self.handled(scope, receive, error)
             raw.append((b"x-request-id", rid.encode()))

@@ -89,21 +89,33 @@ own: a 100 MB header was read whole, the worker's memory growing by its size).""
 HEAD_TIMEOUT = 10.0
 """Seconds from a request's first bytes to the end of its headers: past it, a 408 (a client
 that sends a partial request and nothing more held its connection for ever)."""
+BODY_GAP_TIMEOUT = 10.0
+"""Seconds a request's body may go without a byte once its headers are in: past it, a 408
+(a client that sent its headers and then nothing held its connection, and the request
+waiting for its body, for ever)."""
+BODY_TIMEOUT = 60.0
+"""Seconds from the end of a request's headers to the end of its body: past it, a 408 (a
+client sending a byte every few seconds is never BODY_GAP_TIMEOUT late). 1 MiB, the default
+MAX_BODY_BYTES, comes in time over a link of 140 kbit/s."""
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """`uvicorn --http httptools`, each connection's transport wrapped in a
-    `CoalescingTransport`, and a request's head (its line and headers) held to
-    `MAX_HEAD_BYTES` and `HEAD_TIMEOUT`.
+    `CoalescingTransport`, a request's head (its line and headers) held to `MAX_HEAD_BYTES`
+    and `HEAD_TIMEOUT`, and its body to `BODY_GAP_TIMEOUT` and `BODY_TIMEOUT`.
 
     A head that comes in one read, as nearly every one does, costs a counter and a flag: the
-    timer starts only when a read ends with a head still incomplete."""
+    timer starts only when a read ends with a head still incomplete. So with a body: its
+    timer starts only when a read ends with the body still incomplete."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing: Any = CoalescingTransport(transport, self.loop)
         self._head_done = False  # the current request's headers are all in
         self._head_bytes = 0  # bytes read since its head began, while it is incomplete
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_last = 0.0  # when the current request's body last grew
+        self._body_deadline = 0.0  # when all of it must be in
         self._refused = False
         self._too_large = False  # a head over MAX_HEAD_BYTES came whole: refuse it
         super().connection_made(coalescing)
@@ -117,7 +129,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self._too_large:
             self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
             return
-        if self._head_done or not self._head_bytes or self.transport.is_closing():
+        if self._head_done:  # the headers are in, the body is still coming
+            self._body_read()
+            return
+        if not self._head_bytes or self.transport.is_closing():
             return
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
@@ -147,26 +162,78 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_message_complete()
         self._head_done = False  # what comes next is the next request's head
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._stop_timers()
         super().connection_lost(exc)
+
+    def _stop_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self._head_done and not self.transport.is_closing():
             self._refuse(408, f"the request's headers did not arrive within {HEAD_TIMEOUT:g} s")
 
+    def _body_read(self) -> None:
+        """A read ended with the current request's body incomplete: its clock starts with
+        the first such read (the one that brought the headers), and the timer with it."""
+        now = self.loop.time()
+        self._body_last = now
+        if self._body_timer is None:
+            self._body_deadline = now + BODY_TIMEOUT
+            self._body_timer = self.loop.call_at(self._body_due(), self._body_late)
+
+    def _body_due(self) -> float:
+        return min(self._body_last + BODY_GAP_TIMEOUT, self._body_deadline)
+
+    def _body_late(self) -> None:
+        """The body's timer: re-armed while the body keeps coming in time, else a 408."""
+        self._body_timer = None
+        if not self._head_done or self._refused or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        late = None
+        if self.pipeline or self.flow.read_paused:
+            # Not reading it: the request waits behind an earlier one on its connection, or
+            # the app has not taken what was read. That time is the server's, not the
+            # client's (counted generously: all of it since the body last grew).
+            self._body_deadline += now - self._body_last
+            self._body_last = now
+        elif now >= self._body_deadline:
+            late = f"the request's body did not all arrive within {BODY_TIMEOUT:g} s of its headers"
+        elif now - self._body_last >= BODY_GAP_TIMEOUT:
+            late = f"no byte of the request's body arrived for {BODY_GAP_TIMEOUT:g} s"
+        if late is None:
+            self._body_timer = self.loop.call_at(self._body_due(), self._body_late)
+        else:
+            self._body_timed_out(late)
+
+    def _body_timed_out(self, detail: str) -> None:
+        cycle = self.cycle
+        if not cycle.response_started:
+            # The app is waiting for the body: to it the client is gone (its receive says
+            # http.disconnect, its answer goes nowhere), and the 408 is ours.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._refuse(408, detail)
+        elif cycle.response_complete:
+            self._end()  # answered without reading it all (a 401, a 413...): only close
+        else:  # still answering: look again later
+            self._body_timer = self.loop.call_later(BODY_GAP_TIMEOUT, self._body_late)
+
     def _refuse(self, status: int, detail: str) -> None:
-        """Answer a problem document and close: the request never reached the app."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        """Answer a problem document and close: the request never reached the app, or the
+        app has not answered and never will."""
         slug, title = REFUSALS[status]
         body = orjson.dumps(
             {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail}
@@ -180,6 +247,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         head = [b"HTTP/1.1 %d %s\r\n" % (status, title.encode())]
         head += [name + b": " + value + b"\r\n" for name, value in with_defaults("/", headers)]
         self.transport.write(b"".join(head) + b"\r\n" + body)
+        self._end()
+
+    def _end(self) -> None:
+        """Close after what has been written, reading and dropping meanwhile."""
+        self._stop_timers()
         # Closed at once with the rest of the request unread, the socket would answer the
         # client's next bytes with a reset, which can destroy the answer before it is read:
         # end the writing side, drop what still comes, close a second later.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import random
 import re
@@ -35,13 +36,15 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workflows.entrypoints.logs import request_id
 from workflows.entrypoints.operations import MULTIPROC_DIR, Snapshot, snapshot
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -126,6 +129,8 @@ class RequestMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            client_gone(scope)
         except Exception as error:
             handler = getattr(scope.get("app"), "exception_handlers", {}).get(Exception)
             if status or handler is None:
@@ -137,6 +142,19 @@ class RequestMiddleware:
             if status:  # not a request abandoned before any answer (cancelled)
                 observe(scope, status, time.perf_counter() - start)
             request_id.reset(token)
+
+
+def client_gone(scope: Scope) -> None:
+    """A request whose body stopped before its end, as far as the app can tell: the client
+    closed its connection, or its body stopped arriving and the server answered it 408
+    itself (http_protocol.py). No one to answer, nothing done: neither an error nor an
+    answered request."""
+    log.info(
+        "%s %s: the request's body did not all arrive (the client went away, or was "
+        "answered 408 for a late body)",
+        scope["method"],
+        scope["path"],
+    )
 
 
 def new_request_id(given: str | None) -> str:
