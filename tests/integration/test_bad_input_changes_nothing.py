@@ -11,6 +11,7 @@ from workflows.entrypoints.container import Container
 
 Live = tuple[httpx.AsyncClient, Container]
 JSON = {"Content-Type": "application/json"}
+Headers = dict[str, str] | list[tuple[str, str]]
 EXISTING = "0190b6d4-0000-7000-8000-000000000000"
 
 BAD_REQUESTS = [
@@ -40,6 +41,22 @@ BAD_REQUESTS = [
         b'{"status": "consumed"}',
         {"Content-Type": 'application/json; charset="latin1"'},
         415,
+    ),
+    (
+        "two Content-Type lines",
+        "POST",
+        "/workflow",
+        b'{"data": {"a": 1}}',
+        [("Content-Type", "application/json"), ("Content-Type", "text/plain")],
+        400,
+    ),
+    (
+        "two Content-Type lines, PATCH",
+        "PATCH",
+        f"/workflow/{EXISTING}",
+        b'{"status": "consumed"}',
+        [("Content-Type", "text/plain"), ("Content-Type", "application/json")],
+        400,
     ),
     (
         "oversize body",
@@ -102,7 +119,7 @@ async def state(container: Container) -> tuple[int, ...]:
     ids=[row[0] for row in BAD_REQUESTS],
 )
 async def test_bad_input_is_a_4xx_problem_and_changes_nothing(
-    live: Live, method: str, path: str, body: bytes, headers: dict[str, str], status: int
+    live: Live, method: str, path: str, body: bytes, headers: Headers, status: int
 ) -> None:
     client, container = live
     before = await state(container)

@@ -86,6 +86,16 @@ def keyed_twice(second: str) -> Send:
     return send
 
 
+def typed_twice(first: str, second: str, path: str = "/workflow") -> Send:
+    """A POST with two Content-Type headers."""
+
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        types = [("Content-Type", first), ("Content-Type", second)]
+        return client.post(path, content=BODY, headers=types)
+
+    return send
+
+
 def consume(method: str = "GET", query: str = "", headers: dict[str, str] | None = None) -> Send:
     def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
         return client.request(method, f"/workflow/consume{query}", headers=headers)
@@ -116,6 +126,8 @@ SCENARIOS: dict[str, list[Send]] = {
         post(headers={"Content-Type": "text/plain"}),
         post(headers={"Content-Type": "application/json; charset=utf-16"}),
         post(headers={"Content-Type": 'application/json; charset="UTF-8"'}),
+        typed_twice("application/json", "text/plain"),
+        typed_twice("application/json", "application/json", "/v1/workflow"),
         post(b'{"data": {"a": "' + b"x" * 70_000 + b'"}}'),
         post(headers={"Content-Length": "999999"}),
         streamed(BODY, chunk=7),

@@ -225,6 +225,68 @@ async def test_utf_8_named_as_the_charset_is_accepted(
     assert patched.json()["status"] == "consumed"
 
 
+TWO_TYPES = [
+    ("application/json", "text/plain"),
+    ("text/plain", "application/json"),
+    ("application/json", "application/json"),
+    ("application/json; charset=utf-16", "application/json"),
+]
+
+
+def typed(*media: str) -> list[tuple[str, str]]:
+    """One Content-Type line for each of `media`."""
+    return [("Content-Type", value) for value in media]
+
+
+def assert_repeated_content_type(response: httpx.Response) -> None:
+    problem = assert_problem(response, 400, "invalid-request")
+    assert problem["title"] == "Bad Request"
+    assert problem["detail"] == (
+        "more than one Content-Type header (2); send one, 'Content-Type: application/json'"
+    )
+
+
+@pytest.mark.parametrize("media", TWO_TYPES)
+@pytest.mark.parametrize("hot", [True, False])
+async def test_a_post_with_two_content_type_lines_is_a_400_that_changes_nothing(
+    container: Container, media: tuple[str, str], hot: bool
+) -> None:
+    """Whatever they hold: the first line decided, so a body was read as JSON or refused
+    as another type by the order of its lines."""
+    async with client_of(create_app(container, hot_routes=hot)) as client:
+        for path in ("/workflow", "/v1/workflow"):
+            response = await client.post(path, content=BODY, headers=typed(*media))
+            assert_repeated_content_type(response)
+        await assert_nothing_changed(client)
+
+
+@pytest.mark.parametrize("media", TWO_TYPES)
+async def test_a_patch_with_two_content_type_lines_is_a_400_that_changes_nothing(
+    client: httpx.AsyncClient, media: tuple[str, str]
+) -> None:
+    created = (await client.post("/workflow", json={"data": {"a": 1}})).json()
+    for prefix in ("", "/v1"):
+        response = await client.patch(
+            f"{prefix}/workflow/{created['uuid']}",
+            content=b'{"status": "consumed"}',
+            headers=typed(*media),
+        )
+        assert_repeated_content_type(response)
+    assert (await client.get(f"/workflow/{created['uuid']}")).json() == created
+    assert (await client.get("/workflow/consume")).status_code == 200  # still queued
+
+
+async def test_one_content_type_line_or_none_is_read_as_before(
+    client: httpx.AsyncClient,
+) -> None:
+    created = await client.post("/workflow", content=BODY, headers=typed("application/json"))
+    assert created.status_code == 201, created.text
+    untyped = await client.post("/workflow", content=BODY)  # no Content-Type: read as JSON
+    assert untyped.status_code == 201, untyped.text
+    patched = await client.patch(created.headers["location"], content=b'{"status": "consumed"}')
+    assert patched.json()["status"] == "consumed"
+
+
 async def test_oversize_body_is_413(client: httpx.AsyncClient) -> None:
     big = '{"data": {"a": "' + "x" * 70_000 + '"}}'
     assert_problem(
@@ -365,7 +427,7 @@ async def test_a_declared_length_of_any_size_is_read_as_a_number(
     async def receive() -> dict[str, object]:
         return {"type": "http.request", "body": b"{}", "more_body": False}
 
-    reading = receive_json_body(receive, "application/json", declared, 1000)
+    reading = receive_json_body(receive, ["application/json"], declared, 1000)
     if refused:
         with pytest.raises(Problem) as raised:
             await reading

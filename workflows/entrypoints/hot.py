@@ -139,11 +139,11 @@ class HotRoutes:
         if (raw_key := headers.get(b"idempotency-key")) is not None:
             sent = sum(1 for name, _ in scope["headers"] if name == b"idempotency-key")
             key = schemas.parse_idempotency_key(_text(raw_key), sent)
+        types = [
+            value.decode("latin-1") for name, value in scope["headers"] if name == b"content-type"
+        ]
         body = await receive_json_body(
-            receive,
-            _text(headers.get(b"content-type")),
-            _text(headers.get(b"content-length")) or "",
-            self.limit,
+            receive, types, _text(headers.get(b"content-length")) or "", self.limit
         )
         data, steps = await schemas.read_new_workflow(body)
         created = await self.container.create_workflow()(data, steps, key)

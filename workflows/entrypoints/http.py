@@ -55,12 +55,13 @@ def json_response(
 
 
 async def read_json_body(request: Request) -> bytes:
-    """The body, refused before it is read when it is not JSON or too large."""
+    """The body, refused before it is read when it is not JSON, too large, or its
+    Content-Type is given twice."""
     limit: int = request.app.state.settings.max_body_bytes
     headers = request.headers
     return await receive_json_body(
         request.receive,
-        headers.get("content-type"),
+        headers.getlist("content-type"),
         headers.get("content-length", ""),
         limit,
         patch=request.method == "PATCH",

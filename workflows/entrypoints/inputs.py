@@ -23,13 +23,16 @@ LIST_PARAMETERS = frozenset({"status", "limit", "after", "dead_lettered"})
 
 
 async def receive_json_body(
-    receive: Receive, content_type: str | None, declared: str, limit: int, *, patch: bool = False
+    receive: Receive, content_types: list[str], declared: str, limit: int, *, patch: bool = False
 ) -> bytes:
-    """Read a request body off `receive`: refused (415, 413) before reading when its
-    declared type is not JSON (or names a charset other than UTF-8) or its declared length
-    is over `limit`, and while reading as soon as it grows past `limit`."""
-    if content_type is not None:
-        _check_type(content_type, patch)
+    """Read a request body off `receive`: refused before reading when it has more than one
+    Content-Type line (400: `content_types` holds every line's value), when its declared
+    type is not JSON or names a charset other than UTF-8 (415), or when its declared length
+    is over `limit` (413); and while reading, as soon as it grows past `limit`."""
+    if content_types:
+        if len(content_types) > 1:
+            raise repeated_content_type(len(content_types))
+        _check_type(content_types[0], patch)
     if declared.isascii() and declared.isdigit() and _over(declared, limit):
         raise too_large(limit)
     chunks: list[bytes] = []
@@ -45,6 +48,17 @@ async def receive_json_body(
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def repeated_content_type(lines: int) -> Problem:
+    """The 400 for a body sent with several Content-Type lines, whatever they hold: which
+    of them says what the body is? (RFC 9110 5.3: Content-Type is not a list.)"""
+    return Problem(
+        400,
+        f"more than one Content-Type header ({lines}); send one, 'Content-Type: application/json'",
+        slug="invalid-request",
+        title="Bad Request",
+    )
 
 
 def _check_type(content_type: str, patch: bool) -> None:
