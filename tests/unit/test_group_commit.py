@@ -146,20 +146,21 @@ async def test_a_row_that_waits_its_deadline_behind_a_batch_fails_and_is_left_ou
     connection does come, its batch writes only the rows whose callers still wait."""
     writer = Recorder()
     writer.connected.clear()
-    group = GroupCommit(writer, within=0.3)
+    group = GroupCommit(writer, within=1.0)
     loop = asyncio.get_running_loop()
     ahead = asyncio.create_task(group.add(0))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)
     started = loop.time()
     behind = asyncio.create_task(group.add(1))
-    await asyncio.sleep(0.15)
-    later = asyncio.create_task(group.add(2))  # due at 0.55 s; 1 is due at 0.4 s
+    await asyncio.sleep(0.45)
+    later = asyncio.create_task(group.add(2))  # due at 1.75 s; 1 is due at 1.3 s
     with pytest.raises(DependencyUnavailable):
-        await ahead  # at 0.3 s
+        await ahead  # at 1.0 s
     with pytest.raises(DependencyUnavailable):
         await behind
-    assert loop.time() - started < 0.38  # its 0.3 s, not 0.2 s + 0.3 s
-    writer.connected.set()  # at 0.4 s: in time for 2 only
+    # Its own 1.0 s (0.35 s to spare), not 0.7 s behind the batch ahead + 1.0 s.
+    assert loop.time() - started < 1.35
+    writer.connected.set()  # at 1.3 s: in time for 2 only (0.45 s to spare)
     await asyncio.wait_for(later, 1)
     assert writer.batches == [[2]]
 
