@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from uuid import UUID, uuid4
+
+import pytest
 
 from workflows.application.ports import MessagePublisher, Outbox, OutboxEntry
 from workflows.application.relay import OutboxRelay
@@ -349,3 +352,30 @@ async def test_a_stopping_relay_gives_up_after_stop_within() -> None:
         await asyncio.gather(task, return_exceptions=True)
     assert publisher.batches == [[uuid]]
     assert list(outbox.rows.values()) == [uuid]  # left in the outbox, for a sweep
+
+
+async def test_a_broker_outage_is_logged_when_it_starts_and_when_it_is_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every flush and sweep retries while the broker is away: one WARNING when the
+    publishes start failing, one INFO when one is confirmed again, not a line per try."""
+    outbox, publisher = LockingOutbox(all_stale=True), RecordingPublisher()
+    publisher.fail = True
+    relay = OutboxRelay(outbox, publisher, confirm_timeout=0.2, outage_backoff=0.0)
+    outbox.add(uuid4())
+    with caplog.at_level(logging.INFO, logger="workflows.application"):
+        for _ in range(5):
+            assert await relay.flush() == 0
+        publisher.fail = False
+        assert await relay.flush() == 1
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(publisher.batches) == 6
+    assert lines[0] == (
+        logging.WARNING,
+        "outbox relay: entries not confirmed, retrying: "
+        "rabbitmq is unavailable: the broker nacked the batch",
+    )
+    assert lines[1][0] == logging.INFO
+    assert lines[1][1].startswith("outbox relay: confirmed again, after 5 failures in ")
+    assert lines[1][1].endswith(" s (4 not logged)")
+    assert len(lines) == 2

@@ -11,6 +11,7 @@ from uuid import UUID
 import attrs
 
 from workflows.application.doorbell import Doorbell
+from workflows.application.outages import Outage
 from workflows.application.ports import MessagePublisher, Outbox, OutboxEntry
 from workflows.domain.errors import DependencyUnavailable
 
@@ -64,6 +65,16 @@ class OutboxRelay:
     stop_within: float = 2.0
     _waiters: dict[UUID, list[asyncio.Future[None]]] = attrs.field(factory=dict, init=False)
     _flushing: set[UUID] = attrs.field(factory=set, init=False)  # taken by a flush
+    # Retried at every flush and sweep while the broker is away or blocks publishing:
+    # logged when it starts and when it is over, not at each try.
+    _unconfirmed: Outage = attrs.field(
+        init=False,
+        factory=lambda: Outage(
+            log,
+            "outbox relay: entries not confirmed, retrying: %s",
+            "outbox relay: confirmed again",
+        ),
+    )
     # hand_over's entries, in order, with the time each was handed over (time.monotonic)
     _handed: dict[UUID, float] = attrs.field(factory=dict, init=False)
     # No flush takes handed-over entries before then: they go in batches, not one by one.
@@ -226,10 +237,11 @@ class OutboxRelay:
             await self.publisher.publish(uuids)
         except DependencyUnavailable as error:
             self._down_until = time.monotonic() + self.outage_backoff
-            log.warning("outbox relay: %d entries not confirmed: %s", len(taken), error)
+            self._unconfirmed.failed(error)
             return 0
         finally:
             self._flushing.difference_update(taken)
+        self._unconfirmed.passed()
         self._confirmed(uuids)
         try:
             await self.outbox.delete(uuids)
@@ -259,17 +271,25 @@ class OutboxRelay:
                 uuids = [entry.workflow_uuid for entry in entries]
                 self._flushing.update(uuids)
                 if uuids:
-                    await self.publisher.publish(uuids)
+                    try:
+                        await self.publisher.publish(uuids)
+                    except DependencyUnavailable as error:
+                        self._unconfirmed.failed(error)
+                        raise
+                    self._unconfirmed.passed()
                     confirmed = len(uuids)
                     self._confirmed(uuids)
         except DependencyUnavailable as error:
             self._down_until = time.monotonic() + self.outage_backoff
-            log.warning(
-                "outbox relay: %d entries, %d confirmed, not deleted: %s",
-                len(entries),
-                confirmed,
-                error,
-            )
+            if confirmed:  # the database failed the deletion (a failed publish is logged)
+                log.warning(
+                    "outbox relay: %d entries, %d confirmed, not deleted: %s",
+                    len(entries),
+                    confirmed,
+                    error,
+                )
+            elif not self._unconfirmed.ongoing:  # the claim itself failed: the database
+                log.warning("outbox relay: sweep failed: %s", error)
             return confirmed
         finally:
             self._flushing.difference_update(entry.workflow_uuid for entry in entries)
