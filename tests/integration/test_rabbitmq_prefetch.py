@@ -26,6 +26,7 @@ from workflows.adapters.postgres import (
     PostgresWorkflowRepository,
 )
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
+from workflows.adapters.rabbitmq.delivery import Delivery
 from workflows.application.relay import OutboxRelay
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
@@ -58,6 +59,35 @@ async def until_held(broker: RabbitMqBroker, count: int, within: float = 5.0) ->
     while broker.held < count:
         assert time.monotonic() < deadline, f"held {broker.held} of {count}"
         await asyncio.sleep(0.01)
+
+
+async def publish_then_idle(broker: RabbitMqBroker, count: int) -> list[UUID]:
+    """Publish `count` messages, see the broker hold them, then idle until it has given
+    them back to the queue (its `prefetch_idle` passed with no get)."""
+    published = [uuid4() for _ in range(count)]
+    await broker.publish(published)
+    await until_held(broker, count)
+    deadline = time.monotonic() + 5
+    while broker.held or await broker.depth() < count:
+        assert time.monotonic() < deadline, f"held {broker.held}"
+        await asyncio.sleep(0.05)
+    return published
+
+
+async def the_rest_come_prefetched(
+    broker: RabbitMqBroker, first: Delivery | None, published: list[UUID]
+) -> None:
+    """`first`, taken by basic.get, is the oldest of `published`; the consumer it restarted
+    then holds the others and hands them out in their order. Acks them all."""
+    assert first is not None
+    assert uuids_of([first]) == published[:1]  # given back in their order
+    broker.ack(first)
+    await until_held(broker, len(published) - 1)
+    rest = await take(broker, len(published) - 1)
+    assert uuids_of(rest) == published[1:]
+    assert all(delivery.prefetched for delivery in rest)
+    for delivery in rest:
+        broker.ack(delivery)
 
 
 def read_all(url: str, queue: str) -> list[tuple[str, Any]]:
@@ -139,27 +169,39 @@ async def test_a_process_asked_for_nothing_gives_back_what_it_holds_until_asked_
     )
     await broker.start()
     try:
-        published = [uuid4() for _ in range(3)]
-        await broker.publish(published)
-        await until_held(broker, 3)
-        deadline = time.monotonic() + 5
-        while broker.held or await broker.depth() < 3:  # idle for 0.3 s: given back
-            assert time.monotonic() < deadline, f"held {broker.held}"
-            await asyncio.sleep(0.05)
+        published = await publish_then_idle(broker, 3)
         first = await broker.get()  # asked again: basic.get, and the consumer restarts
-        assert first is not None
-        assert uuids_of([first]) == published[:1]  # given back in their order
-        broker.ack(first)
-        await until_held(broker, 2)
-        rest = await take(broker, 2)
-        assert uuids_of(rest) == published[1:]
-        assert all(delivery.prefetched for delivery in rest)
-        for delivery in rest:
-            broker.ack(delivery)
+        await the_rest_come_prefetched(broker, first, published)
     finally:
         with contextlib.suppress(DependencyUnavailable):
             await broker.delete_queue()
         await broker.stop()
+
+
+async def test_a_consumer_slower_to_open_than_its_idle_time_is_not_paused_before_it_consumes(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """A get() restarts the paused consumer; on a busy host its connection may take longer
+    to open than `prefetch_idle`. Idle time counts from when it consumes, so it is not
+    stopped mid-opening (holding nothing until the next get)."""
+    proxy = TcpProxy.to_amqp(rabbitmq_url)
+    await proxy.up()
+    broker = RabbitMqBroker(
+        proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=0.3
+    )
+    try:
+        await broker.start()
+        published = await publish_then_idle(broker, 3)
+        proxy.stall()  # the reopening consumer, and this basic.get, wait 1 s for the broker
+        first = asyncio.ensure_future(broker.get())
+        await asyncio.sleep(1.0)
+        proxy.flow()
+        await the_rest_come_prefetched(broker, await first, published)
+    finally:
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+        await proxy.down()
 
 
 async def test_a_process_that_dies_gives_its_held_messages_back_counted(

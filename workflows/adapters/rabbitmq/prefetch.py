@@ -45,6 +45,7 @@ class Prefetcher:
         self._consumer_tag = ""
         self._prefetch_idle = prefetch_idle
         self._last_asked = 0.0  # time.monotonic() of the last get()
+        self._consuming_since = 0.0  # time.monotonic() when the consumer last started
         self._taken = 0  # prefetched messages handed out and not yet acked or requeued
         self._idle_watch: asyncio.TimerHandle | None = None
         self._pausing: asyncio.Task[None] | None = None
@@ -119,8 +120,12 @@ class Prefetcher:
         def consume(_frame: Any) -> None:
             lane.channel.add_on_cancel_callback(lane.guard(on_cancelled))
             self._consumer_tag = lane.channel.basic_consume(
-                self._queue, lane.guard(on_message), auto_ack=False, callback=lambda _frame: done()
+                self._queue, lane.guard(on_message), auto_ack=False, callback=consuming
             )
+
+        def consuming(_frame: Any) -> None:
+            self._consuming_since = time.monotonic()
+            done()
 
         self._declare(
             lane, lambda: lane.channel.basic_qos(prefetch_count=self._prefetch, callback=consume)
@@ -128,7 +133,8 @@ class Prefetcher:
 
     def _watch_idle(self) -> None:
         """Check every half `prefetch_idle` whether this process was asked for nothing
-        since; then pause the prefetching (`_pause`) until the next get()."""
+        since, and its consumer has been consuming that long; then pause the prefetching
+        (`_pause`) until the next get()."""
         if self._idle_watch is not None:
             self._idle_watch.cancel()
         loop = asyncio.get_running_loop()
@@ -140,8 +146,16 @@ class Prefetcher:
         if not prefetcher.running or self._pausing is not None:
             return
         # Not while a consume still has one of its messages: its ack would find the
-        # channel closed, and the message would come back counted.
-        if self._taken > 0 or time.monotonic() - self._last_asked < self._prefetch_idle:
+        # channel closed, and the message would come back counted. Not before the
+        # consumer has been consuming for `prefetch_idle` either: a get() restarted it,
+        # and a connection slower to open than that would be stopped before it held
+        # anything, at every get.
+        since = max(self._last_asked, self._consuming_since)
+        if (
+            self._taken > 0
+            or not prefetcher.ready
+            or time.monotonic() - since < self._prefetch_idle
+        ):
             self._watch_idle()
             return
         self._pausing = asyncio.ensure_future(self._pause(prefetcher))
