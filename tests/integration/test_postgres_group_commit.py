@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
+from workflows.adapters.grouping import Outgoing
 from workflows.adapters.postgres import PostgresDatabase, PostgresOutbox, PostgresWorkflowRepository
-from workflows.adapters.postgres.group_commit import Outgoing
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
 

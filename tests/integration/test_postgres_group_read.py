@@ -9,6 +9,7 @@ from uuid import UUID
 
 import pytest
 
+from workflows.adapters.grouping import Outgoing
 from workflows.adapters.postgres import PostgresDatabase, PostgresWorkflowRepository
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
@@ -31,9 +32,11 @@ async def test_concurrent_reads_share_statements_and_each_gets_its_own_row(
     statements: list[int] = []
     read_many = repository._reads._read_many
 
-    async def counted(uuids: list[UUID]) -> dict[UUID, Workflow]:
-        statements.append(len(uuids))
-        return await read_many(uuids)
+    async def counted(outgoing: Outgoing[UUID]) -> dict[UUID, Workflow]:
+        found = await read_many(outgoing)
+        assert outgoing.taken is not None
+        statements.append(len({uuid for (uuid, _), _ in outgoing.taken}))  # uuids read
+        return found
 
     monkeypatch.setattr(repository._reads, "_read_many", counted)
     unknown = [uuid7() for _ in range(20)]
@@ -54,13 +57,13 @@ async def test_a_read_asked_during_a_batch_sees_a_write_committed_before_it_was_
     first_running, release = asyncio.Event(), asyncio.Event()
     read_many = repository._reads._read_many
 
-    async def slow_first(uuids: list[UUID]) -> dict[UUID, Workflow]:
+    async def slow_first(outgoing: Outgoing[UUID]) -> dict[UUID, Workflow]:
         if not first_running.is_set():
-            found = await read_many(uuids)
+            found = await read_many(outgoing)
             first_running.set()  # its statement has run: the batch is still in flight
             await release.wait()
             return found
-        return await read_many(uuids)
+        return await read_many(outgoing)
 
     monkeypatch.setattr(repository._reads, "_read_many", slow_first)
     late = make(1)

@@ -15,13 +15,13 @@ import psycopg
 import pytest
 
 from tests.support.tcp_proxy import TcpProxy
+from workflows.adapters.grouping import Outgoing
 from workflows.adapters.postgres import (
     PostgresDatabase,
     PostgresQueue,
     PostgresWorkflowRepository,
 )
 from workflows.adapters.postgres import workflows as workflows_module
-from workflows.adapters.postgres.group_commit import Outgoing
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus

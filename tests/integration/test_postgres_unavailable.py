@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -24,6 +25,8 @@ from workflows.adapters.postgres.database import closed_by_server
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.postgres
 
@@ -189,44 +192,82 @@ async def test_a_live_idle_connection_is_not_taken_for_a_closed_one(database_url
         await database.stop()
 
 
-async def test_a_post_behind_a_batch_waiting_for_a_connection_gets_its_503_in_one_timeout(
-    pg: PostgresDatabase, database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every connection of the pool is taken (max_connections used up looks the same): a
-    POST whose group-commit batch ahead is waiting for one gets its 503 when its own
-    timeout is up, not after the batch ahead's and then a whole one of its own (it was up
-    to 10 s in all). A connection that comes later goes to the rows still wanted: that
-    503 stored nothing."""
+async def behind_a_held_connection(
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    call: Callable[[PostgresWorkflowRepository, int], Awaitable[T]],
+    *,
+    ahead: int,
+    outbox: bool,
+) -> T:
+    """The pool's only connection is held (max_connections used up looks the same) and
+    callers wait for one at most 2 s: `ahead` calls (`call(repository, 0)` …) in the first
+    0.4 s, then call number `ahead`, behind their batches, must get its 503 within 2.5 s,
+    when its own timeout is up, not after a batch's timeout and then a whole one of its own
+    (it was 1.6 + 2 s). The connection comes back at 3.0 s, in time for the call made at
+    1.8 s (number `ahead` + 1): its result."""
     monkeypatch.setattr(database_module, "ACQUIRE_TIMEOUT", 2.0)
     database = PostgresDatabase(database_url, min_size=1, max_size=1)
     await database.start()
-    repository = PostgresWorkflowRepository(database.pool, outbox=True)
+    repository = PostgresWorkflowRepository(database.pool, outbox=outbox)
     loop = asyncio.get_running_loop()
-    ahead, behind, later = (Workflow.new(uuid7(), JsonDocument("{}"), (), NOW) for _ in range(3))
     try:
-        held = await database.pool.getconn()  # the pool's only connection
+        held = await database.pool.getconn()
         try:
             began = loop.time()
-            adding_ahead = asyncio.create_task(repository.add(ahead))  # due at 2.0 s
-            await asyncio.sleep(0.4)
+            first = []
+            for number in range(ahead):
+                first.append(asyncio.create_task(call(repository, number)))
+                await asyncio.sleep(0.4 / ahead)
             started = loop.time()
-            adding_behind = asyncio.create_task(repository.add(behind))  # due at 2.4 s
+            behind = asyncio.create_task(call(repository, ahead))  # due at 2.4 s
             await asyncio.sleep(1.4)
-            adding_later = asyncio.create_task(repository.add(later))  # due at 3.8 s
-            with pytest.raises(DependencyUnavailable):
-                await adding_ahead
-            with pytest.raises(DependencyUnavailable):
-                await adding_behind
+            later = asyncio.create_task(call(repository, ahead + 1))  # due at 3.8 s
+            for waiting in (*first, behind):
+                with pytest.raises(DependencyUnavailable):
+                    await waiting
             waited = loop.time() - started
-            assert waited < 2.5, f"the 503 came after {waited:.2f} s"  # 2 s, not 1.6 + 2
+            assert waited < 2.5, f"the 503 came after {waited:.2f} s"
             await asyncio.sleep(began + 3.0 - loop.time())
         finally:
-            await database.pool.putconn(held)  # at 3.0 s: in time for the later one
-        assert await asyncio.wait_for(adding_later, 5) == later
+            await database.pool.putconn(held)
+        return await asyncio.wait_for(later, 5)
     finally:
         await database.stop()
+
+
+async def test_a_post_behind_a_batch_waiting_for_a_connection_gets_its_503_in_one_timeout(
+    pg: PostgresDatabase, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A POST behind a group-commit batch waiting for a connection: its 503 in its own
+    timeout; a connection that comes later goes to the rows still wanted, so that 503
+    stored nothing."""
+    new = [Workflow.new(uuid7(), JsonDocument("{}"), (), NOW) for _ in range(3)]
+    later = await behind_a_held_connection(
+        database_url,
+        monkeypatch,
+        lambda repository, n: repository.add(new[n]),
+        ahead=1,
+        outbox=True,
+    )
+    assert later == new[2]
     repository = PostgresWorkflowRepository(pg.pool, outbox=True)
-    assert await repository.get(ahead.uuid) is None
-    assert await repository.get(behind.uuid) is None
-    assert await repository.get(later.uuid) == later
+    assert [await repository.get(w.uuid) for w in new] == [None, None, new[2]]
     assert await PostgresOutbox(pg.pool).size() == 1
+
+
+async def test_a_get_behind_batches_waiting_for_a_connection_gets_its_503_in_one_timeout(
+    pg: PostgresDatabase, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GET behind both read batches waiting for a connection: its 503 in its own
+    timeout; a read still waiting when a connection comes gets its answer."""
+    stored = Workflow.new(uuid7(), JsonDocument("{}"), (), NOW)
+    await PostgresWorkflowRepository(pg.pool, outbox=False).add(stored)
+    later = await behind_a_held_connection(
+        database_url,
+        monkeypatch,
+        lambda repository, _: repository.get(stored.uuid),
+        ahead=2,
+        outbox=False,
+    )
+    assert later == stored

@@ -8,7 +8,8 @@ import asyncio
 import psycopg
 import pytest
 
-from workflows.adapters.postgres.group_commit import GroupCommit, Outgoing
+from workflows.adapters.grouping import Outgoing
+from workflows.adapters.postgres.group_commit import GroupCommit
 from workflows.domain.errors import DependencyUnavailable
 
 

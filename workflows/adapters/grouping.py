@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Generic, TypeVar
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+from workflows.domain.errors import DependencyUnavailable
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -86,3 +91,112 @@ def settle(
         future.set_exception(error)
     else:
         future.set_result(result)  # type: ignore[arg-type]
+
+
+Waiting = tuple[tuple[In, float], "asyncio.Future[Any]"]
+"""An item, its caller's deadline (the loop's clock; infinite without one), and its future."""
+SOME_WAIT = 0.001
+"""Seconds a batch whose last deadline has just passed still waits for a connection: the
+pool refuses at once a wait of 0, even with a connection free."""
+
+
+class Outgoing(Generic[In]):
+    """A batch of a DeadlineGroup's items on its way to the database.
+
+    Until `take()` an item can still be failed by its caller's deadline (or left by its
+    caller); `take()`, called once the connection is there, just before the statement
+    goes, gives the items whose callers still wait and binds them to the statement: from
+    then on only its outcome settles them."""
+
+    def __init__(self, batch: list[Waiting[In]], wait: float | None = None) -> None:
+        self._batch = batch
+        self.wait = wait
+        """Seconds to wait for a connection (until the last item's deadline); None: the
+        pool's own timeout."""
+        self.taken: list[Waiting[In]] | None = None
+
+    def take(self) -> list[In]:
+        self.taken = [waiting for waiting in self._batch if not waiting[1].done()]
+        return [item for (item, _), _ in self.taken]
+
+    def expire(self, now: float, error: BaseException) -> float | None:
+        """Fail the items due by `now`, unless taken; the next deadline still to come."""
+        if self.taken is not None:
+            return None
+        for (_, deadline), future in self._batch:
+            if future.done():
+                continue
+            if deadline > now:
+                return deadline  # the items came in order of arrival: the others are later
+            settle(future, error=error)
+        return None
+
+
+class DeadlineGroup(Group[tuple[In, float], Out]):
+    """A Group whose callers (`submit`) each wait at most `within` seconds, from the call,
+    for their item to be taken (behind the batch ahead of it, then for its own batch's
+    connection): then the caller gets DependencyUnavailable(`dependency`) and its item is
+    left out. Its 503 comes after the one timeout, not after the batch ahead has used up
+    its own first. Without `within` an item waits as long as its batch does.
+
+    `run` wraps its batch in `_sending`, whose Outgoing it hands to the code that gets
+    the connection: that waits for it `outgoing.wait` seconds, then calls `take()`."""
+
+    def __init__(
+        self,
+        *,
+        within: float | None,
+        dependency: str,
+        max_batch: int,
+        parallel: int,
+        linger: int = 0,
+    ) -> None:
+        super().__init__(max_batch=max_batch, parallel=parallel, linger=linger)
+        self._within = within
+        self._dependency = dependency
+        self._untaken: set[Outgoing[In]] = set()  # batches waiting for their connection
+        # One timer for the whole group, set for the earliest deadline still to come: on
+        # the way of an item that goes in time, the deadline costs a clock read and a test.
+        self._alarm: asyncio.TimerHandle | None = None
+
+    async def submit(self, item: In) -> Out:
+        if self._within is None:
+            return await self.call((item, math.inf))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._within
+        if self._alarm is None:  # else it is set for an earlier deadline, and moves on
+            self._alarm = loop.call_at(deadline, self._expire)
+        return await self.call((item, deadline))
+
+    def _expire(self) -> None:
+        """Fail every item due that is not taken yet; set the alarm for the next one."""
+        self._alarm = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = DependencyUnavailable(self._dependency, f"no connection within {self._within} s")
+        due = 0
+        for (_, deadline), future in self._pending:  # in order of arrival
+            if deadline > now:
+                break
+            settle(future, error=late)
+            due += 1
+        del self._pending[:due]
+        next_ones = [self._pending[0][0][1]] if self._pending else []
+        for outgoing in self._untaken:
+            if (next_one := outgoing.expire(now, late)) is not None:
+                next_ones.append(next_one)
+        if next_ones:
+            self._alarm = loop.call_at(min(next_ones), self._expire)
+
+    @contextlib.contextmanager
+    def _sending(self, batch: list[Waiting[In]]) -> Iterator[Outgoing[In]]:
+        """`batch` on its way: its Outgoing, failed by its callers' deadlines until taken."""
+        wait: float | None = None
+        if self._within is not None:
+            wait = max(batch[-1][0][1] - asyncio.get_running_loop().time(), SOME_WAIT)
+        outgoing = Outgoing(batch, wait)
+        self._untaken.add(outgoing)
+        try:
+            yield outgoing
+        finally:
+            self._untaken.discard(outgoing)

@@ -13,7 +13,7 @@ from uuid import UUID, uuid4
 
 import attrs
 
-from workflows.adapters.grouping import Group, settle
+from workflows.adapters.grouping import DeadlineGroup, Group, Outgoing, Waiting, settle
 from workflows.adapters.postgres.database import (
     VERIFY_WITHIN,
     Connection,
@@ -40,25 +40,33 @@ WHERE workflows.uuid = queued.uuid
 """
 
 
-class GroupRead(Group[UUID, "Workflow | None"]):
+class GroupRead(DeadlineGroup[UUID, "Workflow | None"]):
     """Reads by uuid that arrive together share one statement (`uuid = ANY(…)`): one round
     trip for many GETs instead of one each. A call goes at once when no batch is in flight,
     and otherwise in the next batch, whose statement starts after the call was made: a
-    read still sees every write committed before it was asked for."""
+    read still sees every write committed before it was asked for.
+
+    `read_many` gets the batch's Outgoing: it waits `outgoing.wait` for its connection,
+    then reads what `take()` gives. With `within`, a read waits at most that many seconds
+    from its call to be taken (see DeadlineGroup), batches ahead included."""
 
     def __init__(
         self,
-        read_many: Callable[[list[UUID]], Awaitable[dict[UUID, Workflow]]],
+        read_many: Callable[[Outgoing[UUID]], Awaitable[dict[UUID, Workflow]]],
         *,
+        within: float | None = None,
         max_batch: int = 256,
         parallel: int = 2,
     ) -> None:
-        super().__init__(max_batch=max_batch, parallel=parallel)
+        super().__init__(
+            within=within, dependency="database", max_batch=max_batch, parallel=parallel
+        )
         self._read_many = read_many
 
-    async def run(self, batch: list[tuple[UUID, asyncio.Future[Workflow | None]]]) -> None:
-        found = await self._read_many(list({uuid: None for uuid, _ in batch}))
-        for uuid, future in batch:
+    async def run(self, batch: list[Waiting[UUID]]) -> None:
+        with self._sending(batch) as outgoing:
+            found = await self._read_many(outgoing)
+        for (uuid, _), future in outgoing.taken or ():
             settle(future, found.get(uuid))
 
 

@@ -10,6 +10,7 @@ from uuid import UUID
 from psycopg import AsyncCursor, sql
 from psycopg.rows import TupleRow
 
+from workflows.adapters.grouping import Outgoing
 from workflows.adapters.postgres.batching import Claim, GroupClaim, GroupRead
 from workflows.adapters.postgres.claims import take_these
 from workflows.adapters.postgres.database import (
@@ -21,7 +22,7 @@ from workflows.adapters.postgres.database import (
     rows_left_by,
     transaction,
 )
-from workflows.adapters.postgres.group_commit import GroupCommit, Outgoing
+from workflows.adapters.postgres.group_commit import GroupCommit
 from workflows.adapters.postgres.rows import COLUMNS, QUEUED, as_workflow
 from workflows.application.ports import ClaimHandler, StatusChange, WorkflowRepository
 from workflows.domain.errors import DependencyUnavailable, IdempotencyKeyReused
@@ -115,7 +116,8 @@ class PostgresWorkflowRepository(WorkflowRepository):
         # Each POST waits for its row to go at most the pool's timeout in all, batch ahead
         # included: its 503 comes after the one timeout, not two.
         self._group: GroupCommit[Workflow] = GroupCommit(self._add_many, within=pool.timeout)
-        self._reads = GroupRead(self._get_many)  # concurrent GETs share a statement too
+        # Concurrent GETs share a statement too, and wait as long in all.
+        self._reads = GroupRead(self._get_many, within=pool.timeout)
         self._claims = GroupClaim(pool, take_these, linger=0, begin_first=True, returned=returned)
 
     async def add(self, workflow: Workflow, idempotency: IdempotencyKey | None = None) -> Workflow:
@@ -186,15 +188,18 @@ class PostgresWorkflowRepository(WorkflowRepository):
             return (await conn.execute(PURGE_KEYS, (now,))).rowcount
 
     async def get(self, uuid: UUID) -> Workflow | None:
-        return await self._reads.call(uuid)
+        return await self._reads.submit(uuid)
 
     async def consumed_since(self, since: datetime) -> list[UUID]:
         async with connection(self._pool) as conn:
             rows = await (await conn.execute(CONSUMED_SINCE, (since,))).fetchall()
         return [row[0] for row in rows]
 
-    async def _get_many(self, uuids: list[UUID]) -> dict[UUID, Workflow]:
-        async with connection(self._pool) as conn:
+    async def _get_many(self, outgoing: Outgoing[UUID]) -> dict[UUID, Workflow]:
+        async with connection(self._pool, wait=outgoing.wait) as conn:
+            # Only now: a read whose caller's deadline passed meanwhile is left out.
+            if not (uuids := list(dict.fromkeys(outgoing.take()))):
+                return {}
             rows = await (await conn.execute(GET_MANY, (uuids,))).fetchall()
         return {workflow.uuid: workflow for workflow in map(as_workflow, rows)}
 
