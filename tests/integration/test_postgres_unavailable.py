@@ -116,6 +116,48 @@ async def test_every_adapter_method_raises_dependency_unavailable_while_the_data
         await database.stop()
 
 
+LOCKED_OUT = {name: call for name, call in CALLS.items() if not name.endswith(".ping")}
+
+
+@pytest.mark.parametrize("call", LOCKED_OUT.values(), ids=LOCKED_OUT.keys())
+async def test_a_call_held_up_by_another_sessions_lock_gets_its_503_at_the_lock_timeout(
+    pg: PostgresDatabase,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    call: Callable[[PostgresWorkflowRepository, PostgresQueue, PostgresOutbox], Awaitable[object]],
+) -> None:
+    """Another session holds the tables (an operator's `ALTER TABLE` or `LOCK`): a call
+    fails when the lock timeout is up, not when the lock goes; a write the server
+    cancelled is known not stored, so it does not ask for a lost answer first; nothing
+    changes."""
+    monkeypatch.setattr(database_module, "LOCK_TIMEOUT", 0.5)
+    database = PostgresDatabase(database_url)
+    await database.start()
+    pool = database.pool
+    loop = asyncio.get_running_loop()
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url) as holder:
+            await holder.execute(
+                "LOCK TABLE workflows, outbox, idempotency_keys IN ACCESS EXCLUSIVE MODE"
+            )
+            repositories = (
+                PostgresWorkflowRepository(pool, outbox=True),
+                PostgresQueue(pool),
+                PostgresOutbox(pool),
+            )
+            began = loop.time()
+            with pytest.raises(DependencyUnavailable) as caught:
+                await asyncio.wait_for(call(*repositories), 10)
+            waited = loop.time() - began
+            await holder.rollback()
+        assert caught.value.dependency == "database"
+        assert 0.5 <= waited < 2.0, f"the 503 came after {waited:.2f} s"
+    finally:
+        await database.stop()
+    assert await PostgresWorkflowRepository(pg.pool, outbox=True).get(NEW.uuid) is None
+    assert await PostgresOutbox(pg.pool).size() == 0
+
+
 def test_migrate_raises_dependency_unavailable_while_the_database_is_down(
     outage: TcpProxy,
 ) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from workflows.adapters.csv_export import MARKER
-from workflows.adapters.postgres.database import utc_options
+from workflows.adapters.postgres.database import session_options
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
 from workflows.entrypoints.config import DEFAULTS, ConfigError, Settings
@@ -82,13 +82,21 @@ def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: 
 @pytest.mark.parametrize(
     ("url", "options"),
     [
-        ("postgresql://u@h/db", "-c TimeZone=UTC"),
-        ("postgresql://u@h/db?options=-c%20search_path%3Dq", "-c search_path=q -c TimeZone=UTC"),
-        ("host=h options='-c timezone=Europe/Oslo'", "-c timezone=Europe/Oslo"),
+        ("postgresql://u@h/db", "-c TimeZone=UTC -c lock_timeout=5000"),
+        (
+            "postgresql://u@h/db?options=-c%20search_path%3Dq",
+            "-c search_path=q -c TimeZone=UTC -c lock_timeout=5000",
+        ),
+        (
+            "host=h options='-c timezone=Europe/Oslo -c lock_timeout=0'",
+            "-c timezone=Europe/Oslo -c lock_timeout=0",
+        ),
     ],
 )
-def test_database_sessions_use_utc_unless_the_url_sets_a_time_zone(url: str, options: str) -> None:
-    assert utc_options(url) == options
+def test_database_sessions_use_utc_and_a_lock_timeout_unless_the_url_sets_its_own(
+    url: str, options: str
+) -> None:
+    assert session_options(url) == options
 
 
 @pytest.mark.parametrize(

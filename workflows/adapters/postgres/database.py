@@ -28,21 +28,30 @@ ASK_PAUSE = 0.2
 VERIFY_WITHIN = 5.0
 """Seconds a statement whose answer was lost keeps asking what became of it (as long as a
 caller waits for a pooled connection) before its callers get the 503."""
+LOCK_TIMEOUT = 5.0
+"""Seconds a statement waits for a lock another session holds (an operator's `ALTER
+TABLE` or `LOCK`, a stuck transaction) before PostgreSQL cancels it: its caller gets a
+503 then, as for a connection, instead of hanging for as long as the lock is held."""
 RECONNECT_TIMEOUT = 10.0
 """How long the pool retries a failed connection, with backoff, before giving up; the next
 request then tries again at once. Kept short so the pool notices a returning database
 within seconds rather than after a backoff of minutes."""
 
 
-def utc_options(url: str) -> str:
-    """The URL's `options`, with the session time zone set to UTC unless they set one:
-    timestamps then load as datetimes in `timezone.utc`, which costs psycopg and the
+def session_options(url: str) -> str:
+    """The URL's `options`, with the session time zone set to UTC and `lock_timeout` to
+    LOCK_TIMEOUT, unless they set their own.
+
+    UTC: timestamps then load as datetimes in `timezone.utc`, which costs psycopg and the
     domain (UTC throughout) less than converting from a zoneinfo zone (bench/notes.md).
     No statement depends on the session's zone, and nothing reads a timestamp's text."""
     given = str(conninfo_to_dict(url).get("options") or "")
-    if "timezone" in given.lower():
-        return given
-    return f"{given} -c TimeZone=UTC".strip()
+    options = [given] if given else []
+    if "timezone" not in given.lower():
+        options.append("-c TimeZone=UTC")
+    if "lock_timeout" not in given.lower():
+        options.append(f"-c lock_timeout={round(LOCK_TIMEOUT * 1000)}")
+    return " ".join(options)
 
 
 class PostgresDatabase:
@@ -59,7 +68,7 @@ class PostgresDatabase:
             kwargs={
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT,
-                "options": utc_options(url),
+                "options": session_options(url),
             },
             min_size=min_size,
             max_size=max_size,
@@ -114,6 +123,14 @@ async def connection(pool: Pool, *, wait: float | None = None) -> AsyncIterator[
                 raise
     except psycopg.OperationalError as error:  # also PoolTimeout, PoolClosed
         raise DependencyUnavailable("database", str(error) or type(error).__name__) from error
+
+
+def cancelled_by_server(error: DependencyUnavailable) -> bool:
+    """Whether the server answered that the statement was cancelled (its lock timeout,
+    say): then nothing of it committed, and there is no lost answer to look for."""
+    return isinstance(
+        error.__cause__, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable
+    )
 
 
 def closed_by_server(conn: Connection) -> bool:

@@ -19,7 +19,7 @@ _STATUSES = {status.value: status for status in WorkflowStatus}
 
 
 def as_workflow(row: TupleRow) -> Workflow:
-    """A row as a Workflow. The session's time zone is UTC (`database.utc_options`), so
+    """A row as a Workflow. The session's time zone is UTC (`database.session_options`), so
     `astimezone(UTC)` returns each timestamp as it is; it stays for a connection made
     otherwise. Positional arguments and a dict for the status: this runs once per row of
     a list page (bench/notes.md)."""

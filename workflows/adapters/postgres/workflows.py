@@ -17,6 +17,7 @@ from workflows.adapters.postgres.database import (
     VERIFY_WITHIN,
     Connection,
     Pool,
+    cancelled_by_server,
     connection,
     ping_database,
     rows_left_by,
@@ -166,12 +167,14 @@ class PostgresWorkflowRepository(WorkflowRepository):
                 )
                 sent_by = conn.info.backend_pid
                 await conn.execute(self._insert_many, columns)
-        except DependencyUnavailable:
+        except DependencyUnavailable as error:
             # The statement may have gone out and committed, its answer lost with the
             # connection (a server that dies between its commit and its reply). Rather
             # than answer 503 for stored workflows, which a client would then POST again,
             # look: the statement is atomic, so all of them are stored or none.
-            if sent_by is None or not await self._all_stored(uuids, sent_by):
+            if sent_by is None or cancelled_by_server(error):
+                raise
+            if not await self._all_stored(uuids, sent_by):
                 raise
 
     async def _all_stored(self, uuids: list[UUID], sent_by: int) -> bool:
