@@ -6,7 +6,7 @@ import abc
 import asyncio
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any, Generic, TypeVar
 
 from workflows.domain.errors import DependencyUnavailable
@@ -159,14 +159,15 @@ class DeadlineGroup(Group[tuple[In, float], Out]):
         # the way of an item that goes in time, the deadline costs a clock read and a test.
         self._alarm: asyncio.TimerHandle | None = None
 
-    async def submit(self, item: In) -> Out:
+    def submit(self, item: In) -> Coroutine[Any, Any, Out]:
+        """`call` with the item's deadline (a plain function: no coroutine of its own)."""
         if self._within is None:
-            return await self.call((item, math.inf))
+            return self.call((item, math.inf))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._within
         if self._alarm is None:  # else it is set for an earlier deadline, and moves on
             self._alarm = loop.call_at(deadline, self._expire)
-        return await self.call((item, deadline))
+        return self.call((item, deadline))
 
     def _expire(self) -> None:
         """Fail every item due that is not taken yet; set the alarm for the next one."""
