@@ -167,6 +167,20 @@ async def test_a_valid_request_id_is_echoed_and_logged(
     assert all(line["request_id"] == "req-42.a:b" for line in logged)
 
 
+async def test_503s_in_a_row_log_one_line_not_one_each(
+    client: httpx.AsyncClient, container: Container, captured: io.StringIO
+) -> None:
+    async def unavailable(*args: Any) -> None:
+        raise DependencyUnavailable("database", "down for the test")
+
+    with container.consume_workflow.override(providers.Object(unavailable)):
+        for n in range(20):
+            response = await client.get("/workflow/consume", headers={"X-Request-ID": f"r{n}"})
+            assert response.status_code == 503
+    logged = [line for line in lines(captured) if "answering 503" in line["message"]]
+    assert [line["request_id"] for line in logged] == ["r0"]  # the next in 10 s, counted
+
+
 @pytest.mark.parametrize("given", [None, "", "x" * 129, "has space", 'quote"d', "semi;colon"])
 async def test_a_missing_or_unsafe_request_id_is_replaced(
     client: httpx.AsyncClient, given: str | None

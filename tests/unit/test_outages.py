@@ -1,4 +1,5 @@
-"""Outage: a failure that repeats is logged when it starts and when it is over."""
+"""Outage: a failure that repeats is logged when it starts and when it is over. Sampled:
+an event that repeats is logged at most once per interval, with how many were not."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 import pytest
 
-from workflows.application.outages import Outage
+from workflows.application.outages import Outage, Sampled
 
 log = logging.getLogger("tests.outages")
 
@@ -61,4 +62,34 @@ def test_a_failure_for_another_reason_is_logged_as_it_starts(
         ("INFO", "works again, after 3 failures in 0.5 s (1 not logged)"),
         ("WARNING", "failed: disk full"),
         ("INFO", "works again, after 1 failure in 0.0 s (0 not logged)"),
+    ]
+
+
+def test_an_event_repeated_is_logged_once_per_interval_with_how_many_were_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=log.name)
+    clock = Clock()
+    sampled = Sampled(log, every=10.0, clock=clock)
+    for _ in range(100):  # 100 in 9.9 s: the first is logged
+        sampled.warn("database", "answering 503: %s", "no connection")
+        clock.now += 0.099
+    sampled.warn("queue", "answering 503: %s", "blocked")  # another key: at once
+    clock.now += 0.2  # 10.1 s after the first line
+    sampled.warn("database", "answering 503: %s", "no connection")
+    sampled.warn("database", "answering 503: %s", "no connection")
+    clock.now += 60.0
+    sampled.warn("database", "answering 503: %s", "down")
+    assert lines(caplog) == [
+        ("WARNING", "answering 503: no connection"),
+        ("WARNING", "answering 503: blocked"),
+        (
+            "WARNING",
+            "answering 503: no connection (and 99 more like it since the last such line,"
+            " not logged)",
+        ),
+        (
+            "WARNING",
+            "answering 503: down (and 1 more like it since the last such line, not logged)",
+        ),
     ]

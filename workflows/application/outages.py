@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -61,3 +62,34 @@ class Outage:
             lasted,
             failures - logged,
         )
+
+
+class Sampled:
+    """An event that may come once per request for as long as a failure lasts (a 503
+    while the database is away, say): logged at WARNING the first time for its `key`,
+    then at most once per `every` seconds, each line with how many like it since the
+    last one were not logged. Metrics count every one."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        *,
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = log
+        self._every = every
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}  # key: when logged, how many since
+
+    def warn(self, key: str, message: str, *args: object) -> None:
+        now = self._clock()
+        logged_at, unlogged = self._last.get(key, (-math.inf, 0))
+        if now - logged_at < self._every:
+            self._last[key] = (logged_at, unlogged + 1)
+            return
+        self._last[key] = (now, 0)
+        if unlogged:
+            message += " (and %d more like it since the last such line, not logged)"
+            args = (*args, unlogged)
+        self._log.warning(message, *args)

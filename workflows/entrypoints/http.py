@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from workflows import __version__
+from workflows.application.outages import Sampled
 from workflows.domain.errors import (
     DependencyUnavailable,
     IdempotencyKeyReused,
@@ -247,7 +248,9 @@ async def key_reused_handler(request: Request, exc: Exception) -> Response:
 
 async def unavailable_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DependencyUnavailable)
-    log.warning("answering 503: %s", exc)
+    # The first 503 for a dependency, then a line every 10 s with how many were not
+    # logged: an outage under load would otherwise log a line per request.
+    request.app.state.unavailable_log.warn(exc.dependency, "answering 503: %s", exc)
     detail = (
         f"the {exc.dependency} is unavailable; retry later (a POST retried with the same "
         "Idempotency-Key is never stored twice)"
@@ -311,6 +314,7 @@ def create_app(
     app.state.container = container
     app.state.settings = settings
     app.state.failing_checks = {}  # /readyz: each failing check's reason, logged once
+    app.state.unavailable_log = Sampled(log)  # the 503s, logged once per 10 s
     if hot_routes and not settings.cors_origins:  # CORS: see hot.py
         app.hot = HotRoutes(app)
     return app
