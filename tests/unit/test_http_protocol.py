@@ -238,6 +238,26 @@ async def test_a_head_over_the_limit_is_a_431_problem(served: str) -> None:
     assert (await exchange_raw(served, fits)).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"FOO /h HTTP/1.1\r\nHost: x\r\n\r\n",  # a method the parser does not know
+        b"GET /h HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n",  # a control character
+        b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nabc",  # two framings: request smuggling
+    ],
+    ids=["unknown-method", "control-character", "length-and-chunked"],
+)
+async def test_a_request_the_parser_cannot_read_is_a_400_problem(served: str, bad: bytes) -> None:
+    head, _, body = (await exchange_raw(served, bad)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"content-type: application/problem+json" in head
+    assert b"connection: close" in head
+    assert b"x-content-type-options: nosniff" in head
+    assert b"x-request-id: " in head
+    assert orjson.loads(body)["type"] == "/problems/invalid-request"
+
+
 async def test_a_head_that_does_not_come_in_time_is_a_408(
     served: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -231,6 +231,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         else:  # still answering: look again later
             self._body_timer = self.loop.call_later(BODY_GAP_TIMEOUT, self._body_late)
 
+    def send_400_response(self, msg: str) -> None:
+        """httptools could not parse the request (a method it does not know, a control
+        character in a header, both Content-Length and Transfer-Encoding...): a problem
+        document with the headers of every answer, where uvicorn's is a bare text/plain."""
+        self._refuse(400, "the request is not valid HTTP/1.1: its line or headers cannot be read")
+
     def _refuse(self, status: int, detail: str) -> None:
         """Answer a problem document and close: the request never reached the app, or the
         app has not answered and never will."""
@@ -263,6 +269,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 REFUSED_LINGER = 1.0
 """Seconds a refused connection stays open, reading and dropping, after its answer."""
 REFUSALS = {
+    400: ("invalid-request", "Bad Request"),
     408: ("request-timeout", "Request Timeout"),
     431: ("request-header-fields-too-large", "Request Header Fields Too Large"),
 }
