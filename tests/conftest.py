@@ -41,11 +41,11 @@ def logging_left_as_found() -> Iterator[None]:
         logger.setLevel(level)
         logger.handlers[:] = handlers
         logger.propagate, logger.disabled = propagate, disabled
-    for name, logger in list(manager.loggerDict.items()):
-        if name not in before and isinstance(logger, logging.Logger):
-            logger.setLevel(logging.NOTSET)  # made during the test: as a new logger is
-            logger.handlers.clear()
-            logger.propagate, logger.disabled = True, False
+    for name, made in list(manager.loggerDict.items()):
+        if name not in before and isinstance(made, logging.Logger):
+            made.setLevel(logging.NOTSET)  # made during the test: as a new logger is
+            made.handlers.clear()
+            made.propagate, made.disabled = True, False
 
 
 def unavailable(what: str, error: Exception) -> None:

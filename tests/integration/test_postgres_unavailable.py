@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -237,7 +237,7 @@ async def test_a_live_idle_connection_is_not_taken_for_a_closed_one(database_url
 async def behind_a_held_connection(
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
-    call: Callable[[PostgresWorkflowRepository, int], Awaitable[T]],
+    call: Callable[[PostgresWorkflowRepository, int], Coroutine[Any, Any, T]],
     *,
     ahead: int,
     outbox: bool,
@@ -257,7 +257,7 @@ async def behind_a_held_connection(
         held = await database.pool.getconn()
         try:
             began = loop.time()
-            first = []
+            first: list[asyncio.Task[T]] = []
             for number in range(ahead):
                 first.append(asyncio.create_task(call(repository, number)))
                 await asyncio.sleep(0.4 / ahead)

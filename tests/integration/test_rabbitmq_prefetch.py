@@ -95,7 +95,7 @@ def read_all(url: str, queue: str) -> list[tuple[str, Any]]:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        found = []
+        found: list[tuple[str, Any]] = []
         while True:
             method, properties, body = channel.basic_get(queue, auto_ack=True)
             if method is None:
@@ -320,8 +320,8 @@ async def test_messages_held_by_another_process_do_not_hide_their_workflows(
         await until_held(holder, 3)  # every message is in the holder's hands
         async with replica(pg, rabbitmq_url, queue_name) as (_, other_queue):
             taken: list[UUID] = []
-            while (workflow := await other_queue.consume(record_nothing, now())) is not None:
-                taken.append(workflow.uuid)
+            while (found := await other_queue.consume(record_nothing, now())) is not None:
+                taken.append(found.uuid)
             assert taken == submitted  # from the database, oldest first, none hidden
         # The holder's messages are duplicates now: skipped and acked, nothing consumed.
         assert await holder_queue.consume(record_nothing, now()) is None

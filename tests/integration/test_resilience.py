@@ -300,7 +300,7 @@ def serving(env: dict[str, str], cwd: Path, workers: int) -> Iterator[Server]:
     stopped (SIGTERM, then SIGKILL of its whole session as a last resort) on the way out."""
     port = free_port()
     name = f"serve-{port}"
-    arguments = ("serve", "--port", str(port), "--workers", str(workers))
+    arguments: tuple[str, ...] = ("serve", "--port", str(port), "--workers", str(workers))
     arguments += ("--graceful-timeout", str(GRACEFUL_TIMEOUT))
     with running_process(env, cwd, *arguments, name=name, stop_timeout=30) as process:
         server = Server(process, f"http://127.0.0.1:{port}", cwd / f"{name}.log")

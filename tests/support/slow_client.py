@@ -41,7 +41,7 @@ def parsed(answer: bytes, method: str, url: str) -> httpx.Response:
     the request it answers, for `tests.openapi_check.assert_conforms`."""
     head, _, rest = answer.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = [tuple(line.split(": ", 1)) for line in lines]
+    headers = [(name, value) for name, _, value in (line.partition(": ") for line in lines)]
     length = int(next(value for name, value in headers if name.lower() == "content-length"))
     return httpx.Response(
         int(status_line.split()[1]),

@@ -356,7 +356,7 @@ async def test_a_small_document_is_rendered_on_the_event_loop(
     def no_thread(*_: object) -> object:
         raise AssertionError("a small document went to a thread")
 
-    monkeypatch.setattr(exporter_module.asyncio, "to_thread", no_thread)
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
     text = '{"a":' + '"' + "x" * (exporter_module.RENDER_ON_LOOP_MAX - 10) + '"}'
     assert len(text) <= exporter_module.RENDER_ON_LOOP_MAX
     assert await CsvExporter("unused").render(workflow(text)) == render_csv(text)

@@ -243,7 +243,7 @@ async def test_a_spare_that_cannot_be_linked_in_gives_way_to_a_file_opened_then(
     exporter = fresh(tmp_path)
     await exporter.write(workflow(), b"a\r\n0\r\n", NOW)
     spares = await spares_of(exporter)
-    real_link_in, linked = files._link_in, []
+    real_link_in, linked = files._link_in, list[int]()
 
     def link_in(descriptor: int, path: str) -> None:
         if not linked:

@@ -373,7 +373,7 @@ async def test_a_ready_message_is_taken_without_waiting() -> None:
 async def test_a_receive_that_would_wait_gives_nothing_and_leaves_no_waiter() -> None:
     receive = UvicornLikeReceive()
     assert _ready_message(receive()) == {}
-    assert not receive.arrived._waiters  # type: ignore[attr-defined]  # the step was closed
+    assert not receive.arrived._waiters  # the step was closed
     receive.arrived.set()  # a later message is still there for the next receive
     assert (await receive())["type"] == "http.request"
 

@@ -293,7 +293,7 @@ async def test_oversize_body_is_413(client: httpx.AsyncClient) -> None:
         await client.post("/workflow", content=big, headers=JSON), 413, "payload-too-large"
     )
 
-    async def chunks():  # no Content-Length: the limit applies while streaming
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: limited while streaming
         for _ in range(70):
             yield b"x" * 1000
 

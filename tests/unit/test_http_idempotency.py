@@ -57,7 +57,7 @@ async def test_malformed_key_is_422_and_stores_nothing(client: httpx.AsyncClient
     response = await client.post(
         "/workflow",
         content=b'{"data": {"a": 1}}',
-        headers={"Idempotency-Key": key.encode("utf-8"), "Content-Type": "application/json"},
+        headers=[(b"Idempotency-Key", key.encode("utf-8")), (b"Content-Type", b"application/json")],
     )
     assert response.status_code == 422
     assert response.json()["errors"][0]["pointer"] == "/header/Idempotency-Key"

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints import cli, operations
+from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
 from workflows.entrypoints.logs import (
     JsonFormatter,
@@ -241,16 +242,16 @@ async def test_a_body_cut_short_is_an_info_line_not_an_error_nor_an_answer(
     from workflows.entrypoints.http import create_app
 
     app = create_app(container, hot_routes=hot_routes)
-    messages = [
+    messages: list[MutableMapping[str, Any]] = [
         {"type": "http.request", "body": b'{"data": ', "more_body": True},
         {"type": "http.disconnect"},
     ]
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         return messages.pop(0)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     scope = {
@@ -422,10 +423,10 @@ def test_stats_and_relay_explain_when_the_backend_has_nothing_for_them(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QUEUE_BACKEND", "memory")
     monkeypatch.setenv("DATABASE_URL", "postgresql://unused@127.0.0.1:1/unused")
-    assert operations.stats(cli.Settings.from_env(), as_json=False) == 2
+    assert operations.stats(Settings.from_env(), as_json=False) == 2
     out, err = capsys.readouterr()
     assert (out, "inside the serving process" in err) == ("", True)  # a refusal: stderr
-    assert operations.relay(cli.Settings.from_env()) == 2
+    assert operations.relay(Settings.from_env()) == 2
     out, err = capsys.readouterr()
     assert (out, "only QUEUE_BACKEND=rabbitmq" in err) == ("", True)
 

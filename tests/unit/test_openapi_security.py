@@ -368,7 +368,7 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @authenticated_schema.parametrize()
 @hypothesis_settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None)
 def test_with_api_tokens_and_the_token_every_operation_answers_as_documented(
-    case: schemathesis.Case, export_dir: Path
+    case: schemathesis.Case[Any], export_dir: Path
 ) -> None:
     shorten_wait(case)
     settings = Settings(queue_backend="memory", export_dir=export_dir, api_tokens=(TOKEN,))

@@ -65,7 +65,7 @@ def empty_app(export_dir: Path) -> Starlette:
     return create_app(Container(settings=Settings(queue_backend="memory", export_dir=export_dir)))
 
 
-def shorten_wait(case: schemathesis.Case) -> None:
+def shorten_wait(case: schemathesis.Case[Any]) -> None:
     """A valid consume `?wait=` becomes 0.01 s; invalid ones are sent as generated.
 
     Waits are real time: on an empty queue every generated wait of up to 20 s would be
@@ -80,7 +80,9 @@ def shorten_wait(case: schemathesis.Case) -> None:
 
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None)
-def test_every_operation_answers_as_documented(case: schemathesis.Case, export_dir: Path) -> None:
+def test_every_operation_answers_as_documented(
+    case: schemathesis.Case[Any], export_dir: Path
+) -> None:
     shorten_wait(case)
     case.call_and_validate(app=empty_app(export_dir))
 
@@ -91,20 +93,20 @@ def test_sequences_of_operations_answer_as_documented(export_dir: Path) -> None:
             self.app = empty_app(export_dir)
             self.requests_by_key: dict[str, str] = {}
 
-        def before_call(self, case: schemathesis.Case) -> None:
+        def before_call(self, case: schemathesis.Case[Any]) -> None:
             shorten_wait(case)
 
-        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, object]:
+        def get_call_kwargs(self, case: schemathesis.Case[Any]) -> dict[str, object]:
             return {"app": self.app}
 
-        def after_call(self, response: Response, case: schemathesis.Case) -> None:
+        def after_call(self, response: Response, case: schemathesis.Case[Any]) -> None:
             super().after_call(response, case)
             key = idempotency_key(case)
             if key is not None and response.status_code == 201:
                 self.requests_by_key.setdefault(key, request_named(case))
 
         def validate_response(
-            self, response: Response, case: schemathesis.Case, **kwargs: Any
+            self, response: Response, case: schemathesis.Case[Any], **kwargs: Any
         ) -> None:
             if not is_key_reused(response):
                 super().validate_response(response, case, **kwargs)
@@ -129,16 +131,16 @@ def test_sequences_of_operations_answer_as_documented(export_dir: Path) -> None:
     )
 
 
-def idempotency_key(case: schemathesis.Case) -> str | None:
+def idempotency_key(case: schemathesis.Case[Any]) -> str | None:
     """The key as the server reads it: spaces around it and one pair of quotes dropped."""
-    raw = (case.headers or {}).get("Idempotency-Key")
+    raw = case.headers.get("Idempotency-Key") if case.headers else None
     if not isinstance(raw, str):
         return None
     key = raw.strip(" \t")
     return key[1:-1] if len(key) >= 2 and key[0] == key[-1] == '"' else key
 
 
-def request_named(case: schemathesis.Case) -> str:
+def request_named(case: schemathesis.Case[Any]) -> str:
     """What a key names: the workflow's data (key order and number spelling kept) and steps."""
     body = case.body if isinstance(case.body, dict) else {}
     return json.dumps([body.get("data"), body.get("steps", [])])

@@ -92,7 +92,8 @@ async def test_a_refused_request_changes_nothing(guarded: httpx.AsyncClient) -> 
 async def test_a_wrong_token_or_scheme_is_refused(
     guarded: httpx.AsyncClient, authorization: str | bytes
 ) -> None:
-    response = await guarded.get("/workflow", headers={"Authorization": authorization})
+    value = authorization.encode() if isinstance(authorization, str) else authorization
+    response = await guarded.get("/workflow", headers=[(b"Authorization", value)])
     assert response.status_code == 401
     assert 'error="invalid_token"' in response.headers["www-authenticate"]
 
