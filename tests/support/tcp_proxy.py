@@ -103,6 +103,11 @@ class TcpProxy:
         return False
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._server is None:
+            # Accepted just before `down()`, its task first ran after the cut, which could
+            # not see it: it would relay through a relay that is down. Refused instead.
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
