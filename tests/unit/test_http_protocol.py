@@ -5,6 +5,7 @@ request's head and body held to their limits and timeouts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -12,9 +13,11 @@ import httpx
 import orjson
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 
 from tests.support.slow_client import send_slowly
-from workflows.entrypoints import http_protocol
+from workflows.application.outages import Sampled
+from workflows.entrypoints import http_protocol, observability
 from workflows.entrypoints.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
 
 
@@ -256,6 +259,36 @@ async def test_a_request_the_parser_cannot_read_is_a_400_problem(served: str, ba
     assert b"x-content-type-options: nosniff" in head
     assert b"x-request-id: " in head
     assert orjson.loads(body)["type"] == "/problems/invalid-request"
+
+
+def counted(method: str, status: int) -> float:
+    """workflows_http_requests_total of `method` and `status` on no route."""
+    labels = {"method": method, "route": "unmatched", "status": str(status)}
+    samples = (sample for family in REGISTRY.collect() for sample in family.samples)
+    return sum(
+        s.value for s in samples if s.name == "workflows_http_requests_total" and s.labels == labels
+    )
+
+
+async def test_what_the_server_answers_itself_is_counted_and_logged_once_per_10_s(
+    served: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    timeouts(monkeypatch, gap=0.3)
+    monkeypatch.setattr(observability, "_refusals", Sampled(observability.log, level=logging.INFO))
+    caplog.set_level(logging.INFO, logger=observability.log.name)
+    kinds = [("OTHER", 400), ("OTHER", 431), ("POST", 408)]
+    before = [counted(*kind) for kind in kinds]
+    for _ in range(2):
+        await exchange_raw(served, b"FOO /h HTTP/1.1\r\nHost: x\r\n\r\n")
+    await exchange_raw(served, b"GET /h HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    await send_slowly(served, posting(10) + b"abc")  # its head read: method POST
+    assert [counted(*kind) - n for kind, n in zip(kinds, before, strict=True)] == [2, 1, 1]
+    logged = [r.getMessage() for r in caplog.records if r.name == observability.log.name]
+    assert [line.split(" (")[0] for line in logged] == [
+        "answered 400 itself",  # the second 400 within 10 s: counted, not logged
+        "answered 431 itself",
+        "answered 408 itself",
+    ]
 
 
 async def test_a_head_that_does_not_come_in_time_is_a_408(

@@ -72,14 +72,14 @@ def test_an_event_repeated_is_logged_once_per_interval_with_how_many_were_not(
     clock = Clock()
     sampled = Sampled(log, every=10.0, clock=clock)
     for _ in range(100):  # 100 in 9.9 s: the first is logged
-        sampled.warn("database", "answering 503: %s", "no connection")
+        sampled.happened("database", "answering 503: %s", "no connection")
         clock.now += 0.099
-    sampled.warn("queue", "answering 503: %s", "blocked")  # another key: at once
+    sampled.happened("queue", "answering 503: %s", "blocked")  # another key: at once
     clock.now += 0.2  # 10.1 s after the first line
-    sampled.warn("database", "answering 503: %s", "no connection")
-    sampled.warn("database", "answering 503: %s", "no connection")
+    sampled.happened("database", "answering 503: %s", "no connection")
+    sampled.happened("database", "answering 503: %s", "no connection")
     clock.now += 60.0
-    sampled.warn("database", "answering 503: %s", "down")
+    sampled.happened("database", "answering 503: %s", "down")
     assert lines(caplog) == [
         ("WARNING", "answering 503: no connection"),
         ("WARNING", "answering 503: blocked"),

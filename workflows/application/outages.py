@@ -66,7 +66,7 @@ class Outage:
 
 class Sampled:
     """An event that may come once per request for as long as a failure lasts (a 503
-    while the database is away, say): logged at WARNING the first time for its `key`,
+    while the database is away, say): logged at `level` the first time for its `key`,
     then at most once per `every` seconds, each line with how many like it since the
     last one were not logged. Metrics count every one."""
 
@@ -74,15 +74,17 @@ class Sampled:
         self,
         log: logging.Logger,
         *,
+        level: int = logging.WARNING,
         every: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log = log
+        self._level = level
         self._every = every
         self._clock = clock
         self._last: dict[str, tuple[float, int]] = {}  # key: when logged, how many since
 
-    def warn(self, key: str, message: str, *args: object) -> None:
+    def happened(self, key: str, message: str, *args: object) -> None:
         now = self._clock()
         logged_at, unlogged = self._last.get(key, (-math.inf, 0))
         if now - logged_at < self._every:
@@ -92,4 +94,4 @@ class Sampled:
         if unlogged:
             message += " (and %d more like it since the last such line, not logged)"
             args = (*args, unlogged)
-        self._log.warning(message, *args)
+        self._log.log(self._level, message, *args)

@@ -250,7 +250,7 @@ async def unavailable_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DependencyUnavailable)
     # The first 503 for a dependency, then a line every 10 s with how many were not
     # logged: an outage under load would otherwise log a line per request.
-    request.app.state.unavailable_log.warn(exc.dependency, "answering 503: %s", exc)
+    request.app.state.unavailable_log.happened(exc.dependency, "answering 503: %s", exc)
     detail = (
         f"the {exc.dependency} is unavailable; retry later (a POST retried with the same "
         "Idempotency-Key is never stored twice)"

@@ -244,16 +244,23 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         body = orjson.dumps(
             {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail}
         )
+        rid = f"{random.getrandbits(128):032x}"
         headers = [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
-            (b"x-request-id", f"{random.getrandbits(128):032x}".encode()),
+            (b"x-request-id", rid.encode()),
         ]
         head = [b"HTTP/1.1 %d %s\r\n" % (status, title.encode())]
         head += [name + b": " + value + b"\r\n" for name, value in with_defaults("/", headers)]
         self.transport.write(b"".join(head) + b"\r\n" + body)
         self._end()
+        # Imported here: this module loads in `workflows serve`'s parent process too, which
+        # must not import prometheus_client (observability.py); a worker has it already.
+        from workflows.entrypoints import observability
+
+        scope: Any = self.scope if self._head_done else None  # uvicorn's HTTPScope: a dict
+        observability.refused(scope, status, detail, rid)
 
     def _end(self) -> None:
         """Close after what has been written, reading and dropping meanwhile."""

@@ -41,6 +41,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from workflows.application.outages import Sampled
 from workflows.entrypoints.logs import request_id
 from workflows.entrypoints.operations import MULTIPROC_DIR, Snapshot, snapshot
 
@@ -155,6 +156,24 @@ def client_gone(scope: Scope) -> None:
         scope["method"],
         scope["path"],
     )
+
+
+_refusals = Sampled(log, level=logging.INFO)
+
+
+def refused(scope: Scope | None, status: int, detail: str, rid: str) -> None:
+    """A request the server answered itself (http_protocol.py: a 400 for a head it cannot
+    parse, a 431, a 408): counted in workflows_http_requests_total, with its method and
+    route when its head was read (`scope`), else OTHER and `unmatched`, but not timed (the
+    server never had all of it); logged at INFO, once per 10 s per status with how many
+    since (a client that trickles or garbles is not the service's failure)."""
+    method = "OTHER"
+    route = "unmatched"
+    if scope is not None:
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"
+        route = route_template(scope)
+    REQUESTS.labels(method, route, str(status)).inc()
+    _refusals.happened(str(status), "answered %d itself (X-Request-ID %s): %s", status, rid, detail)
 
 
 def new_request_id(given: str | None) -> str:
