@@ -20,7 +20,9 @@ from workflows.adapters.postgres import (
     PostgresWorkflowRepository,
     migrate,
 )
+from workflows.adapters.postgres import batching as batching_module
 from workflows.adapters.postgres import database as database_module
+from workflows.adapters.postgres import workflows as workflows_module
 from workflows.adapters.postgres.database import closed_by_server
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
@@ -156,6 +158,48 @@ async def test_a_call_held_up_by_another_sessions_lock_gets_its_503_at_the_lock_
         await database.stop()
     assert await PostgresWorkflowRepository(pg.pool, outbox=True).get(NEW.uuid) is None
     assert await PostgresOutbox(pg.pool).size() == 0
+
+
+@pytest.mark.usefixtures("impatient")
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+async def test_a_call_to_a_database_that_stops_answering_gets_its_503_at_the_query_timeout(
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    call: Callable[[PostgresWorkflowRepository, PostgresQueue, PostgresOutbox], Awaitable[object]],
+) -> None:
+    """The server stops answering but keeps its connections open (hung, frozen, SIGSTOP,
+    a network that drops packets; here a relay that holds every byte): a call fails when
+    its round trip has waited the query timeout (a write, after asking what it left for
+    as long as it may), where it waited for as long as the server did; its connection is
+    closed, and once the server answers again the same pool serves."""
+    monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 0.5)
+    for module in (workflows_module, batching_module):  # a write asks what it left
+        monkeypatch.setattr(module, "VERIFY_WITHIN", 0.5)
+    proxy = TcpProxy.to_postgres(database_url)
+    await proxy.up()
+    database = PostgresDatabase(proxy.url)
+    await database.start()
+    pool = database.pool
+    repositories = (
+        PostgresWorkflowRepository(pool, outbox=True),
+        PostgresQueue(pool),
+        PostgresOutbox(pool),
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        proxy.stall()
+        began = loop.time()
+        with pytest.raises(DependencyUnavailable) as caught:
+            await asyncio.wait_for(call(*repositories), 10)
+        waited = loop.time() - began
+        assert caught.value.dependency == "database"
+        assert 0.5 <= waited < 2.5, f"the 503 came after {waited:.2f} s"
+        proxy.flow()
+        await eventually(repositories[0].ping, within=database_module.RECONNECT_TIMEOUT)
+    finally:
+        proxy.flow()
+        await database.stop()
+        await proxy.down()
 
 
 def test_migrate_raises_dependency_unavailable_while_the_database_is_down(

@@ -7,17 +7,17 @@ import select
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import LiteralString, TypeAlias
+from typing import LiteralString, TypeAlias, TypeVar
 
 import psycopg
+from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from workflows.domain.errors import DependencyUnavailable
 
-Connection: TypeAlias = psycopg.AsyncConnection[TupleRow]
-Pool: TypeAlias = AsyncConnectionPool[Connection]
+RV = TypeVar("RV")
 
 ACQUIRE_TIMEOUT = 5.0
 """Seconds a caller waits for a pooled connection before the database counts as down."""
@@ -32,10 +32,53 @@ LOCK_TIMEOUT = 5.0
 """Seconds a statement waits for a lock another session holds (an operator's `ALTER
 TABLE` or `LOCK`, a stuck transaction) before PostgreSQL cancels it: its caller gets a
 503 then, as for a connection, instead of hanging for as long as the lock is held."""
+QUERY_TIMEOUT = 10.0
+"""Seconds a statement's round trip may take before its connection is given up and its
+caller gets a 503: a server that stops answering without closing the connection (hung or
+frozen, stopped with SIGSTOP, behind a network that drops packets) would otherwise hold
+the call for as long as it does. Above LOCK_TIMEOUT, so that a statement waiting for a
+lock is cancelled by the server first, and is known not to have committed."""
+WAIT_INTERVAL = 0.1
+"""psycopg's own: how often a wait for the server wakes to check for interruptions."""
 RECONNECT_TIMEOUT = 10.0
 """How long the pool retries a failed connection, with backoff, before giving up; the next
 request then tries again at once. Kept short so the pool notices a returning database
 within seconds rather than after a backoff of minutes."""
+
+
+class BoundedConnection(psycopg.AsyncConnection[TupleRow]):
+    """A pooled connection whose every round trip (a statement, a COMMIT) is answered
+    within QUERY_TIMEOUT, or the connection is closed and the call fails with
+    `NoAnswer`, which `connection()` turns into a 503 like any other lost connection.
+
+    psycopg runs every round trip of a connection through `wait`, which can give up
+    after a timeout; its own wait wakes every WAIT_INTERVAL anyway, so the deadline costs
+    nothing more than a clock read. Closing is the only safe way out: what the server
+    makes of the statement is unknown (`connection()`'s callers that wrote check what
+    was left, as for a connection lost with its answer). A wait given its own timeout
+    (LISTEN's `notifies`) keeps it."""
+
+    async def wait(
+        self,
+        gen: PQGen[RV],
+        interval: float = WAIT_INTERVAL,
+        timeout: float | None = None,  # noqa: ASYNC109 (psycopg's signature, overridden)
+    ) -> RV:
+        try:
+            return await super().wait(gen, interval, QUERY_TIMEOUT if timeout is None else timeout)
+        except psycopg.errors._WaitTimeout as error:  # what psycopg raises for its timeout
+            if timeout is not None:
+                raise
+            self.pgconn.finish()  # broken, not closed: the pool discards it
+            raise NoAnswer(f"no answer from the database within {QUERY_TIMEOUT:g} s") from error
+
+
+class NoAnswer(psycopg.OperationalError):
+    """A round trip took more than QUERY_TIMEOUT; its connection was closed."""
+
+
+Connection: TypeAlias = psycopg.AsyncConnection[TupleRow]
+Pool: TypeAlias = AsyncConnectionPool[Connection]
 
 
 def session_options(url: str) -> str:
@@ -70,6 +113,7 @@ class PostgresDatabase:
                 "connect_timeout": CONNECT_TIMEOUT,
                 "options": session_options(url),
             },
+            connection_class=BoundedConnection,
             min_size=min_size,
             max_size=max_size,
             open=False,
