@@ -14,7 +14,7 @@ TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/%2F
 help:
 	@echo "make run      create .venv, install, migrate, serve on 127.0.0.1:5000"
 	@echo "make test     unit, contract and integration tests (real PostgreSQL + RabbitMQ)"
-	@echo "make lint     ruff, mypy --strict (workflows, tests), import-linter"
+	@echo "make lint     ruff, mypy --strict (workflows, tests, scripts, bench), import-linter"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -58,6 +58,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	MYPYPATH=. $(BIN)/mypy bench  # scripts run from bench/: its modules import each other by bare name
 	$(BIN)/lint-imports
 	$(BIN)/openapi-spec-validator openapi.yaml
 	VENV=$(VENV) bash scripts/lint-infra.sh

@@ -50,6 +50,7 @@ async def in_process(url: str, exports: str, seconds: float, write: bool) -> dic
     from dependency_injector import providers
 
     from workflows.adapters.postgres import batching
+    from workflows.domain.model import Workflow
     from workflows.entrypoints.config import Settings
     from workflows.entrypoints.container import Container, running
 
@@ -61,10 +62,10 @@ async def in_process(url: str, exports: str, seconds: float, write: bool) -> dic
         real = container.exporter()
 
         class RenderOnly:
-            async def render(self, workflow: object) -> bytes:
+            async def render(self, workflow: Workflow) -> bytes:
                 return await real.render(workflow)
 
-            async def write(self, workflow: object, content: bytes, now: object) -> None:
+            async def write(self, workflow: Workflow, content: bytes, now: object) -> None:
                 return None
 
             def __getattr__(self, name: str) -> object:

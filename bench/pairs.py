@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import db as dbmod
@@ -28,7 +29,9 @@ def pairs(
     print(f"back-to-back pairs, {target} [{backend}]", flush=True)
     row = {"data": dbmod.data_text(), "steps": dbmod.steps_literal()}
     raw_queue = f"bench-{ctx.run_id}-pairs"
-    broker = {"url": ctx.rabbitmq_url, "queue": raw_queue, "cpus": ctx.load_cpus}
+    broker = functools.partial(
+        tools.broker, url=ctx.rabbitmq_url, queue=raw_queue, cpus=ctx.load_cpus
+    )
     depth = 0
 
     def raw_insert(name: str) -> Result:
@@ -58,11 +61,9 @@ def pairs(
         nonlocal depth
         if depth < m.broker_depth:
             fill = ["--start", "1", "--count", str(m.broker_depth - depth)]
-            tools.broker("fill", "fill", extra_args=fill, **broker)
+            broker("fill", "fill", extra_args=fill)
             depth = m.broker_depth
-        report_ = tools.broker(
-            name, "get", clients=CONSUME_CONNECTIONS, seconds=m.pair_seconds, **broker
-        )
+        report_ = broker(name, "get", clients=CONSUME_CONNECTIONS, seconds=m.pair_seconds)
         depth -= report_["ops"]
         result = tools.broker_result(name, report_)
         if depth <= 0:
@@ -84,7 +85,7 @@ def pairs(
         scenario, http_ = f"consume [{backend}]", http_consume
     broker_raw = raw is raw_get
     if broker_raw:
-        tools.broker("declare", "declare", **broker)
+        broker("declare", "declare")
     try:
         for i in range(m.pair_rounds):
             runs = [(raw, "raw"), (http_, "http")]
@@ -96,4 +97,4 @@ def pairs(
             ctx.pairs.setdefault(scenario, []).append((measured["raw"], measured["http"]))
     finally:
         if broker_raw:
-            tools.broker("delete", "delete", **broker)
+            broker("delete", "delete")

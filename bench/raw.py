@@ -3,6 +3,7 @@ concurrency of the HTTP scenarios they are compared with."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import db as dbmod
@@ -67,11 +68,9 @@ def raw_broker(ctx: Context) -> None:
     m = ctx.mode
     print("raw limits: RabbitMQ (pika, quorum queue, persistent messages)", flush=True)
     queue = f"bench-{ctx.run_id}-raw"
-    common = {"url": ctx.rabbitmq_url, "queue": queue, "cpus": ctx.load_cpus}
+    broker = functools.partial(tools.broker, url=ctx.rabbitmq_url, queue=queue, cpus=ctx.load_cpus)
     try:
-        report_ = tools.broker(
-            "publish", "publish", clients=POST_CONNECTIONS, seconds=m.raw_seconds, **common
-        )
+        report_ = broker("publish", "publish", clients=POST_CONNECTIONS, seconds=m.raw_seconds)
         ctx.add(tools.broker_result("raw publish+confirm (pika)", report_))
         depth = report_["ops"]
         for name, command in (
@@ -80,14 +79,12 @@ def raw_broker(ctx: Context) -> None:
         ):
             if depth < m.broker_depth:
                 fill = ["--start", "1", "--count", str(m.broker_depth - depth)]
-                tools.broker("fill", "fill", extra_args=fill, **common)
-            report_ = tools.broker(
-                name, command, clients=CONSUME_CONNECTIONS, seconds=m.raw_seconds, **common
-            )
+                broker("fill", "fill", extra_args=fill)
+            report_ = broker(name, command, clients=CONSUME_CONNECTIONS, seconds=m.raw_seconds)
             result = tools.broker_result(name, report_)
             if report_["ops"] >= max(depth, m.broker_depth):
                 result.notes.append("emptied the queue: rate is a lower bound")
             ctx.add(result)
             depth = max(depth, m.broker_depth) - report_["ops"]
     finally:
-        tools.broker("delete", "delete", **common)
+        broker("delete", "delete")

@@ -32,7 +32,7 @@ import uvloop
 from psycopg import pq
 
 from workflows.adapters.postgres.claims import TAKE_OLDEST_INSERTED
-from workflows.adapters.postgres.database import utc_options
+from workflows.adapters.postgres.database import session_options
 from workflows.adapters.postgres.rows import as_workflow
 
 CLAIMS = 3  # a claim batch's size under make bench's consume load (2-3 on average)
@@ -84,7 +84,7 @@ async def async_select(url: str, count: int) -> tuple[float, float]:
 
 
 async def async_claims(url: str, count: int) -> tuple[float, float]:
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, options=utc_options(url))
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, options=session_options(url))
     now = datetime.now(UTC)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
@@ -98,7 +98,7 @@ async def async_claims(url: str, count: int) -> tuple[float, float]:
 
 
 async def libpq_claims(url: str, count: int) -> tuple[float, float]:
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, options=utc_options(url))
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, options=session_options(url))
     pgconn, loop = conn.pgconn, asyncio.get_running_loop()
     pgconn.nonblocking = 1
 
@@ -114,7 +114,7 @@ async def libpq_claims(url: str, count: int) -> tuple[float, float]:
     async def results() -> list[pq.abc.PGresult]:
         while pgconn.flush():
             await ready(loop.add_writer, loop.remove_writer)
-        got = []
+        got: list[pq.abc.PGresult] = []
         while True:
             pgconn.consume_input()
             while not pgconn.is_busy():
