@@ -9,6 +9,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from tests.support.tcp_proxy import TcpProxy
+from workflows.adapters.postgres import PostgresDatabase
+from workflows.adapters.postgres import database as database_module
+from workflows.adapters.postgres import doorbell as doorbell_module
 from workflows.adapters.postgres.doorbell import PostgresDoorbell
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
@@ -55,10 +59,12 @@ async def woken(doorbell: PostgresDoorbell, count: int) -> list[asyncio.Task[boo
     return waiters
 
 
-async def until_heard(ringing: PostgresDoorbell, listening: PostgresDoorbell) -> None:
-    """Ring until a waiter of `listening` wakes: its LISTEN is on."""
+async def until_heard(
+    ringing: PostgresDoorbell, listening: PostgresDoorbell, *, tries: int = 50
+) -> None:
+    """Ring until a waiter of `listening` wakes (every 0.1 s, `tries` times): its LISTEN is on."""
     (waiter,) = await woken(listening, 1)
-    for _ in range(50):
+    for _ in range(tries):
         ringing.ring()
         done, _ = await asyncio.wait([waiter], timeout=0.1)
         if done:
@@ -81,3 +87,29 @@ async def test_a_notify_wakes_as_many_waiters_as_rang_for_and_never_its_sender(
         await asyncio.sleep(0.5)  # the NOTIFY reaches both listeners, the sender's too
         assert [w.done() for w in here] == [True, True, False, False]  # no echo
         assert [w.done() for w in there] == [True, True, False, False]
+
+
+async def test_a_listener_whose_connection_died_without_a_word_listens_again(
+    database_url: str, pg: PostgresDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listening connection goes dead with neither end told (a NAT or firewall that
+    forgot it): its heartbeat finds out within the heartbeat and the query timeout, and it
+    listens on a new connection, where it would never have heard a NOTIFY again."""
+    monkeypatch.setattr(doorbell_module, "HEARTBEAT", 0.5)
+    monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 0.5)
+    proxy = TcpProxy.to_postgres(database_url)
+    await proxy.up()
+    ringing = PostgresDoorbell(database_url, pg.pool)
+    listening = PostgresDoorbell(proxy.url, pg.pool)
+    await ringing.start()
+    await listening.start()
+    try:
+        await until_heard(ringing, listening)
+        proxy.blackhole()
+        await asyncio.sleep(1.5)  # a heartbeat, its timeout, a new connection
+        for _ in range(2):  # the second waiter comes after the new connection's wake-up
+            await until_heard(ringing, listening, tries=30)
+    finally:
+        await listening.stop()
+        await ringing.stop()
+        await proxy.down()

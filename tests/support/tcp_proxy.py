@@ -29,6 +29,7 @@ class TcpProxy:
         self._traps: list[tuple[Direction, bytes]] = []
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._dead: set[asyncio.Task[None]] = set()  # connections that relay nothing, ever
         self.sprung = 0
         """How many traps have cut a connection."""
 
@@ -86,6 +87,12 @@ class TcpProxy:
         """Relay again, what was held first."""
         self._flowing.set()
 
+    def blackhole(self) -> None:
+        """The connections open now relay nothing more, ever, either way, and are not
+        closed: each end waits on a connection that died without a word (a NAT or
+        firewall that forgot it). New connections are relayed as before."""
+        self._dead.update(self._connections)
+
     def trap(self, direction: Direction, marker: bytes) -> None:
         """The next chunk of bytes going `direction` that contains `marker` is not
         relayed: its connection is cut instead, both ways. Towards the server, the request
@@ -130,6 +137,7 @@ class TcpProxy:
                 if stream is not None:
                     stream.close()
             self._connections.discard(task)
+            self._dead.discard(task)
 
     async def _pump(
         self,
@@ -145,6 +153,8 @@ class TcpProxy:
                 if self._springs(direction, data):
                     relay.cancel()
                     return
+                if relay in self._dead:
+                    continue
                 await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()

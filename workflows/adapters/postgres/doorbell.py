@@ -9,7 +9,12 @@ from uuid import uuid4
 
 import psycopg
 
-from workflows.adapters.postgres.database import Pool, connection
+from workflows.adapters.postgres.database import (
+    CONNECT_TIMEOUT,
+    BoundedConnection,
+    Pool,
+    connection,
+)
 from workflows.application.doorbell import Doorbell
 from workflows.domain.errors import DependencyUnavailable
 
@@ -22,6 +27,11 @@ LISTEN = f"LISTEN {CHANNEL}"
 NOTIFY_EVERY = 0.005
 """Seconds between two NOTIFYs of one process at most: a burst of POSTs costs one NOTIFY
 per interval, not one per round trip (a waiter elsewhere wakes at most this much later)."""
+HEARTBEAT = 15.0
+"""Every this many seconds the listener asks its connection a `SELECT 1`: a
+connection that died without a word (a NAT or firewall that forgot it, a network
+partition) fails that within the query timeout and is replaced, where it would otherwise
+never hear a NOTIFY again. The traffic also keeps such middleboxes from forgetting it."""
 
 
 class PostgresDoorbell(Doorbell):
@@ -83,13 +93,17 @@ class PostgresDoorbell(Doorbell):
         backoff = 0.5
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
+                conn = await BoundedConnection.connect(
+                    self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                )
                 async with conn:
                     await conn.execute(LISTEN)
                     self.wake_local()  # whatever rang while nobody listened
                     backoff = 0.5
-                    async for notify in conn.notifies():
-                        self._heard(notify.payload)
+                    while True:
+                        async for notify in conn.notifies(timeout=HEARTBEAT):
+                            self._heard(notify.payload)
+                        await conn.execute("SELECT 1")  # within QUERY_TIMEOUT, or gone
             except (psycopg.Error, OSError) as exc:
                 log.warning("doorbell listener lost its connection: %s", exc)
             await asyncio.sleep(backoff)
