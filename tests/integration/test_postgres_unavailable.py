@@ -202,6 +202,37 @@ async def test_a_call_to_a_database_that_stops_answering_gets_its_503_at_the_que
         await proxy.down()
 
 
+@pytest.mark.parametrize("ping", ["repository", "queue"])
+async def test_a_probe_of_a_database_that_stops_answering_answers_within_the_acquire_timeout(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, ping: str
+) -> None:
+    """/readyz's database check gives its verdict within the one timeout (here 1.5 s),
+    connection included, not the query timeout a statement gets (10 s)."""
+    monkeypatch.setattr(database_module, "ACQUIRE_TIMEOUT", 1.5)
+    proxy = TcpProxy.to_postgres(database_url)
+    await proxy.up()
+    database = PostgresDatabase(proxy.url)
+    await database.start()
+    probe = {
+        "repository": PostgresWorkflowRepository(database.pool, outbox=False).ping,
+        "queue": PostgresQueue(database.pool).ping,
+    }[ping]
+    loop = asyncio.get_running_loop()
+    try:
+        proxy.stall()
+        began = loop.time()
+        with pytest.raises(DependencyUnavailable):
+            await asyncio.wait_for(probe(), 10)
+        waited = loop.time() - began
+        assert 1.5 <= waited < 2.5, f"the verdict came after {waited:.2f} s"
+        proxy.flow()
+        await eventually(probe, within=database_module.RECONNECT_TIMEOUT)
+    finally:
+        proxy.flow()
+        await database.stop()
+        await proxy.down()
+
+
 def test_migrate_raises_dependency_unavailable_while_the_database_is_down(
     outage: TcpProxy,
 ) -> None:

@@ -360,3 +360,48 @@ async def test_a_small_document_is_rendered_on_the_event_loop(
     text = '{"a":' + '"' + "x" * (exporter_module.RENDER_ON_LOOP_MAX - 10) + '"}'
     assert len(text) <= exporter_module.RENDER_ON_LOOP_MAX
     assert await CsvExporter("unused").render(workflow(text)) == render_csv(text)
+
+
+async def test_a_probe_of_a_directory_whose_filesystem_hangs_fails_in_its_timeout_and_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that hangs (an NFS server gone; here a probe that waits for an event)
+    fails /readyz's check within PROBE_TIMEOUT; while that probe's thread is still held,
+    the next check fails at once and holds no other thread; once it returns, a probe
+    passes again."""
+    from workflows.adapters.csv_export import files
+
+    monkeypatch.setattr(exporter_module, "PROBE_TIMEOUT", 0.3)
+    real_probe = files.probe_directory
+    release = threading.Event()
+    probes: list[str] = []
+
+    def hanging_probe(directory: str) -> None:
+        probes.append(directory)
+        release.wait(10)
+        real_probe(directory)
+
+    monkeypatch.setattr(files, "probe_directory", hanging_probe)
+    exporter = CsvExporter(tmp_path / "exports")
+    loop = asyncio.get_running_loop()
+    try:
+        began = loop.time()
+        with pytest.raises(DependencyUnavailable, match=r"no answer within 0\.3 s"):
+            await exporter.ping()
+        assert 0.3 <= loop.time() - began < 2.0
+        began = loop.time()
+        with pytest.raises(DependencyUnavailable, match="the last probe has not returned"):
+            await exporter.ping()
+        assert loop.time() - began < 0.1
+        assert len(probes) == 1  # no second thread held
+    finally:
+        release.set()
+    for _ in range(100):  # the held probe returns, and then a probe passes again
+        try:
+            await exporter.ping()
+            break
+        except DependencyUnavailable:
+            await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("no probe passed after the filesystem came back")
+    assert len(probes) == 2

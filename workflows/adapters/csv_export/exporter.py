@@ -40,6 +40,8 @@ than left to `flush`: what the recovery's look-back allows for a slow consume.""
 MTIME_SLACK = 2.0
 """Seconds allowed between a file's modification time and the flush it may have missed."""
 MARKER = ".flushed"
+PROBE_TIMEOUT = 5.0
+"""Seconds `ping` waits for its file to be made before the directory counts as unavailable."""
 RENDER_ON_LOOP_MAX = 8 * 1024
 """Characters of data text up to which a CSV is rendered on the event loop (about 1 ms of
 it on a 2-core host); a larger document is rendered in a thread, so that one large export
@@ -69,6 +71,7 @@ class CsvExporter(Exporter):
         self._unflushed = False  # a file was left to `flush` since the last one began
         self._flushed_at: float | None = None  # MARKER's time, once read by unflushed_since
         self._spares: files.SpareFiles | None = None  # unnamed files opened ahead, once they work
+        self._probing: asyncio.Future[None] | None = None  # the last `ping`'s thread
 
     async def render(self, workflow: Workflow) -> bytes:
         text = workflow.data.text
@@ -133,8 +136,24 @@ class CsvExporter(Exporter):
             raise
 
     async def ping(self) -> None:
+        """A file made in the directory within PROBE_TIMEOUT, in a thread. A filesystem
+        that hangs (an NFS server gone) holds that thread, not the caller (/readyz), and
+        while it does a probe fails at once instead of holding another thread."""
+        if self._probing is not None and not self._probing.done():
+            raise DependencyUnavailable(
+                "export directory", f"{self._dir}: the last probe has not returned"
+            )
+        probing = asyncio.get_running_loop().run_in_executor(
+            None, files.probe_directory, self._dir_name
+        )
+        probing.add_done_callback(_retrieved)  # its error may come after its caller left
+        self._probing = probing
         try:
-            await asyncio.to_thread(files.probe_directory, self._dir_name)
+            await asyncio.wait_for(asyncio.shield(probing), PROBE_TIMEOUT)
+        except TimeoutError:
+            raise DependencyUnavailable(
+                "export directory", f"{self._dir}: no answer within {PROBE_TIMEOUT:g} s"
+            ) from None
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
 
@@ -189,3 +208,10 @@ class CsvExporter(Exporter):
         text = datetime.fromtimestamp(flushed_at, UTC).isoformat() + "\n"
         await files.replace_atomically(self._dir / MARKER, text.encode(), self._fsync)
         self._marked = True
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Take a finished probe's outcome, so that an error no caller waited for is not
+    reported as never retrieved (the next probe reports the directory's state)."""
+    if not future.cancelled():
+        future.exception()

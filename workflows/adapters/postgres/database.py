@@ -38,6 +38,8 @@ caller gets a 503: a server that stops answering without closing the connection 
 frozen, stopped with SIGSTOP, behind a network that drops packets) would otherwise hold
 the call for as long as it does. Above LOCK_TIMEOUT, so that a statement waiting for a
 lock is cancelled by the server first, and is known not to have committed."""
+SOME_TIME = 1.0
+"""Seconds a probe's round trip is given at least, however late its connection came."""
 WAIT_INTERVAL = 0.1
 """psycopg's own: how often a wait for the server wakes to check for interruptions."""
 RECONNECT_TIMEOUT = 10.0
@@ -58,26 +60,32 @@ class BoundedConnection(psycopg.AsyncConnection[TupleRow]):
     was left, as for a connection lost with its answer). A wait given its own timeout
     (LISTEN's `notifies`) keeps it."""
 
+    query_timeout: float | None = None
+    """This connection's deadline for a round trip while set, instead of QUERY_TIMEOUT."""
+
     async def wait(
         self,
         gen: PQGen[RV],
         interval: float = WAIT_INTERVAL,
         timeout: float | None = None,  # noqa: ASYNC109 (psycopg's signature, overridden)
     ) -> RV:
+        limit = timeout
+        if limit is None:
+            limit = QUERY_TIMEOUT if self.query_timeout is None else self.query_timeout
         try:
-            return await super().wait(gen, interval, QUERY_TIMEOUT if timeout is None else timeout)
+            return await super().wait(gen, interval, limit)
         except psycopg.errors._WaitTimeout as error:  # what psycopg raises for its timeout
             if timeout is not None:
                 raise
             self.pgconn.finish()  # broken, not closed: the pool discards it
-            raise NoAnswer(f"no answer from the database within {QUERY_TIMEOUT:g} s") from error
+            raise NoAnswer(f"no answer from the database within {limit:g} s") from error
 
 
 class NoAnswer(psycopg.OperationalError):
     """A round trip took more than QUERY_TIMEOUT; its connection was closed."""
 
 
-Connection: TypeAlias = psycopg.AsyncConnection[TupleRow]
+Connection: TypeAlias = BoundedConnection
 Pool: TypeAlias = AsyncConnectionPool[Connection]
 
 
@@ -237,5 +245,12 @@ async def rows_left_by(
 
 
 async def ping_database(pool: Pool) -> None:
+    """A `SELECT 1`, answered within ACQUIRE_TIMEOUT of the call, connection included:
+    a probe (/readyz) gives its verdict within that one timeout, a hung server's too."""
+    deadline = time.monotonic() + ACQUIRE_TIMEOUT
     async with connection(pool) as conn:
-        await conn.execute("SELECT 1")
+        conn.query_timeout = max(deadline - time.monotonic(), SOME_TIME)
+        try:
+            await conn.execute("SELECT 1")
+        finally:
+            conn.query_timeout = None
