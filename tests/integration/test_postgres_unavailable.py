@@ -20,6 +20,7 @@ from workflows.adapters.postgres import (
     PostgresWorkflowRepository,
     migrate,
 )
+from workflows.adapters.postgres.stats import PostgresStats
 from workflows.adapters.postgres import batching as batching_module
 from workflows.adapters.postgres import database as database_module
 from workflows.adapters.postgres import workflows as workflows_module
@@ -227,6 +228,34 @@ async def test_a_probe_of_a_database_that_stops_answering_answers_within_the_acq
         assert 1.5 <= waited < 2.5, f"the verdict came after {waited:.2f} s"
         proxy.flow()
         await eventually(probe, within=database_module.RECONNECT_TIMEOUT)
+    finally:
+        proxy.flow()
+        await database.stop()
+        await proxy.down()
+
+
+async def test_the_clis_full_scan_waits_past_the_query_timeout_and_the_next_statement_not(
+    pg: PostgresDatabase, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`workflows stats` counts by status with a full scan, which takes as long as the
+    table is big: it is not cut off at the query timeout (here 0.2 s, the server held
+    for 1 s); the next statement on the same connection has its deadline again."""
+    monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 0.2)
+    proxy = TcpProxy.to_postgres(database_url)
+    await proxy.up()
+    database = PostgresDatabase(proxy.url, max_size=1)  # one connection, used by both
+    await database.start()
+    stats = PostgresStats(database.pool)
+    try:
+        proxy.stall()
+        counting = asyncio.create_task(stats.counts_by_status())
+        await asyncio.sleep(1.0)
+        assert not counting.done()
+        proxy.flow()
+        assert await asyncio.wait_for(counting, 5) == {}  # `pg` emptied the tables
+        proxy.stall()
+        with pytest.raises(DependencyUnavailable, match="no answer"):
+            await asyncio.wait_for(stats.queue_depth(), 5)
     finally:
         proxy.flow()
         await database.stop()

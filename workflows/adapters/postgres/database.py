@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import select
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import LiteralString, TypeAlias, TypeVar
 
 import psycopg
@@ -249,8 +250,17 @@ async def ping_database(pool: Pool) -> None:
     a probe (/readyz) gives its verdict within that one timeout, a hung server's too."""
     deadline = time.monotonic() + ACQUIRE_TIMEOUT
     async with connection(pool) as conn:
-        conn.query_timeout = max(deadline - time.monotonic(), SOME_TIME)
-        try:
+        with waiting_up_to(conn, max(deadline - time.monotonic(), SOME_TIME)):
             await conn.execute("SELECT 1")
-        finally:
-            conn.query_timeout = None
+
+
+@contextmanager
+def waiting_up_to(conn: Connection, seconds: float = math.inf) -> Iterator[Connection]:
+    """`conn`'s round trips in the block wait up to `seconds` (by default as long as the
+    server takes) instead of QUERY_TIMEOUT: for a probe that must answer sooner, or a scan
+    that takes as long as the table is big (the CLI's counts)."""
+    conn.query_timeout = seconds
+    try:
+        yield conn
+    finally:
+        conn.query_timeout = None

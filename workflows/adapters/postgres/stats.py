@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import attrs
 
-from workflows.adapters.postgres.database import Pool, connection
+from workflows.adapters.postgres.database import Pool, connection, waiting_up_to
 from workflows.adapters.postgres.rows import QUEUED
 
 # Counts on workflows_status_uuid_idx and the partial workflows_dead_lettered_idx: cheap
@@ -54,6 +54,9 @@ class PostgresStats:
         return OutboxBacklog(entries=row[0], oldest_age_seconds=max(0.0, row[1]))
 
     async def counts_by_status(self) -> dict[str, int]:
+        """A full scan (the CLI's, run by hand): it may take longer than a statement's
+        QUERY_TIMEOUT on a large table, and waits for as long as it takes."""
         async with connection(self._pool) as conn:
-            rows = await (await conn.execute(BY_STATUS)).fetchall()
+            with waiting_up_to(conn):
+                rows = await (await conn.execute(BY_STATUS)).fetchall()
         return dict(rows)
