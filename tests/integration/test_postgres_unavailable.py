@@ -20,11 +20,11 @@ from workflows.adapters.postgres import (
     PostgresWorkflowRepository,
     migrate,
 )
-from workflows.adapters.postgres.stats import PostgresStats
 from workflows.adapters.postgres import batching as batching_module
 from workflows.adapters.postgres import database as database_module
 from workflows.adapters.postgres import workflows as workflows_module
 from workflows.adapters.postgres.database import closed_by_server
+from workflows.adapters.postgres.stats import PostgresStats
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
