@@ -262,6 +262,33 @@ async def test_the_clis_full_scan_waits_past_the_query_timeout_and_the_next_stat
         await proxy.down()
 
 
+async def test_asking_what_a_lost_write_left_takes_at_most_its_time_on_a_hung_server(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a write whose answer was lost left is asked for at most `within` (0.3 s),
+    the question's own round trip on an idle connection of a server that hangs included,
+    not a whole query timeout (2 s)."""
+    monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 2.0)
+    proxy = TcpProxy.to_postgres(database_url)
+    await proxy.up()
+    database = PostgresDatabase(proxy.url, min_size=1)
+    await database.start()  # one idle connection, taken by the question
+    loop = asyncio.get_running_loop()
+    try:
+        proxy.stall()
+        began = loop.time()
+        with pytest.raises(DependencyUnavailable):
+            await asyncio.wait_for(
+                database_module.ask_patiently(database.pool, "SELECT 1", (), within=0.3), 10
+            )
+        waited = loop.time() - began
+        assert waited < 1.0, f"the question took {waited:.2f} s"
+    finally:
+        proxy.flow()
+        await database.stop()
+        await proxy.down()
+
+
 def test_migrate_raises_dependency_unavailable_while_the_database_is_down(
     outage: TcpProxy,
 ) -> None:

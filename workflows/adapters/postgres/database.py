@@ -215,7 +215,9 @@ async def ask_patiently(
     while True:
         try:
             async with connection(pool, wait=max(deadline - time.monotonic(), ASK_PAUSE)) as conn:
-                return await (await conn.execute(query, params)).fetchone()
+                # Its answer too within `within`: a hung server holds it no longer.
+                with waiting_up_to(conn, max(deadline - time.monotonic(), ASK_PAUSE)):
+                    return await (await conn.execute(query, params)).fetchone()
         except DependencyUnavailable:
             if time.monotonic() >= deadline:
                 raise

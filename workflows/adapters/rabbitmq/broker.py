@@ -25,6 +25,11 @@ CONSUMER_LANES = 8
 wire at once, for the consume calls that find no prefetched message."""
 
 
+BROKER_TIMEOUT = 5.0
+"""Seconds a call to the broker (a publish's confirm, a basic.get, a declaration) waits for
+its answer before the broker counts as unavailable."""
+
+
 class RabbitMqBroker(MessagePublisher):
     """One durable quorum queue: publish with confirms, take one message at a time.
 
@@ -56,7 +61,7 @@ class RabbitMqBroker(MessagePublisher):
         url: str,
         *,
         queue: str = "workflows",
-        timeout: float = 5.0,
+        timeout: float = BROKER_TIMEOUT,
         arguments: Mapping[str, object] | None = None,
         consumer_lanes: int = CONSUMER_LANES,
         prefetch: int = 0,
