@@ -29,7 +29,9 @@ import pytest
 from tests.support.processes import running as running_process
 from tests.support.tcp_proxy import TcpProxy, free_port
 from workflows.adapters.postgres import PostgresDatabase
+from workflows.adapters.postgres import batching as batching_module
 from workflows.adapters.postgres import database as database_module
+from workflows.adapters.postgres import workflows as workflows_module
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.http import create_app
@@ -190,6 +192,62 @@ async def test_database_away_and_back_answers_503_then_recovers_without_a_restar
     assert await count(pg, "workflows") == 2  # nothing from the failed POSTs
     assert await count(pg, "idempotency_keys") == 1
     assert await count(pg, "outbox") == 0
+
+
+@pytest.mark.usefixtures("impatient")
+async def test_a_database_that_stops_answering_gets_503s_in_bounded_time_then_serves_again(
+    backend_settings: Settings,
+    database_url: str,
+    pg: PostgresDatabase,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL hangs with its connections open (a relay holds every byte): every
+    request that needs it gets its 503 within the query timeout (0.5 s here) and the
+    question a POST then asks (0.5 s), and /readyz its verdict within the 1 s connection
+    timeout, where each waited for as long as the server did; once it answers again the
+    same app serves, and a POST retried with its key is stored once."""
+    monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 0.5)
+    for module in (workflows_module, batching_module):
+        monkeypatch.setattr(module, "VERIFY_WITHIN", 0.5)
+    proxy = TcpProxy.to_postgres(database_url)
+    await proxy.up()
+    try:
+        async with app_with(attrs.evolve(backend_settings, database_url=proxy.url)) as client:
+            before = await client.post("/workflow", json={"data": {"n": "before"}})
+            assert before.status_code == 201, before.text
+            key = {"Idempotency-Key": "posted-while-it-hung"}
+            during = {"data": {"n": "during"}}
+
+            proxy.stall()
+            began = time.monotonic()
+            requests = asyncio.gather(
+                client.post("/workflow", json=during, headers=key),
+                client.get("/workflow"),
+                client.get(before.headers["location"]),
+                client.post("/workflow/consume"),
+                client.patch(before.headers["location"], json={"status": "consumed"}),
+            )
+            responses = await asyncio.wait_for(requests, 10)
+            waited = time.monotonic() - began
+            for response in responses:
+                assert_unavailable(response)
+            assert waited < 3.0, f"the 503s came after {waited:.2f} s"
+            began = time.monotonic()
+            checks = await asyncio.wait_for(readiness(client), 10)
+            assert checks["database"] == "unavailable"
+            assert time.monotonic() - began < 2.5
+
+            proxy.flow()
+            retried = await eventually(
+                lambda: client.post("/workflow", json=during, headers=key), status=201
+            )
+            assert (await client.get("/readyz")).status_code == 200
+            listed = (await client.get("/workflow")).json()
+            assert [w["data"]["n"] for w in listed].count("during") == 1
+            assert retried.json()["uuid"] in [w["uuid"] for w in listed]
+    finally:
+        await proxy.down()
+        delete_queues(backend_settings)
 
 
 @pytest.mark.rabbitmq
