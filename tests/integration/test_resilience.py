@@ -68,6 +68,24 @@ def delete_queues(settings: Settings) -> None:
     connection.close()
 
 
+@asynccontextmanager
+async def database_behind_a_relay(
+    settings: Settings, database_url: str
+) -> AsyncIterator[tuple[TcpProxy, httpx.AsyncClient, httpx.Response]]:
+    """The app with its database behind a relay, and the 201 of one POST made while the
+    relay is up; the relay goes down and the test's queues are deleted afterwards."""
+    proxy = TcpProxy.to_postgres(database_url)
+    await proxy.up()
+    try:
+        async with app_with(attrs.evolve(settings, database_url=proxy.url)) as client:
+            before = await client.post("/workflow", json={"data": {"n": "before"}})
+            assert before.status_code == 201, before.text
+            yield proxy, client, before
+    finally:
+        await proxy.down()
+        delete_queues(settings)
+
+
 @pytest.fixture
 def impatient(monkeypatch: pytest.MonkeyPatch) -> None:
     """A request waits 1 s, not 5 s, for a database connection before answering 503."""
@@ -150,45 +168,37 @@ async def consume_all(client: httpx.AsyncClient, expected: int) -> list[str]:
 async def test_database_away_and_back_answers_503_then_recovers_without_a_restart(
     backend_settings: Settings, database_url: str, pg: PostgresDatabase
 ) -> None:
-    proxy = TcpProxy.to_postgres(database_url)
-    await proxy.up()
-    try:
-        async with app_with(attrs.evolve(backend_settings, database_url=proxy.url)) as client:
-            before = await client.post("/workflow", json={"data": {"n": "before"}})
-            assert before.status_code == 201, before.text
-            key = {"Idempotency-Key": "posted-during-the-outage"}
-            during = {"data": {"n": "during"}}
+    async with database_behind_a_relay(backend_settings, database_url) as (proxy, client, before):
+        key = {"Idempotency-Key": "posted-during-the-outage"}
+        during = {"data": {"n": "during"}}
 
-            await proxy.down()
-            for response in await asyncio.gather(
-                client.post("/workflow", json=during, headers=key),
-                client.post("/workflow", json={"data": {"n": "lost"}}),
-                client.get("/workflow"),
-                client.get(before.headers["location"]),
-                client.post("/workflow/consume"),  # `before` is queued: it needs the database
-            ):
-                assert_unavailable(response)
-            checks = await readiness(client)
-            assert checks["database"] == "unavailable"
-            if backend_settings.queue_backend == "rabbitmq":
-                assert checks["queue"] == "ok"  # the check that fails is the database's
-
-            await proxy.up()
-            retried = await eventually(
-                lambda: client.post("/workflow", json=during, headers=key), status=201
-            )
-            assert "idempotent-replayed" not in retried.headers  # the failed try left no key
-            assert (await client.get("/readyz")).status_code == 200
-            listed = (await client.get("/workflow")).json()
-            assert [w["uuid"] for w in listed] == [before.json()["uuid"], retried.json()["uuid"]]
-            consumed = await consume_all(client, expected=2)
-            assert sorted(consumed) == sorted(w["uuid"] for w in listed)
-            # A POST right after the outage may leave its entry to the relay's next sweep
-            # (its consume took it from the outbox): the sweep still delivers it.
-            await until(lambda: count(pg, "outbox"), equals=0, what="the outbox drained")
-    finally:
         await proxy.down()
-        delete_queues(backend_settings)
+        for response in await asyncio.gather(
+            client.post("/workflow", json=during, headers=key),
+            client.post("/workflow", json={"data": {"n": "lost"}}),
+            client.get("/workflow"),
+            client.get(before.headers["location"]),
+            client.post("/workflow/consume"),  # `before` is queued: it needs the database
+        ):
+            assert_unavailable(response)
+        checks = await readiness(client)
+        assert checks["database"] == "unavailable"
+        if backend_settings.queue_backend == "rabbitmq":
+            assert checks["queue"] == "ok"  # the check that fails is the database's
+
+        await proxy.up()
+        retried = await eventually(
+            lambda: client.post("/workflow", json=during, headers=key), status=201
+        )
+        assert "idempotent-replayed" not in retried.headers  # the failed try left no key
+        assert (await client.get("/readyz")).status_code == 200
+        listed = (await client.get("/workflow")).json()
+        assert [w["uuid"] for w in listed] == [before.json()["uuid"], retried.json()["uuid"]]
+        consumed = await consume_all(client, expected=2)
+        assert sorted(consumed) == sorted(w["uuid"] for w in listed)
+        # A POST right after the outage may leave its entry to the relay's next sweep
+        # (its consume took it from the outbox): the sweep still delivers it.
+        await until(lambda: count(pg, "outbox"), equals=0, what="the outbox drained")
     assert await count(pg, "workflows") == 2  # nothing from the failed POSTs
     assert await count(pg, "idempotency_keys") == 1
     assert await count(pg, "outbox") == 0
@@ -209,45 +219,37 @@ async def test_a_database_that_stops_answering_gets_503s_in_bounded_time_then_se
     monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 0.5)
     for module in (workflows_module, batching_module):
         monkeypatch.setattr(module, "VERIFY_WITHIN", 0.5)
-    proxy = TcpProxy.to_postgres(database_url)
-    await proxy.up()
-    try:
-        async with app_with(attrs.evolve(backend_settings, database_url=proxy.url)) as client:
-            before = await client.post("/workflow", json={"data": {"n": "before"}})
-            assert before.status_code == 201, before.text
-            key = {"Idempotency-Key": "posted-while-it-hung"}
-            during = {"data": {"n": "during"}}
+    async with database_behind_a_relay(backend_settings, database_url) as (proxy, client, before):
+        key = {"Idempotency-Key": "posted-while-it-hung"}
+        during = {"data": {"n": "during"}}
 
-            proxy.stall()
-            began = time.monotonic()
-            requests = asyncio.gather(
-                client.post("/workflow", json=during, headers=key),
-                client.get("/workflow"),
-                client.get(before.headers["location"]),
-                client.post("/workflow/consume"),
-                client.patch(before.headers["location"], json={"status": "consumed"}),
-            )
-            responses = await asyncio.wait_for(requests, 10)
-            waited = time.monotonic() - began
-            for response in responses:
-                assert_unavailable(response)
-            assert waited < 3.0, f"the 503s came after {waited:.2f} s"
-            began = time.monotonic()
-            checks = await asyncio.wait_for(readiness(client), 10)
-            assert checks["database"] == "unavailable"
-            assert time.monotonic() - began < 2.5
+        proxy.stall()
+        began = time.monotonic()
+        requests = asyncio.gather(
+            client.post("/workflow", json=during, headers=key),
+            client.get("/workflow"),
+            client.get(before.headers["location"]),
+            client.post("/workflow/consume"),
+            client.patch(before.headers["location"], json={"status": "consumed"}),
+        )
+        responses = await asyncio.wait_for(requests, 10)
+        waited = time.monotonic() - began
+        for response in responses:
+            assert_unavailable(response)
+        assert waited < 3.0, f"the 503s came after {waited:.2f} s"
+        began = time.monotonic()
+        checks = await asyncio.wait_for(readiness(client), 10)
+        assert checks["database"] == "unavailable"
+        assert time.monotonic() - began < 2.5
 
-            proxy.flow()
-            retried = await eventually(
-                lambda: client.post("/workflow", json=during, headers=key), status=201
-            )
-            assert (await client.get("/readyz")).status_code == 200
-            listed = (await client.get("/workflow")).json()
-            assert [w["data"]["n"] for w in listed].count("during") == 1
-            assert retried.json()["uuid"] in [w["uuid"] for w in listed]
-    finally:
-        await proxy.down()
-        delete_queues(backend_settings)
+        proxy.flow()
+        retried = await eventually(
+            lambda: client.post("/workflow", json=during, headers=key), status=201
+        )
+        assert (await client.get("/readyz")).status_code == 200
+        listed = (await client.get("/workflow")).json()
+        assert [w["data"]["n"] for w in listed].count("during") == 1
+        assert retried.json()["uuid"] in [w["uuid"] for w in listed]
 
 
 @pytest.mark.rabbitmq
