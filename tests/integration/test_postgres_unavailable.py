@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -285,6 +286,40 @@ async def test_asking_what_a_lost_write_left_takes_at_most_its_time_on_a_hung_se
         assert waited < 1.0, f"the question took {waited:.2f} s"
     finally:
         proxy.flow()
+        await database.stop()
+        await proxy.down()
+
+
+def tcp_keepalive(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int, int, int]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT of `conn`'s own socket."""
+    with socket.fromfd(conn.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        )
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("", (1, 30, 10, 3)), ("keepalives_idle=5", (1, 5, 10, 3))],
+    ids=["ours", "the URL's idle"],
+)
+async def test_pooled_connections_probe_their_idle_peer_with_tcp_keepalives(
+    database_url: str, given: str, expected: tuple[int, int, int, int]
+) -> None:
+    """An idle pooled connection is probed after 30 s (NAT state kept, a dead peer found
+    within 60 s), on the socket itself, unless the URL says otherwise."""
+    proxy = TcpProxy.to_postgres(database_url)  # over TCP, whatever DATABASE_URL uses
+    await proxy.up()
+    url = f"{proxy.url} {given}" if given else proxy.url
+    database = PostgresDatabase(url)
+    await database.start()
+    try:
+        async with database.pool.connection() as conn:
+            assert tcp_keepalive(conn) == expected
+    finally:
         await database.stop()
         await proxy.down()
 

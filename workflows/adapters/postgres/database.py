@@ -106,6 +106,25 @@ def session_options(url: str) -> str:
     return " ".join(options)
 
 
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+"""libpq's TCP keepalives for the service's connections: an idle connection is probed
+after 30 s of silence, which keeps NAT and firewall state from forgetting it (cloud load
+balancers drop idle flows after 4 minutes and more), and one whose peer is gone is found
+dead within 60 s and replaced before use (`closed_by_server`), instead of costing its next
+request a query timeout."""
+
+
+def keepalives(url: str) -> dict[str, int]:
+    """KEEPALIVES, less what the URL sets itself."""
+    given = conninfo_to_dict(url)
+    return {name: value for name, value in KEEPALIVES.items() if name not in given}
+
+
 class PostgresDatabase:
     """Owns the connection pool. The constructor connects nothing; `start()` does."""
 
@@ -121,6 +140,7 @@ class PostgresDatabase:
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT,
                 "options": session_options(url),
+                **keepalives(url),
             },
             connection_class=BoundedConnection,
             min_size=min_size,

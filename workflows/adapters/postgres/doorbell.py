@@ -8,12 +8,14 @@ import time
 from uuid import uuid4
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from workflows.adapters.postgres.database import (
     CONNECT_TIMEOUT,
     BoundedConnection,
     Pool,
     connection,
+    keepalives,
 )
 from workflows.application.doorbell import Doorbell
 from workflows.domain.errors import DependencyUnavailable
@@ -93,9 +95,10 @@ class PostgresDoorbell(Doorbell):
         backoff = 0.5
         while True:
             try:
-                conn = await BoundedConnection.connect(
-                    self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                conninfo = make_conninfo(
+                    self._url, connect_timeout=CONNECT_TIMEOUT, **keepalives(self._url)
                 )
+                conn = await BoundedConnection.connect(conninfo, autocommit=True)
                 async with conn:
                     await conn.execute(LISTEN)
                     self.wake_local()  # whatever rang while nobody listened
