@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import stat
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 
+from tests.support.sockets import keepalive_options
 from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.postgres import PostgresDatabase
 from workflows.adapters.postgres import database as database_module
@@ -89,14 +94,12 @@ async def test_a_notify_wakes_as_many_waiters_as_rang_for_and_never_its_sender(
         assert [w.done() for w in there] == [True, True, False, False]
 
 
-async def test_a_listener_whose_connection_died_without_a_word_listens_again(
-    database_url: str, pg: PostgresDatabase, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The listening connection goes dead with neither end told (a NAT or firewall that
-    forgot it): its heartbeat finds out within the heartbeat and the query timeout, and it
-    listens on a new connection, where it would never have heard a NOTIFY again."""
-    monkeypatch.setattr(doorbell_module, "HEARTBEAT", 0.5)
-    monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 0.5)
+@asynccontextmanager
+async def listening_behind_a_relay(
+    database_url: str, pg: PostgresDatabase
+) -> AsyncIterator[tuple[TcpProxy, PostgresDoorbell, PostgresDoorbell]]:
+    """Two doorbells, the listening one's connection (alone) through a relay, once it
+    hears the ringing one."""
     proxy = TcpProxy.to_postgres(database_url)
     await proxy.up()
     ringing = PostgresDoorbell(database_url, pg.pool)
@@ -105,11 +108,53 @@ async def test_a_listener_whose_connection_died_without_a_word_listens_again(
     await listening.start()
     try:
         await until_heard(ringing, listening)
-        proxy.blackhole()
-        await asyncio.sleep(1.5)  # a heartbeat, its timeout, a new connection
-        for _ in range(2):  # the second waiter comes after the new connection's wake-up
-            await until_heard(ringing, listening, tries=30)
+        yield proxy, ringing, listening
     finally:
         await listening.stop()
         await ringing.stop()
         await proxy.down()
+
+
+async def test_a_listener_whose_connection_died_without_a_word_listens_again(
+    database_url: str, pg: PostgresDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listening connection goes dead with neither end told (a NAT or firewall that
+    forgot it): its heartbeat finds out within the heartbeat and the query timeout, and it
+    listens on a new connection, where it would never have heard a NOTIFY again."""
+    monkeypatch.setattr(doorbell_module, "HEARTBEAT", 0.5)
+    monkeypatch.setattr(database_module, "QUERY_TIMEOUT", 0.5)
+    async with listening_behind_a_relay(database_url, pg) as (proxy, ringing, listening):
+        proxy.blackhole()
+        await asyncio.sleep(1.5)  # a heartbeat, its timeout, a new connection
+        for _ in range(2):  # the second waiter comes after the new connection's wake-up
+            await until_heard(ringing, listening, tries=30)
+
+
+def keepalives_to(port: int) -> list[tuple[int, int, int, int]]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT of this process's TCP
+    sockets connected to 127.0.0.1:`port`."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue  # fromfd would leak its duplicate of a descriptor it refuses
+            sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.type != socket.SOCK_STREAM or sock.getpeername() != ("127.0.0.1", port):
+                    continue
+                found.append(keepalive_options(sock))
+            except OSError:
+                continue
+    return found
+
+
+async def test_the_listening_connection_probes_its_idle_peer_with_tcp_keepalives(
+    database_url: str, pg: PostgresDatabase
+) -> None:
+    """The listener sits idle between NOTIFYs: TCP keepalives after 30 s of silence keep
+    NAT state along the way, as for the pool's connections."""
+    async with listening_behind_a_relay(database_url, pg) as (proxy, _, _):
+        assert keepalives_to(proxy.port) == [(1, 30, 10, 3)]

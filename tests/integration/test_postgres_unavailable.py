@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
+from tests.support.sockets import keepalive_options
 from tests.support.tcp_proxy import TcpProxy
 from workflows.adapters.postgres import (
     PostgresDatabase,
@@ -291,14 +292,9 @@ async def test_asking_what_a_lost_write_left_takes_at_most_its_time_on_a_hung_se
 
 
 def tcp_keepalive(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int, int, int]:
-    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT of `conn`'s own socket."""
+    """The keepalive options of `conn`'s own socket."""
     with socket.fromfd(conn.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return (
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
-        )
+        return keepalive_options(sock)
 
 
 @pytest.mark.parametrize(
