@@ -17,9 +17,9 @@ BODY = Path(__file__).with_name("body.json")
 # Its time field (0x010000000000) is older than any real UUIDv7, so prefilled rows are
 # the oldest in the queue.
 PREFILL = """
-INSERT INTO workflows (uuid, status, data_text, steps, created_at, updated_at)
+INSERT INTO workflows (uuid, status, data_text, data_size, steps, created_at, updated_at)
 SELECT ('01000000-0000-7000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, 'inserted',
-       %(data)s::json, %(steps)s, now(), now()
+       %(data)s::json, %(size)s, %(steps)s, now(), now()
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n
 """
 
@@ -82,7 +82,9 @@ class Database:
 
     def prefill(self, first: int, last: int) -> None:
         """Insert prefilled workflows first..last (inclusive), all inserted."""
-        params = {"data": data_text(), "steps": body()["steps"], "first": first, "last": last}
+        data = data_text()
+        params = {"data": data, "size": len(data.encode()), "steps": body()["steps"]}
+        params |= {"first": first, "last": last}
         self.execute(PREFILL, params)
 
     def count(self, status: str | None = None) -> int:

@@ -28,7 +28,8 @@ def rabbitmq_version(ctx: Context) -> str:
 def raw_postgres(ctx: Context) -> None:
     m, db, cpus = ctx.mode, ctx.db, ctx.load_cpus
     print("raw limits: PostgreSQL (pgbench)", flush=True)
-    row = {"data": dbmod.data_text(), "steps": dbmod.steps_literal()}
+    data = dbmod.data_text()
+    row = {"data": data, "size": str(len(data.encode())), "steps": dbmod.steps_literal()}
 
     def run(name: str, script: str, variables: dict[str, str]) -> None:
         seconds = m.raw_seconds

@@ -60,6 +60,59 @@ async def test_list_is_oldest_first_with_status_filter_cursor_and_limit(
     assert [w.uuid for w in consumed] == [workflows[1].uuid]
 
 
+def sized(size: int, text: str = "") -> Workflow:
+    """A workflow whose data is `size` UTF-8 bytes long (`text` in front, padding after)."""
+    head = f'{{"t":"{text}","p":"'
+    padding = size - len((head + '"}').encode())
+    return make(head + "x" * padding + '"}')
+
+
+async def test_list_with_max_bytes_ends_at_the_first_workflow_past_them(
+    repository: WorkflowRepository,
+) -> None:
+    # Sizes 100, 300, 50, 200, 100: the running totals before each are 0, 100, 400, 450, 650.
+    workflows = [sized(100), sized(300, "é☃"), sized(50), sized(200, "€"), sized(100)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    assert [w.data.size for w in workflows] == [100, 300, 50, 200, 100]
+
+    async def listed(limit: int, max_bytes: int | None, after: int | None = None) -> list[int]:
+        start = None if after is None else workflows[after].uuid
+        found = await repository.list(status=None, after=start, limit=limit, max_bytes=max_bytes)
+        return [workflows.index(w) for w in found]
+
+    # Ends at the first whose predecessors hold max_bytes or more, which it includes.
+    assert await listed(10, 400) == [0, 1, 2]
+    assert await listed(10, 401) == [0, 1, 2, 3]
+    assert await listed(10, 100) == [0, 1]
+    assert await listed(10, 99) == [0, 1]
+    assert await listed(10, 1) == [0, 1]
+    assert await listed(10, 650) == [0, 1, 2, 3, 4]
+    assert await listed(10, 651) == [0, 1, 2, 3, 4]
+    assert await listed(10, None) == [0, 1, 2, 3, 4]
+    # The limit still holds, and the totals start after the cursor.
+    assert await listed(2, 10_000) == [0, 1]
+    assert await listed(10, 250, after=1) == [2, 3, 4]
+    assert await listed(10, 249, after=1) == [2, 3, 4]
+    assert await listed(10, 50, after=1) == [2, 3]
+    assert await listed(10, 400, after=4) == []
+
+
+async def test_list_with_max_bytes_counts_only_the_listed_workflows(
+    repository: WorkflowRepository,
+) -> None:
+    workflows = [sized(1000), sized(100), sized(100), sized(1000), sized(100)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    for index in (0, 3):  # the large ones are not in the list of inserted workflows
+        await repository.set_status(workflows[index].uuid, WorkflowStatus.CONSUMED, T0)
+
+    found = await repository.list(
+        status=WorkflowStatus.INSERTED, after=None, limit=10, max_bytes=200
+    )
+    assert [w.uuid for w in found] == [workflows[1].uuid, workflows[2].uuid, workflows[4].uuid]
+
+
 async def test_set_status_of_unknown_uuid_returns_none(repository: WorkflowRepository) -> None:
     assert await repository.set_status(uuid7(), WorkflowStatus.CONSUMED, T0) is None
 

@@ -37,6 +37,7 @@ VERSIONS = [
     "0005_outbox_without_foreign_key",
     "0006_claim_token",
     "0007_consumed_index",
+    "0008_data_size",
 ]
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from uuid import uuid4
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.abc import Params
 
 from workflows.adapters.postgres import (
     PostgresDatabase,
@@ -16,12 +19,15 @@ from workflows.adapters.postgres import (
     PostgresWorkflowRepository,
 )
 from workflows.adapters.postgres.claims import TAKE_OLDEST_INSERTED
+from workflows.adapters.postgres.rows import COLUMNS
+from workflows.adapters.postgres.workflows import LIST_WITHIN
 from workflows.domain.ids import uuid7
-from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
 
 pytestmark = pytest.mark.postgres
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+HOUR = timedelta(hours=1)
 
 
 def make() -> Workflow:
@@ -72,6 +78,81 @@ async def test_list_combines_status_filter_and_cursor(pg: PostgresDatabase) -> N
     assert [w.uuid for w in page] == [workflows[1].uuid, workflows[3].uuid]
 
 
+async def test_list_within_max_bytes_counts_documents_by_their_text_not_their_storage(
+    pg: PostgresDatabase,
+) -> None:
+    """Documents of 200,000 bytes that PostgreSQL compresses to a few kB: the budget is
+    about what the page will hold in memory, their text."""
+    repository = PostgresWorkflowRepository(pg.pool, outbox=False)
+    workflows = [
+        Workflow.new(uuid7(), JsonDocument('{"p":"' + "x" * (200_000 - 8) + '"}'), ("s",), T0)
+        for _ in range(6)
+    ]
+    for workflow in workflows:
+        await repository.add(workflow)
+    async with pg.pool.connection() as conn:
+        cursor = await conn.execute("SELECT max(pg_column_size(data_text)) FROM workflows")
+        assert (stored := await cursor.fetchone()) is not None
+        assert stored[0] < 20_000
+    found = await repository.list(status=None, after=None, limit=100, max_bytes=500_000)
+    # Before each: 0, 200,000, 400,000, then 600,000: that one ends the list.
+    assert found == workflows[:4]
+    # Rows stored before migration 0008 have no data_size: their text is measured.
+    async with pg.pool.connection() as conn:
+        await conn.execute("UPDATE workflows SET data_size = NULL")
+    assert await repository.list(status=None, after=None, limit=100, max_bytes=500_000) == found
+
+
+async def test_every_insert_records_the_size_of_the_document_text(pg: PostgresDatabase) -> None:
+    repository = PostgresWorkflowRepository(pg.pool, outbox=True)
+    texts = ['{"a":1}', '{"é":"☃ 𝄞","n":[1,2.50]}']
+    grouped = [Workflow.new(uuid7(), JsonDocument(text), ("s",), T0) for text in texts]
+    keyed = [Workflow.new(uuid7(), JsonDocument(text), ("s",), T0) for text in texts]
+    await asyncio.gather(*(repository.add(w) for w in grouped))  # one statement for all
+    for workflow in keyed:  # one statement each, with its key
+        await repository.add(workflow, IdempotencyKey(str(workflow.uuid), "f", T0 + HOUR))
+    async with pg.pool.connection() as conn:
+        cursor = await conn.execute("SELECT uuid, data_size FROM workflows")
+        sizes: dict[UUID, int] = dict(await cursor.fetchall())
+    assert sizes == {w.uuid: len(w.data.text.encode()) for w in grouped + keyed}
+    # é, ☃ and 𝄞 are 2, 3 and 4 bytes long
+    assert [w.data.size for w in grouped] == [7, len(texts[1]) + 1 + 2 + 3]
+
+
+async def plan_among_many(
+    pg: PostgresDatabase, status: str, explain: str | sql.Composed, params: Params
+) -> str:
+    """The plan `explain` (an EXPLAIN statement) prints among 20,000 analysed rows of
+    `status`."""
+    async with pg.pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO workflows (uuid, status, data_text, created_at, updated_at)"
+            " SELECT gen_random_uuid(), %s, '{}', now(), now()"
+            " FROM generate_series(1, 20000)",
+            (status,),
+        )
+        await conn.execute("ANALYZE workflows")
+        cursor = await conn.execute(explain, params)
+        return "\n".join(line for (line,) in await cursor.fetchall())
+
+
+async def test_list_within_max_bytes_reads_the_index_and_stops_at_the_limit(
+    pg: PostgresDatabase,
+) -> None:
+    where = sql.SQL("status = %(status)s AND uuid > %(after)s")
+    query = LIST_WITHIN.format(sql.SQL(COLUMNS), where)
+    params = {"status": "inserted", "after": uuid4(), "limit": 101, "max_bytes": 1 << 23}
+    explain = sql.SQL("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) ") + query
+    plan = await plan_among_many(pg, "inserted", explain, params)
+    assert "Seq Scan" not in plan, plan
+    assert "Sort" not in plan, plan
+    assert "Index Scan using workflows_status_uuid_idx" in plan, plan
+    # The scan stopped at the limit (the window reads one row ahead), not at the table's end.
+    scanned = re.search(r"Index Scan using workflows_status_uuid_idx.*\(actual rows=(\d+) ", plan)
+    assert scanned is not None, plan
+    assert int(scanned[1]) <= 102, plan
+
+
 async def test_claim_by_uuid_and_queue_consume_race_for_one_workflow_exactly_once(
     pg: PostgresDatabase,
 ) -> None:
@@ -95,15 +176,9 @@ async def test_claim_by_uuid_and_queue_consume_race_for_one_workflow_exactly_onc
 async def test_consume_finds_the_oldest_inserted_row_by_index_among_many_consumed(
     pg: PostgresDatabase,
 ) -> None:
-    async with pg.pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO workflows (uuid, status, data_text, created_at, updated_at)"
-            " SELECT gen_random_uuid(), 'consumed', '{}', now(), now()"
-            " FROM generate_series(1, 20000)"
-        )
-        await conn.execute("ANALYZE workflows")
-        cursor = await conn.execute(f"EXPLAIN {TAKE_OLDEST_INSERTED}", (T0, uuid4(), 1))
-        plan = "\n".join(line for (line,) in await cursor.fetchall())
+    plan = await plan_among_many(
+        pg, "consumed", f"EXPLAIN {TAKE_OLDEST_INSERTED}", (T0, uuid4(), 1)
+    )
     # Either index reaches the INSERTED rows directly; neither scans the consumed ones.
     # (Which one the planner takes depends on its statistics.)
     assert "Seq Scan" not in plan, plan

@@ -20,6 +20,8 @@ def test_defaults_apply_when_nothing_is_set() -> None:
     assert settings.database_url is None
     assert settings.export_dir == Path("var/exports")
     assert settings.max_body_bytes == 1024 * 1024
+    assert settings.list_page_bytes == 8 * 1024 * 1024
+    assert Settings.from_env({"LIST_PAGE_BYTES": "1"}).list_page_bytes == 1
     assert settings.export_flush_interval == 1.0
     assert settings.rabbitmq_prefetch == 32
 
@@ -48,6 +50,8 @@ def test_explicit_backend_wins() -> None:
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "70000"}, "PORT"),
         ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
+        ({"LIST_PAGE_BYTES": "0"}, "LIST_PAGE_BYTES"),
+        ({"LIST_PAGE_BYTES": "8M"}, "LIST_PAGE_BYTES"),
         ({"CONFIRM_TIMEOUT": "-1"}, "CONFIRM_TIMEOUT"),
         ({"EXPORT_FLUSH_INTERVAL": "-1"}, "EXPORT_FLUSH_INTERVAL"),
         ({"EXPORT_FLUSH_INTERVAL": "soon"}, "EXPORT_FLUSH_INTERVAL"),

@@ -12,10 +12,11 @@ from uuid import UUID
 import httpx
 import pytest
 
+from tests.openapi_check import check_response
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
-from workflows.entrypoints.http import RECOVERING
+from workflows.entrypoints.http import RECOVERING, create_app
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -69,6 +70,48 @@ async def test_list_is_oldest_first_with_limit_link_and_cursor(client: httpx.Asy
     last = await client.get(f"/workflow?limit=2&after={uuids[3]}")
     assert [w["uuid"] for w in last.json()] == uuids[4:]
     assert "link" not in last.headers
+
+
+async def walk(client: httpx.AsyncClient, url: str) -> list[list[str]]:
+    """The uuids of every page from `url` on, following the Link headers."""
+    pages = []
+    while True:
+        response = await client.get(url)
+        assert response.status_code == 200
+        pages.append([w["uuid"] for w in response.json()])
+        if "link" not in response.headers:
+            return pages
+        url = response.headers["link"].removeprefix("<").split(">;")[0]
+
+
+@pytest.mark.parametrize("hot_routes", [True, False], ids=["hot", "starlette"])
+async def test_a_list_page_ends_early_once_its_data_passes_list_page_bytes(
+    tmp_path: Path, hot_routes: bool
+) -> None:
+    settings = Settings(queue_backend="memory", export_dir=tmp_path, list_page_bytes=1000)
+    app = create_app(Container(settings=settings), hot_routes=hot_routes)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://test",
+        event_hooks={"response": [check_response]},
+    ) as client:
+        sizes = [400, 400, 400, 2000, 400, 400]  # of data, stored as {"i":0,"p":"xx…x"}
+        uuids = []
+        for i, size in enumerate(sizes):
+            body = f'{{"data": {{"i": {i}, "p": "{"x" * (size - 14)}"}}}}'
+            uuids.append((await post(client, body)).json()["uuid"])
+        # Pages end at the first workflow whose predecessors on it hold 1000 bytes; a
+        # workflow over the budget on its own is a page of its own.
+        assert await walk(client, "/workflow") == [uuids[0:3], uuids[3:4], uuids[4:6]]
+        assert await walk(client, "/workflow?limit=2") == [
+            uuids[0:2],
+            uuids[2:4],
+            uuids[4:6],
+        ]
+        first = await client.get("/workflow")
+        assert first.headers["link"] == f'</workflow?limit=100&after={uuids[2]}>; rel="next"'
+        # Cut short or not, the last page has no link.
+        assert await walk(client, f"/workflow?after={uuids[3]}") == [uuids[4:6]]
 
 
 async def test_list_filters_by_status(client: httpx.AsyncClient) -> None:

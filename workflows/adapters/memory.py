@@ -64,9 +64,11 @@ class InMemoryWorkflowRepository(WorkflowRepository):
         after: UUID | None,
         limit: int,
         dead_lettered: bool | None = None,
+        max_bytes: int | None = None,
     ) -> list[Workflow]:
         start = 0 if after is None else bisect.bisect_right(self._order, after)
         found: list[Workflow] = []
+        before = 0  # data of the workflows found before this one
         for uuid in self._order[start:]:
             workflow = self._rows[uuid]
             dead = workflow.dead_lettered_at is not None
@@ -74,8 +76,9 @@ class InMemoryWorkflowRepository(WorkflowRepository):
                 dead_lettered is None or dead is dead_lettered
             ):
                 found.append(workflow)
-                if len(found) == limit:
+                if len(found) == limit or (max_bytes is not None and before >= max_bytes):
                     break
+                before += workflow.data.size
         return found
 
     async def set_status(

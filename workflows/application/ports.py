@@ -53,9 +53,16 @@ class WorkflowRepository(abc.ABC):
         after: UUID | None,
         limit: int,
         dead_lettered: bool | None = None,
+        max_bytes: int | None = None,
     ) -> list[Workflow]:
         """Workflows in uuid order (oldest first), strictly after `after` when given, only
-        (or none of) the dead-lettered ones when `dead_lettered` is True (False)."""
+        (or none of) the dead-lettered ones when `dead_lettered` is True (False), at most
+        `limit` of them.
+
+        With `max_bytes`, the list also ends at the first workflow whose predecessors in it
+        hold `max_bytes` or more of data (`JsonDocument.size`), and includes it: the caller
+        can tell a page cut short by its size from the end of the rows, and no list holds
+        much more data than `max_bytes` plus two documents."""
 
     @abc.abstractmethod
     async def set_status(

@@ -68,9 +68,27 @@ class GetWorkflow:
         return workflow
 
 
+LIST_PAGE_BYTES = 8 * 1024 * 1024
+"""Data (UTF-8 bytes of the documents) after which a list page ends, whatever its `limit`."""
+
+
+@attrs.frozen
+class Page:
+    workflows: list[Workflow]
+    more: bool
+    """Whether workflows follow the page's last one (the next page is not empty)."""
+
+
 @attrs.define
 class ListWorkflows:
+    """A page of at most `limit` workflows, ending early at the first whose predecessors on
+    the page hold `max_bytes` of data: a page of large documents costs the process memory
+    in proportion to its size (about 3 times it while it is built and sent), not to its
+    `limit` (1,000 documents of 1 MiB would be 1 GB). A page has at least one workflow
+    when any follow `after`."""
+
     repository: WorkflowRepository
+    max_bytes: int = LIST_PAGE_BYTES
 
     async def __call__(
         self,
@@ -79,10 +97,20 @@ class ListWorkflows:
         after: UUID | None,
         limit: int,
         dead_lettered: bool | None = None,
-    ) -> list[Workflow]:
-        return await self.repository.list(
-            status=status, after=after, limit=limit, dead_lettered=dead_lettered
+    ) -> Page:
+        found = await self.repository.list(
+            status=status,
+            after=after,
+            limit=limit + 1,
+            dead_lettered=dead_lettered,
+            max_bytes=self.max_bytes,
         )
+        size = 0
+        for taken, workflow in enumerate(found):
+            if taken == limit or size >= self.max_bytes:
+                return Page(found[:taken], more=True)
+            size += workflow.data.size
+        return Page(found, more=False)
 
 
 @attrs.define

@@ -28,6 +28,12 @@ class JsonDocument:
 
     text: str
 
+    @property
+    def size(self) -> int:
+        """The text's length in UTF-8 bytes, as PostgreSQL's `octet_length` counts it."""
+        text = self.text
+        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
     def parse(self) -> Any:
         """The document as Python values.
 

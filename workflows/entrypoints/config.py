@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from workflows.application.use_cases import LIST_PAGE_BYTES
 from workflows.entrypoints.logs import redact
 
 BACKENDS = ("rabbitmq", "postgres", "memory")
@@ -43,6 +44,7 @@ class Settings:
     export_flush_interval: float = 1.0
     embedded_data_dir: Path = Path("var/postgres")
     max_body_bytes: int = 1024 * 1024
+    list_page_bytes: int = LIST_PAGE_BYTES
     log_level: str = "INFO"
     confirm_timeout: float = 0.0
     pool_size: int = 10
@@ -86,6 +88,7 @@ class Settings:
             export_flush_interval=_flush_interval(env),
             embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, low=1),
+            list_page_bytes=_int(env, "LIST_PAGE_BYTES", d.list_page_bytes, low=1),
             log_level=_log_level(env),
             confirm_timeout=_float(env, "CONFIRM_TIMEOUT", d.confirm_timeout, MAX_CONFIRM_TIMEOUT),
             pool_size=_int(env, "DB_POOL_SIZE", d.pool_size, low=1),

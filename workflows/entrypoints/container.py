@@ -132,7 +132,9 @@ class Container(containers.DeclarativeContainer):
         doorbell,
     )
     get_workflow = providers.Singleton(GetWorkflow, repository)
-    list_workflows = providers.Singleton(ListWorkflows, repository)
+    list_workflows = providers.Singleton(
+        lambda repository, s: ListWorkflows(repository, s.list_page_bytes), repository, settings
+    )
     update_status = providers.Singleton(UpdateStatus, repository, queue, clock, doorbell)
     consume_workflow = providers.Singleton(
         lambda queue, exporter, clock, doorbell, repository, s: ConsumeWorkflow(

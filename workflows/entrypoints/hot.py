@@ -159,15 +159,14 @@ class HotRoutes:
     async def list_page(self, scope: Scope, receive: Receive, headers: Headers) -> Answer:
         """WorkflowCollection.get (http.py), without the Starlette layers."""
         status, after, limit, dead = list_query(QueryParams(scope.get("query_string", b"")))
-        found = await self.container.list_workflows()(
-            status=status, after=after, limit=limit + 1, dead_lettered=dead
+        page = await self.container.list_workflows()(
+            status=status, after=after, limit=limit, dead_lettered=dead
         )
         raw = []
-        if len(found) > limit:
-            found = found[:limit]
-            link = next_page_link(scope["path"], status, limit, dead, found[-1].uuid)
+        if page.more:
+            link = next_page_link(scope["path"], status, limit, dead, page.workflows[-1].uuid)
             raw.append((b"link", link.encode("latin-1")))
-        rendered = rendering.render_workflows(found)
+        rendered = rendering.render_workflows(page.workflows)
         raw += [(b"content-length", str(len(rendered)).encode()), JSON_TYPE]
         return 200, raw, rendered
 

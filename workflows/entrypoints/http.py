@@ -85,14 +85,14 @@ class WorkflowCollection(HTTPEndpoint):
 
     async def get(self, request: Request) -> Response:
         status, after, limit, dead = list_query(request.query_params)
-        found = await container_of(request).list_workflows()(
-            status=status, after=after, limit=limit + 1, dead_lettered=dead
+        page = await container_of(request).list_workflows()(
+            status=status, after=after, limit=limit, dead_lettered=dead
         )
         headers = {}
-        if len(found) > limit:
-            found = found[:limit]
-            headers["Link"] = next_page_link(request.url.path, status, limit, dead, found[-1].uuid)
-        return json_response(rendering.render_workflows(found), headers=headers)
+        if page.more:
+            last = page.workflows[-1].uuid
+            headers["Link"] = next_page_link(request.url.path, status, limit, dead, last)
+        return json_response(rendering.render_workflows(page.workflows), headers=headers)
 
 
 class WorkflowItem(HTTPEndpoint):

@@ -39,8 +39,10 @@ SELECT (SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[])),
 """
 
 INSERT = """
-INSERT INTO workflows (uuid, status, data_text, steps, created_at, updated_at)
-VALUES (%(uuid)s, %(status)s, %(data)s, %(steps)s, %(created_at)s, %(updated_at)s)
+INSERT INTO workflows (uuid, status, data_text, data_size, steps, created_at, updated_at)
+VALUES (
+    %(uuid)s, %(status)s, %(data)s, %(data_size)s, %(steps)s, %(created_at)s, %(updated_at)s
+)
 """
 # One statement, so the workflow and its outbox entry commit together or not at all.
 INSERT_WITH_OUTBOX = f"""
@@ -50,8 +52,9 @@ INSERT INTO outbox (workflow_uuid) SELECT uuid FROM added
 INSERT_OUTBOX = "INSERT INTO outbox (workflow_uuid) VALUES (%s)"
 # Many rows in one statement (GroupCommit): one array per column, steps as text[] literals.
 INSERT_MANY = """
-INSERT INTO workflows (uuid, status, data_text, steps, created_at, updated_at)
-SELECT uuid, status::workflow_status, data::json, steps::text[], created_at, updated_at
+INSERT INTO workflows (uuid, status, data_text, data_size, steps, created_at, updated_at)
+SELECT uuid, status::workflow_status, data::json, octet_length(data), steps::text[],
+       created_at, updated_at
 FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[])
     AS new (uuid, status, data, steps, created_at, updated_at)
 """
@@ -96,6 +99,26 @@ RETURNING {COLUMNS}
 """
 
 LIST = sql.SQL("SELECT {} FROM workflows WHERE {} ORDER BY uuid LIMIT %(limit)s")
+# The same rows, ending at the first one whose predecessors hold `max_bytes` of data
+# (itself included): `before_last` is the data of the rows before the previous one. Sizes
+# come from data_size (migration 0008), written by each insert as JsonDocument.size (in
+# a UTF8 or SQL_ASCII database octet_length counts the same bytes); a row stored before
+# it has its size read from its text, which fetches the document.
+LIST_WITHIN = sql.SQL(
+    """
+SELECT {} FROM (
+    SELECT uuid, status, data_text, steps, created_at, updated_at, delivery_attempts,
+           dead_lettered_at,
+           sum(size) OVER running - size - lag(size, 1, 0) OVER running AS before_last
+    FROM workflows, coalesce(data_size, octet_length(data_text::text)) AS size
+    WHERE {}
+    WINDOW running AS (ORDER BY uuid ROWS UNBOUNDED PRECEDING)
+    ORDER BY uuid LIMIT %(limit)s
+) page
+WHERE before_last < %(max_bytes)s
+ORDER BY uuid
+"""
+)
 STATUS_IS = sql.SQL("status = %(status)s")
 DEAD = sql.SQL("dead_lettered_at IS NOT NULL")
 ALIVE = sql.SQL("dead_lettered_at IS NULL")
@@ -129,6 +152,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
             "uuid": workflow.uuid,
             "status": workflow.status.value,
             "data": workflow.data.text,
+            "data_size": workflow.data.size,
             "steps": list(workflow.steps),
             "created_at": workflow.created_at,
             "updated_at": workflow.updated_at,
@@ -213,17 +237,20 @@ class PostgresWorkflowRepository(WorkflowRepository):
         after: UUID | None,
         limit: int,
         dead_lettered: bool | None = None,
+        max_bytes: int | None = None,
     ) -> list[Workflow]:
         filters = [STATUS_IS] if status is not None else []
         if after is not None:
             filters.append(AFTER)
         if dead_lettered is not None:
             filters.append(DEAD if dead_lettered else ALIVE)
-        query = LIST.format(sql.SQL(COLUMNS), sql.SQL(" AND ").join(filters or [sql.SQL("TRUE")]))
+        where = sql.SQL(" AND ").join(filters or [sql.SQL("TRUE")])
+        query = (LIST if max_bytes is None else LIST_WITHIN).format(sql.SQL(COLUMNS), where)
         params = {
             "status": None if status is None else status.value,
             "after": after,
             "limit": limit,
+            "max_bytes": max_bytes,
         }
         async with connection(self._pool) as conn:
             # Binary results: a page's uuids, timestamps and arrays load faster that way.
