@@ -51,6 +51,7 @@ SCENARIOS = {  # name: (wrk script, path, connections) as in `make bench`
     "post": ("post.lua", "/workflow", 32),
     "mixed": ("mixed.lua", "/workflow", 32),
     "get": ("get_one.lua", "/workflow", 32),
+    "list": ("list.lua", "/workflow?limit=100", 32),
     # Consumers keeping up: POSTs on 2 connections, and beside them (KEEP_UP) long-poll
     # consumes on 8 of an empty queue; the rate and CPU are per POST.
     "keepup": ("post.lua", "/workflow", 2),
@@ -179,7 +180,7 @@ def main() -> int:
                 )
                 service.start()
                 try:
-                    if args.scenario in ("consume", "mixed", "get"):
+                    if args.scenario in ("consume", "mixed", "get", "list"):
                         database.prefill(1, args.prefill)
                         if args.backend == "rabbitmq":
                             fill = ["--start", "1", "--count", str(args.prefill)]

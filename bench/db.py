@@ -15,12 +15,20 @@ BODY = Path(__file__).with_name("body.json")
 # A prefilled workflow's uuid holds n in its last 12 hex digits, so pgbench and the wrk Lua
 # scripts can name a random existing row without a list (bench/lua/common.lua, broker.py).
 # Its time field (0x010000000000) is older than any real UUIDv7, so prefilled rows are
-# the oldest in the queue.
+# the oldest in the queue. A schema before migration 0008 (an older tree in bench/ab.py)
+# has no data_size: there the prefill leaves it out.
 PREFILL = """
 INSERT INTO workflows (uuid, status, data_text, data_size, steps, created_at, updated_at)
 SELECT ('01000000-0000-7000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, 'inserted',
        %(data)s::json, %(size)s, %(steps)s, now(), now()
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n
+"""
+PREFILL_WITHOUT_SIZE = PREFILL.replace("data_size, ", "").replace("%(size)s, ", "")
+HAS_DATA_SIZE = """
+SELECT EXISTS (
+    SELECT FROM information_schema.columns
+    WHERE table_name = 'workflows' AND column_name = 'data_size'
+)
 """
 
 
@@ -85,7 +93,8 @@ class Database:
         data = data_text()
         params = {"data": data, "size": len(data.encode()), "steps": body()["steps"]}
         params |= {"first": first, "last": last}
-        self.execute(PREFILL, params)
+        sized = self.execute(HAS_DATA_SIZE)[0][0]
+        self.execute(PREFILL if sized else PREFILL_WITHOUT_SIZE, params)
 
     def count(self, status: str | None = None) -> int:
         if status is None:
