@@ -99,23 +99,32 @@ RETURNING {COLUMNS}
 """
 
 LIST = sql.SQL("SELECT {} FROM workflows WHERE {} ORDER BY uuid LIMIT %(limit)s")
-# The same rows, ending at the first one whose predecessors hold `max_bytes` of data
-# (itself included): `before_last` is the data of the rows before the previous one. Sizes
-# come from data_size (migration 0008), written by each insert as JsonDocument.size (in
-# a UTF8 or SQL_ASCII database octet_length counts the same bytes); a row stored before
-# it has its size read from its text, which fetches the document.
+# With a size budget, up to two statements. First LIST, but with the text of a document
+# over `small` (the budget over the limit) left NULL: when there is none, no page of these
+# rows can pass the budget, and that is the answer (nearly every page; it costs PostgreSQL
+# ~3 % more than LIST, where a running sum over the rows costs ~25 %). Sizes come from
+# data_size (migration 0008), written by each insert as JsonDocument.size (in a UTF8 or
+# SQL_ASCII database octet_length counts the same bytes); a row stored before it has
+# none, and counts as large.
+SMALL_COLUMNS = COLUMNS.replace(
+    "data_text::text", "CASE WHEN data_size <= %(small)s THEN data_text::text END"
+)
+# Else the same rows, ending at the first one whose predecessors hold `max_bytes` of data
+# (itself included): `before_last` is the data of the rows before the previous one (NULL
+# for the first two). A size missing from data_size is read from the text, which fetches
+# the document.
 LIST_WITHIN = sql.SQL(
     """
 SELECT {} FROM (
     SELECT uuid, status, data_text, steps, created_at, updated_at, delivery_attempts,
            dead_lettered_at,
-           sum(size) OVER running - size - lag(size, 1, 0) OVER running AS before_last
-    FROM workflows, coalesce(data_size, octet_length(data_text::text)) AS size
-    WHERE {}
-    WINDOW running AS (ORDER BY uuid ROWS UNBOUNDED PRECEDING)
+           sum(coalesce(data_size, octet_length(data_text::text))) OVER (
+               ORDER BY uuid ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING
+           ) AS before_last
+    FROM workflows WHERE {}
     ORDER BY uuid LIMIT %(limit)s
 ) page
-WHERE before_last < %(max_bytes)s
+WHERE before_last IS NULL OR before_last < %(max_bytes)s
 ORDER BY uuid
 """
 )
@@ -245,16 +254,22 @@ class PostgresWorkflowRepository(WorkflowRepository):
         if dead_lettered is not None:
             filters.append(DEAD if dead_lettered else ALIVE)
         where = sql.SQL(" AND ").join(filters or [sql.SQL("TRUE")])
-        query = (LIST if max_bytes is None else LIST_WITHIN).format(sql.SQL(COLUMNS), where)
         params = {
             "status": None if status is None else status.value,
             "after": after,
             "limit": limit,
             "max_bytes": max_bytes,
+            "small": None if max_bytes is None else max_bytes // max(limit, 1),
         }
+        columns = sql.SQL(COLUMNS if max_bytes is None else SMALL_COLUMNS)
         async with connection(self._pool) as conn:
             # Binary results: a page's uuids, timestamps and arrays load faster that way.
-            rows = await (await conn.execute(query, params, binary=True)).fetchall()
+            rows = await (
+                await conn.execute(LIST.format(columns, where), params, binary=True)
+            ).fetchall()
+            if any(row[2] is None for row in rows):  # a large document's text: count them all
+                query = LIST_WITHIN.format(sql.SQL(COLUMNS), where)
+                rows = await (await conn.execute(query, params, binary=True)).fetchall()
         return [as_workflow(row) for row in rows]
 
     async def set_status(
