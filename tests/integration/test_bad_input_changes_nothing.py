@@ -79,6 +79,14 @@ BAD_REQUESTS = [
     ("data a scalar", "POST", "/workflow", b'{"data": 5}', JSON, 422),
     ("data non-objects", "POST", "/workflow", b'{"data": [1, 2]}', JSON, 422),
     ("blank step", "POST", "/workflow", b'{"data": {"a": 1}, "steps": [" "]}', JSON, 422),
+    (
+        "CSV over 10,000,000 cells",  # 3,164 rows (the header too) of 3,163 columns
+        "POST",
+        "/workflow",
+        b'{"data": [' + b",".join(b'{"k%d": 1}' % i for i in range(3163)) + b"]}",
+        JSON,
+        422,
+    ),
     ("NUL byte", "POST", "/workflow", b'{"data": {"a": "\\u0000"}}', JSON, 422),
     ("number out of range", "POST", "/workflow", b'{"data": {"a": 1e999999}}', JSON, 422),
     (

@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from unittest import mock
 
 import attrs
 import pytest
@@ -243,3 +244,25 @@ def test_an_ordinary_cell_is_written_by_orjson(monkeypatch: pytest.MonkeyPatch) 
 def render_text(text: str) -> bytes:
     item = Workflow.new(uuid.uuid4(), JsonDocument(text), (), datetime.now(UTC))
     return csv_render.render_csv(item.data.text)  # what CsvExporter.render gives
+
+
+@property_settings
+@given(documents, st.integers(min_value=0, max_value=60))
+def test_a_csv_over_the_cell_limit_is_refused_by_intake_check_and_render_alike(
+    document: Document, limit: int
+) -> None:
+    text = to_json(document)
+    header, body = reference(rows_of(document))
+    over = (len(body) + 1) * len(header) > limit
+    parsed = json.loads(text, parse_int=str, parse_float=str)  # only the shape counts
+    with mock.patch.object(csv_render, "MAX_CSV_CELLS", limit):
+        for check in (
+            lambda: csv_render.check_csv_cells(text.encode(), rows_of(parsed)),
+            lambda: csv_render.render_csv(text),
+        ):
+            if over:
+                with pytest.raises(csv_render.CsvTooLarge) as refused:
+                    check()
+                assert (refused.value.rows, refused.value.columns) == (len(body) + 1, len(header))
+            else:
+                check()

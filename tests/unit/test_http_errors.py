@@ -99,6 +99,40 @@ async def test_a_capped_list_of_errors_says_there_may_be_more(client: httpx.Asyn
     assert detail.endswith("(and 1 more)")
 
 
+def keys_of_their_own(rows: int, nested: bool = False) -> str:
+    """A body whose data is `rows` objects, each with a key no other has (nested one level
+    down with `nested`): a CSV of rows + 1 lines of `rows` columns."""
+    row = '{"o": {"k%d": 1}}' if nested else '{"k%d": 1}'
+    return '{"data": [' + ",".join(row % i for i in range(rows)) + "]}"
+
+
+async def test_data_whose_csv_would_pass_ten_million_cells_is_rejected(
+    client: httpx.AsyncClient,
+) -> None:
+    for rows in (3163, 3500):  # 3,164 x 3,163 = 10,007,732 cells; then more
+        response = await client.post("/workflow", content=keys_of_their_own(rows), headers=JSON)
+        problem = assert_problem(response, 422, "validation-failed")
+        assert problem["errors"] == [
+            {
+                "pointer": "/data",
+                "message": f"its CSV export would have {rows + 1:,} rows (the header included)"
+                f" of {rows:,} columns, {(rows + 1) * rows:,} cells: more than the 10,000,000"
+                " allowed",
+            }
+        ]
+    nested = keys_of_their_own(3163, nested=True)  # the columns are o.k0, o.k1, ...
+    assert_problem(
+        await client.post("/workflow", content=nested, headers=JSON), 422, "validation-failed"
+    )
+    await assert_nothing_changed(client)
+    # 3,162 x 3,161 = 9,995,082 cells: stored (and its CSV is that wide)
+    created = await client.post("/workflow", content=keys_of_their_own(3161), headers=JSON)
+    assert created.status_code == 201
+    csv = await client.get(f"/workflow/{created.json()['uuid']}/csv")
+    assert csv.content.count(b"\r\n") == 3162
+    assert csv.content.split(b"\r\n", 1)[0].count(b",") == 3160
+
+
 async def test_json_nested_beyond_the_depth_limit_is_rejected(client: httpx.AsyncClient) -> None:
     deep = '{"data": {"a": ' + "[" * 70 + "]" * 70 + "}}"
     assert_problem(

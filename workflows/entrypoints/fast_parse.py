@@ -7,6 +7,7 @@ import re
 
 import orjson
 
+from workflows.adapters.csv_export.render import CsvTooLarge, check_csv_cells
 from workflows.domain.model import JsonDocument
 from workflows.entrypoints.json_values import MAX_DEPTH
 
@@ -38,6 +39,10 @@ def parse_new_workflow_fast(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]
     data, steps = value["data"], value.get("steps", [])
     rows = [data] if type(data) is dict else data if type(data) is list else []
     if not rows or not all(type(row) is dict for row in rows):
+        return None
+    try:
+        check_csv_cells(body, rows)
+    except CsvTooLarge:
         return None
     if type(steps) is not list or not all(type(step) is str and step.strip() for step in steps):
         return None

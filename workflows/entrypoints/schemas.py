@@ -18,6 +18,7 @@ import cattrs
 import simplejson
 from simplejson import RawJSON
 
+from workflows.adapters.csv_export.render import CsvTooLarge, check_csv_cells
 from workflows.domain.model import JsonDocument, WorkflowStatus
 from workflows.entrypoints.fast_parse import parse_new_workflow_fast
 from workflows.entrypoints.json_values import MAX_PROBLEMS, check_data, check_string, parse_json
@@ -92,6 +93,12 @@ def _parse_new_workflow(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]:
     value = _structure(parse_json(body), NewWorkflow)
     problems: list[dict[str, str]] = []
     check_data(value.data, problems)
+    if not problems:
+        rows = value.data if isinstance(value.data, list) else [value.data]
+        try:
+            check_csv_cells(body, rows)
+        except CsvTooLarge as exc:
+            problems.append(error("/data", str(exc)))
     for index, step in enumerate(value.steps):
         pointer = f"/steps/{index}"
         if not step.strip():

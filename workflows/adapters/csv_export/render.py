@@ -21,6 +21,12 @@ docs/csv.md describes the format for users, with examples. Where the contract is
 - Intake also refuses lone surrogates; should one get here, it becomes U+FFFD, as UTF-8
   cannot hold it. A document that is not an object or an array of objects, or that
   holds `NaN` or `Infinity`, raises ValueError.
+- A CSV has a cell for every column in every row, so rows that each bring keys of their own
+  make it quadratic: 81,500 objects of one distinct key each, 1 MiB of JSON, would be
+  6.6 billion cells, gigabytes of commas. A document whose CSV would have more than
+  MAX_CSV_CELLS cells (rows, the header included, times columns) raises CsvTooLarge
+  before any line is written; intake refuses such data (`csv_cells`), so only a workflow
+  stored before that check can meet it.
 """
 
 from __future__ import annotations
@@ -34,8 +40,24 @@ from typing import Any, NoReturn
 import orjson
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+MAX_CSV_CELLS = 10_000_000
+"""Cells (rows, the header included, times columns) a CSV export may have: at least 10 MB
+of separators, about a second of rendering. A dense document of MAX_BODY_BYTES (1 MiB)
+has a few hundred thousand; only rows with keys of their own come near it."""
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
+class CsvTooLarge(ValueError):
+    """The document's CSV would have more than MAX_CSV_CELLS cells."""
+
+    def __init__(self, rows: int, columns: int) -> None:
+        super().__init__(
+            f"its CSV export would have {rows:,} rows (the header included) of {columns:,}"
+            f" columns, {rows * columns:,} cells: more than the {MAX_CSV_CELLS:,} allowed"
+        )
+        self.rows = rows
+        self.columns = columns
 
 
 class _Raw(str):
@@ -55,7 +77,47 @@ def render_csv(text: str) -> bytes:
     columns = _Columns()
     root = _Path("", "")
     flat_rows = [_flatten(row, root, columns) for row in rows]
+    if (len(rows) + 1) * len(columns.names) > MAX_CSV_CELLS:
+        raise CsvTooLarge(len(rows) + 1, len(columns.names))
     return _utf8(_csv_text(columns.names, flat_rows))
+
+
+def check_csv_cells(text: bytes, rows: list[dict[str, Any]]) -> None:
+    """Raise CsvTooLarge if the CSV of `rows` (parsed from `text`, the JSON they were read
+    from, or a text holding it) would have more than MAX_CSV_CELLS cells.
+
+    Cheap for nearly all documents: a row is an object and a column a key, each written
+    with a `{` or a `:` in the text (one there may be in a string too), so when those
+    bound the cells no key is walked."""
+    if (text.count(b"{") + 1) * text.count(b":") <= MAX_CSV_CELLS:
+        return
+    columns = _count_columns(rows)
+    if (len(rows) + 1) * columns > MAX_CSV_CELLS:
+        raise CsvTooLarge(len(rows) + 1, columns)
+
+
+def _count_columns(rows: list[dict[str, Any]]) -> int:
+    """The CSV's columns: key paths that end at a value other than a non-empty object in
+    some row (what `_flatten` gives a column), counted on a trie of the paths."""
+    root: dict[str, list[Any]] = {}  # key: [children, has a column]
+    count = 0
+    for row in rows:
+        stack = [(root, iter(row.items()))]
+        while stack:
+            node, items = stack[-1]
+            for key, value in items:
+                child = node.get(key)
+                if child is None:
+                    child = node[key] = [{}, False]
+                if isinstance(value, dict) and value:
+                    stack.append((child[0], iter(value.items())))
+                    break
+                if not child[1]:
+                    child[1] = True
+                    count += 1
+            else:
+                stack.pop()
+    return count
 
 
 def _csv_text(names: list[str], flat_rows: list[list[tuple[int, str]]]) -> str:
