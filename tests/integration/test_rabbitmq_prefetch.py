@@ -27,6 +27,7 @@ from workflows.adapters.postgres import (
 )
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 from workflows.adapters.rabbitmq.delivery import Delivery
+from workflows.adapters.rabbitmq.prefetch import Prefetcher
 from workflows.application.relay import OutboxRelay
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
@@ -38,6 +39,11 @@ pytestmark = pytest.mark.rabbitmq
 
 PREFETCH = 32
 STEADY = 60.0  # seconds of idling before a broker pauses its prefetching: never, here
+IDLE = 1.0
+"""Seconds of idling before a broker pauses its prefetching, where a test waits for that:
+the service's default. A test must see the messages its restarted consumer holds before
+that long passes unasked; with 0.3 s a host slow for a moment (a basic.get answered late)
+failed CI at stop 32 ('held 0 of 2': held, then given back unseen)."""
 
 
 @contextlib.asynccontextmanager
@@ -61,13 +67,13 @@ async def until_held(broker: RabbitMqBroker, count: int, within: float = 5.0) ->
         await asyncio.sleep(0.01)
 
 
-async def publish_then_idle(broker: RabbitMqBroker, count: int) -> list[UUID]:
+async def publish_then_idle(broker: RabbitMqBroker, count: int, idle: float = IDLE) -> list[UUID]:
     """Publish `count` messages, see the broker hold them, then idle until it has given
-    them back to the queue (its `prefetch_idle` passed with no get)."""
+    them back to the queue (its `prefetch_idle`, `idle`, passed with no get)."""
     published = [uuid4() for _ in range(count)]
     await broker.publish(published)
     await until_held(broker, count)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 2 * idle + 5
     while broker.held or await broker.depth() < count:
         assert time.monotonic() < deadline, f"held {broker.held}"
         await asyncio.sleep(0.05)
@@ -75,14 +81,16 @@ async def publish_then_idle(broker: RabbitMqBroker, count: int) -> list[UUID]:
 
 
 async def the_rest_come_prefetched(
-    broker: RabbitMqBroker, first: Delivery | None, published: list[UUID]
+    broker: RabbitMqBroker, first: Delivery | None, published: list[UUID], later: float = 0.0
 ) -> None:
     """`first`, taken by basic.get, is the oldest of `published`; the consumer it restarted
-    then holds the others and hands them out in their order. Acks them all."""
+    then holds the others and hands them out in their order, asked for them `later`
+    seconds after they came. Acks them all."""
     assert first is not None
     assert uuids_of([first]) == published[:1]  # given back in their order
     broker.ack(first)
     await until_held(broker, len(published) - 1)
+    await asyncio.sleep(later)
     rest = await take(broker, len(published) - 1)
     assert uuids_of(rest) == published[1:]
     assert all(delivery.prefetched for delivery in rest)
@@ -165,7 +173,7 @@ async def test_a_process_asked_for_nothing_gives_back_what_it_holds_until_asked_
     rabbitmq_url: str, queue_name: str
 ) -> None:
     broker = RabbitMqBroker(
-        rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=0.3
+        rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=IDLE
     )
     await broker.start()
     try:
@@ -178,25 +186,67 @@ async def test_a_process_asked_for_nothing_gives_back_what_it_holds_until_asked_
         await broker.stop()
 
 
+async def test_a_get_while_the_idle_consumer_pauses_has_it_consume_again_once_paused(
+    rabbitmq_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get() that comes while the idle consumer gives back what it held is served by
+    basic.get, and the consumer consumes again once that is done, as it would for a get a
+    moment later. Before, it stayed paused until the next get: on a busy host the test above
+    asked during the pause and saw 'held 0 of 2' (CI at stop 32). Here the pause is held
+    open until the get has been answered."""
+    pausing, release = asyncio.Event(), asyncio.Event()
+    give_back = Prefetcher._give_back_held
+
+    async def held_open(prefetcher: Prefetcher) -> None:
+        await give_back(prefetcher)
+        pausing.set()
+        await release.wait()
+
+    monkeypatch.setattr(Prefetcher, "_give_back_held", held_open)
+    broker = RabbitMqBroker(
+        rabbitmq_url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=IDLE
+    )
+    await broker.start()
+    try:
+        published = [uuid4() for _ in range(3)]
+        await broker.publish(published)
+        await until_held(broker, 3)
+        await asyncio.wait_for(pausing.wait(), 5 * IDLE)  # idle: given back, still pausing
+        first = await broker.get()
+        release.set()
+        await the_rest_come_prefetched(broker, first, published)
+    finally:
+        release.set()
+        with contextlib.suppress(DependencyUnavailable):
+            await broker.delete_queue()
+        await broker.stop()
+
+
 async def test_a_consumer_slower_to_open_than_its_idle_time_is_not_paused_before_it_consumes(
     rabbitmq_url: str, queue_name: str
 ) -> None:
     """A get() restarts the paused consumer; on a busy host its connection may take longer
     to open than `prefetch_idle`. Idle time counts from when it consumes, so it is not
-    stopped mid-opening (holding nothing until the next get)."""
+    stopped as soon as it opens (giving back what it just took), nor mid-opening.
+
+    Timed with margins of half a second either way: here the consumer opens 3 s after the
+    get and idle checks come every second, so counted from the get (the old code) it is
+    paused within 1 s of opening; counted from its opening, not before 2 s. The messages
+    are asked for 1.5 s after they came."""
+    idle = 2.0
     proxy = TcpProxy.to_amqp(rabbitmq_url)
     await proxy.up()
-    broker = RabbitMqBroker(
-        proxy.url, queue=queue_name, timeout=2.0, prefetch=PREFETCH, prefetch_idle=0.3
+    broker = RabbitMqBroker(  # a timeout above the stall below
+        proxy.url, queue=queue_name, timeout=3 * idle, prefetch=PREFETCH, prefetch_idle=idle
     )
     try:
         await broker.start()
-        published = await publish_then_idle(broker, 3)
-        proxy.stall()  # the reopening consumer, and this basic.get, wait 1 s for the broker
+        published = await publish_then_idle(broker, 3, idle)
+        proxy.stall()  # the reopening consumer, and this basic.get, wait for the broker
         first = asyncio.ensure_future(broker.get())
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.5 * idle)
         proxy.flow()
-        await the_rest_come_prefetched(broker, await first, published)
+        await the_rest_come_prefetched(broker, await first, published, later=0.75 * idle)
     finally:
         with contextlib.suppress(DependencyUnavailable):
             await broker.delete_queue()

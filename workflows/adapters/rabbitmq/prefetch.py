@@ -49,6 +49,8 @@ class Prefetcher:
         self._taken = 0  # prefetched messages handed out and not yet acked or requeued
         self._idle_watch: asyncio.TimerHandle | None = None
         self._pausing: asyncio.Task[None] | None = None
+        self._asked_while_pausing = False  # consume again once the pause is done
+        self._stopping = False
         self.connection = AmqpConnection(
             parameters, lanes=1, setup=self._consume_ahead, timeout=timeout
         )
@@ -64,6 +66,7 @@ class Prefetcher:
         self._watch_idle()
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._idle_watch is not None:
             self._idle_watch.cancel()
             self._idle_watch = None
@@ -87,11 +90,12 @@ class Prefetcher:
         """The oldest prefetched message still valid (its connection's), if any; (re)open
         the prefetching connection when it is down or paused, for the calls to come."""
         if self._pausing is not None:
-            return None  # giving back what it held: basic.get meanwhile
+            # Giving back what it held: basic.get meanwhile, and consume again once that
+            # is done, as the get would have made it had it come a moment later.
+            self._asked_while_pausing = True
+            return None
         if not prefetcher.running:  # paused after idling: consume again
-            prefetcher.start()
-            prefetcher.connect()
-            self._watch_idle()
+            self._resume(prefetcher)
             return None
         if not prefetcher.ready:
             self._held.clear()  # their connection is gone: the broker requeued them
@@ -160,7 +164,13 @@ class Prefetcher:
             return
         self._pausing = asyncio.ensure_future(self._pause(prefetcher))
 
+    def _resume(self, prefetcher: AmqpConnection) -> None:
+        prefetcher.start()
+        prefetcher.connect()
+        self._watch_idle()
+
     async def _pause(self, prefetcher: AmqpConnection) -> None:
+        self._asked_while_pausing = False
         try:
             await self._give_back_held()
             await prefetcher.stop()
@@ -168,6 +178,8 @@ class Prefetcher:
             log.warning("pausing the prefetching consumer failed: %r", error)
         finally:
             self._pausing = None
+        if self._asked_while_pausing and not self._stopping and not prefetcher.running:
+            self._resume(prefetcher)
 
     async def _give_back_held(self) -> None:
         """Stop consuming, publish the held messages anew, then ack them: back in the
