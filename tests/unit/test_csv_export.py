@@ -8,6 +8,7 @@ import io
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -360,6 +361,27 @@ async def test_a_small_document_is_rendered_on_the_event_loop(
     text = '{"a":' + '"' + "x" * (exporter_module.RENDER_ON_LOOP_MAX - 10) + '"}'
     assert len(text) <= exporter_module.RENDER_ON_LOOP_MAX
     assert await CsvExporter("unused").render(workflow(text)) == render_csv(text)
+
+
+async def test_a_short_document_of_many_cells_is_rendered_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threaded: list[object] = []
+    to_thread = asyncio.to_thread
+
+    async def recorded(function: Callable[..., bytes], *args: object) -> bytes:
+        threaded.append(function)
+        return await to_thread(function, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", recorded)
+    text = "[" + ",".join(f'{{"k{i}":1}}' for i in range(700)) + "]"  # 701 x 700 cells
+    assert len(text) <= exporter_module.RENDER_ON_LOOP_MAX
+    assert await CsvExporter("unused").render(workflow(text)) == render_csv(text)
+    assert threaded == [render_csv]
+    dense = "[" + ",".join(f'{{"a":{i},"b":"x"}}' for i in range(200)) + "]"  # 201 x 2 cells
+    assert len(dense) <= exporter_module.RENDER_ON_LOOP_MAX
+    assert await CsvExporter("unused").render(workflow(dense)) == render_csv(dense)
+    assert threaded == [render_csv]  # on the loop: 201 x 400 by the bound
 
 
 async def test_a_probe_of_a_directory_whose_filesystem_hangs_fails_in_its_timeout_and_once(
