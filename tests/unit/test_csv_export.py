@@ -357,7 +357,7 @@ async def test_a_small_document_is_rendered_on_the_event_loop(
     def no_thread(*_: object) -> object:
         raise AssertionError("a small document went to a thread")
 
-    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    monkeypatch.setattr(exporter_module, "offload", no_thread)
     text = '{"a":' + '"' + "x" * (exporter_module.RENDER_ON_LOOP_MAX - 10) + '"}'
     assert len(text) <= exporter_module.RENDER_ON_LOOP_MAX
     assert await CsvExporter("unused").render(workflow(text)) == render_csv(text)
@@ -367,13 +367,13 @@ async def test_a_short_document_of_many_cells_is_rendered_in_a_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     threaded: list[object] = []
-    to_thread = asyncio.to_thread
+    from workflows.adapters.offload import offload
 
     async def recorded(function: Callable[..., bytes], *args: object) -> bytes:
         threaded.append(function)
-        return await to_thread(function, *args)
+        return await offload(function, *args)
 
-    monkeypatch.setattr(asyncio, "to_thread", recorded)
+    monkeypatch.setattr(exporter_module, "offload", recorded)
     text = "[" + ",".join(f'{{"k{i}":1}}' for i in range(700)) + "]"  # 701 x 700 cells
     assert len(text) <= exporter_module.RENDER_ON_LOOP_MAX
     assert await CsvExporter("unused").render(workflow(text)) == render_csv(text)

@@ -43,7 +43,7 @@ async def test_a_small_body_is_parsed_on_the_event_loop(monkeypatch: pytest.Monk
     def no_thread(*_: object) -> object:
         raise AssertionError("a small body went to a thread")
 
-    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    monkeypatch.setattr(schemas, "offload", no_thread)
     body = body_of(schemas.PARSE_ON_LOOP_MAX - 100)
     assert len(body) <= schemas.PARSE_ON_LOOP_MAX
     assert await schemas.read_new_workflow(body) == schemas.parse_new_workflow(body)

@@ -8,7 +8,6 @@ receives values that are already known to be good.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 from uuid import UUID
@@ -19,6 +18,7 @@ import simplejson
 from simplejson import RawJSON
 
 from workflows.adapters.csv_export.render import CsvTooLarge, check_csv_cells
+from workflows.adapters.offload import offload
 from workflows.domain.model import JsonDocument, WorkflowStatus
 from workflows.entrypoints.fast_parse import parse_new_workflow_fast
 from workflows.entrypoints.json_values import MAX_PROBLEMS, check_data, check_string, parse_json
@@ -73,14 +73,16 @@ PARSE_ON_LOOP_MAX = 16 * 1024
 on a 2-core host); a larger one is parsed in a thread (`read_new_workflow`), so that one
 large POST does not hold up every other request of its process (1 MiB: ~35 ms). The thread
 holds the GIL while it works but hands it to the loop every switch interval
-(asgi.THREAD_SWITCH_INTERVAL), except within one C call (orjson's parse: a few ms)."""
+(asgi.THREAD_SWITCH_INTERVAL), except within one C call (orjson's parse: a few ms). It is
+the process's one thread for such work (`adapters/offload.py`), shared with large CSV
+renders: large POSTs at once are parsed one after another."""
 
 
 async def read_new_workflow(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]:
     """`parse_new_workflow`, in a thread for a body over PARSE_ON_LOOP_MAX."""
     if len(body) <= PARSE_ON_LOOP_MAX:
         return parse_new_workflow(body)
-    return await asyncio.to_thread(parse_new_workflow, body)
+    return await offload(parse_new_workflow, body)
 
 
 def parse_new_workflow(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]:

@@ -27,6 +27,7 @@ from uuid import UUID
 from workflows.adapters.csv_export import files
 from workflows.adapters.csv_export.fsync import Fsync
 from workflows.adapters.csv_export.render import render_csv
+from workflows.adapters.offload import offload
 from workflows.application.ports import Exporter
 from workflows.domain.errors import DependencyUnavailable, ExportFailed
 from workflows.domain.model import Workflow
@@ -86,7 +87,8 @@ class CsvExporter(Exporter):
             return render_csv(text)  # a thread's hand-off would cost more than the render
         # The thread holds the GIL while it renders, but hands it to the loop every switch
         # interval (asgi.THREAD_SWITCH_INTERVAL): the other requests slow down, not stop.
-        return await asyncio.to_thread(render_csv, text)
+        # One such thread for the process (`offload`): several would each take their share.
+        return await offload(render_csv, text)
 
     async def write(
         self, workflow: Workflow, content: bytes, consumed_at: datetime | None = None
