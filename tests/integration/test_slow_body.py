@@ -124,7 +124,10 @@ async def test_a_body_that_trickles_is_a_408_at_its_deadline_that_changes_nothin
         url, head("POST", "/workflow", len(body)), [bytes([byte]) for byte in body], every=0.1
     )
     detail = timed_out(answer, "POST", url + "/workflow")
-    assert detail == f"the request's body did not all arrive within {WHOLE:g} s of its headers"
+    assert detail == (
+        f"the request's body did not all arrive within {WHOLE:g} s of its headers,"
+        f" nor keep coming at {http_protocol.BODY_MIN_RATE} bytes/s on average"
+    )
     assert WHOLE <= seconds < WHOLE + 2
     assert await state(container) == before
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

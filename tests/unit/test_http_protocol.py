@@ -349,7 +349,10 @@ async def test_a_body_that_trickles_is_a_408_at_its_deadline(
 ) -> None:
     timeouts(monkeypatch, gap=0.5, whole=1.0)
     answer, seconds = await send_slowly(served, posting(100), [b"a"] * 40, every=0.1)
-    detail = "the request's body did not all arrive within 1 s of its headers"
+    detail = (
+        "the request's body did not all arrive within 1 s of its headers,"
+        " nor keep coming at 17476 bytes/s on average"
+    )
     assert problem_of(answer)["detail"] == detail
     assert 1.0 <= seconds < 2.5
 
@@ -365,6 +368,28 @@ async def test_a_body_that_keeps_coming_is_read_whole_however_long_it_takes_with
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert answer.endswith(b"\r\n\r\n1048576")
     assert seconds > 1.5  # five times the gap
+
+
+async def test_a_body_that_keeps_coming_at_the_minimum_rate_is_not_late_after_the_deadline(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past BODY_TIMEOUT a body is late only once it has averaged less than BODY_MIN_RATE
+    since its headers: a larger MAX_BODY_BYTES gets the time its bodies need over the same
+    link. Here 100 bytes at ~50 bytes/s, twice the rate, take ~2 s of a 1 s deadline; at
+    ~10 bytes/s, half the rate, the same body is a 408 at the deadline."""
+    timeouts(monkeypatch, gap=0.5, whole=1.0)
+    monkeypatch.setattr(http_protocol, "BODY_MIN_RATE", 20)
+    head = posting(100, "/size").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer, seconds = await send_slowly(served, head, [b"x" * 5] * 20, every=0.1)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.endswith(b"\r\n\r\n100")
+    assert seconds > 1.5
+    answer, seconds = await send_slowly(served, head, [b"x"] * 100, every=0.1)
+    assert problem_of(answer)["detail"] == (
+        "the request's body did not all arrive within 1 s of its headers,"
+        " nor keep coming at 20 bytes/s on average"
+    )
+    assert 1.0 <= seconds < 2.5
 
 
 async def test_a_body_waiting_behind_an_earlier_request_is_not_late(

@@ -94,9 +94,15 @@ BODY_GAP_TIMEOUT = 10.0
 (a client that sent its headers and then nothing held its connection, and the request
 waiting for its body, for ever)."""
 BODY_TIMEOUT = 60.0
-"""Seconds from the end of a request's headers to the end of its body: past it, a 408 (a
-client sending a byte every few seconds is never BODY_GAP_TIMEOUT late). 1 MiB, the default
-MAX_BODY_BYTES, comes in time over a link of 140 kbit/s."""
+"""Seconds from the end of a request's headers to the end of its body, unless it keeps
+coming at BODY_MIN_RATE: past it, a 408 (a client sending a byte every few seconds is never
+BODY_GAP_TIMEOUT late). 1 MiB, the default MAX_BODY_BYTES, comes in time over a link of
+140 kbit/s."""
+BODY_MIN_RATE = 17_476
+"""Bytes a second, 1 MiB a minute (140 kbit/s): a body that has come at this rate or more
+on average since its headers is not late, however long it takes. So a larger
+MAX_BODY_BYTES gets the time it needs over the same link, where a fixed BODY_TIMEOUT would
+refuse every body over 1 MiB from a client on such a link."""
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
@@ -115,7 +121,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_last = 0.0  # when the current request's body last grew
-        self._body_deadline = 0.0  # when all of it must be in
+        self._body_deadline = 0.0  # when all of it must be in, unless it keeps coming
+        self._body_received = 0  # bytes of it read so far
         self._refused = False
         self._too_large = False  # a head over MAX_HEAD_BYTES came whole: refuse it
         super().connection_made(coalescing)
@@ -147,7 +154,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         ):
             self._too_large = True
             return
-        self._head_done, self._head_bytes = True, 0
+        self._head_done, self._head_bytes, self._body_received = True, 0, 0
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -155,6 +162,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         if not self._too_large:
+            self._body_received += len(body)
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -194,7 +202,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._body_timer = self.loop.call_at(self._body_due(), self._body_late)
 
     def _body_due(self) -> float:
-        return min(self._body_last + BODY_GAP_TIMEOUT, self._body_deadline)
+        return min(self._body_last + BODY_GAP_TIMEOUT, self._body_allowed_until())
+
+    def _body_allowed_until(self) -> float:
+        """The deadline, later by what the bytes read so far earn at BODY_MIN_RATE beyond
+        BODY_TIMEOUT: the body must have averaged that rate since its headers."""
+        return self._body_deadline + max(0.0, self._body_received / BODY_MIN_RATE - BODY_TIMEOUT)
 
     def _body_late(self) -> None:
         """The body's timer: re-armed while the body keeps coming in time, else a 408."""
@@ -209,8 +222,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # client's (counted generously: all of it since the body last grew).
             self._body_deadline += now - self._body_last
             self._body_last = now
-        elif now >= self._body_deadline:
-            late = f"the request's body did not all arrive within {BODY_TIMEOUT:g} s of its headers"
+        elif now >= self._body_allowed_until():
+            late = (
+                f"the request's body did not all arrive within {BODY_TIMEOUT:g} s of its headers,"
+                f" nor keep coming at {BODY_MIN_RATE} bytes/s on average"
+            )
         elif now - self._body_last >= BODY_GAP_TIMEOUT:
             late = f"no byte of the request's body arrived for {BODY_GAP_TIMEOUT:g} s"
         if late is None:
