@@ -147,6 +147,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await asyncio.sleep(0.2)
         await send({"type": "http.response.body", "body": b"end\n"})
         return
+    if path == "/big":
+        body = BIG
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
     if path == "/empty":
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -155,6 +161,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+BIG = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the sockets' buffers hold
 
 
 @pytest.fixture
@@ -416,3 +425,81 @@ async def test_a_body_left_unread_by_the_answer_closes_its_connection_when_late(
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"\r\n\r\nhello /r")
     assert 1.0 <= seconds < 2.5
+
+
+# --- an answer its client does not read ---------------------------------------------------
+
+
+def unread_count() -> float:
+    return REGISTRY.get_sample_value("workflows_http_unread_answers_total") or 0.0
+
+
+async def small_window_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose receive buffer is small, so that most of a large answer waits in
+    the server's memory until it is read."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def read_all(reader: asyncio.StreamReader, pace: float = 0.0, size: int = 1 << 20) -> bytes:
+    """Read until the connection ends (a reset counts as an end), `size` bytes at a time,
+    `pace` s apart."""
+    got = bytearray()
+    try:
+        async with asyncio.timeout(20):
+            while chunk := await reader.read(size):
+                got += chunk
+                await asyncio.sleep(pace)
+    except ConnectionResetError:
+        pass
+    return bytes(got)
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+async def test_an_answer_its_client_does_not_read_is_dropped_with_its_connection(
+    served: str, monkeypatch: pytest.MonkeyPatch, connection: str
+) -> None:
+    """A client that asks and then reads nothing (a hung process, whose kernel keeps the
+    connection open) held its answer in the server's memory for as long as it lived. After
+    UNREAD_TIMEOUT without taking a byte, the server closes the connection and drops the
+    rest: what the client then reads ends short of the answer. Also when the server was
+    already closing the connection (Connection: close), which waits to send its buffer."""
+    monkeypatch.setattr(http_protocol, "UNREAD_TIMEOUT", 0.5)
+    before = unread_count()
+    reader, writer = await small_window_connection(served)
+    try:
+        request = b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: %s\r\n\r\n"
+        writer.write(request % connection.encode())
+        await asyncio.sleep(1.5)  # reading nothing: the timeout, and a margin
+        got = await read_all(reader)
+    finally:
+        writer.close()
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert len(got) < len(BIG)  # what the sockets held, not the rest
+    assert unread_count() == before + 1
+
+
+async def test_an_answer_read_slowly_but_steadily_arrives_whole(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that takes some of the answer within every UNREAD_TIMEOUT gets all of it,
+    however long that takes in all (here ~2.5 s, five times the timeout)."""
+    monkeypatch.setattr(http_protocol, "UNREAD_TIMEOUT", 0.5)
+    before = unread_count()
+    reader, writer = await small_window_connection(served)
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        started = asyncio.get_running_loop().time()
+        got = await read_all(reader, pace=0.1, size=256 * 1024)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        writer.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == BIG
+    assert took > 1.0  # longer than the timeout, twice
+    assert unread_count() == before

@@ -16,7 +16,11 @@ never reordered and never held past the iteration, so streamed bodies still flow
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import random
+import sys
+import termios
 from typing import Any
 
 import orjson
@@ -105,10 +109,19 @@ MAX_BODY_BYTES gets the time it needs over the same link, where a fixed BODY_TIM
 refuse every body over 1 MiB from a client on such a link."""
 
 
+UNREAD_TIMEOUT = 60.0
+"""Seconds an answer may wait in the worker's memory with its client taking none of it: past
+it, the connection is closed and what was left of the answer dropped (nginx's `send_timeout`
+counts the same, 60 s by default). A client that stopped reading without closing (a process
+that hangs: its kernel goes on acknowledging, with a window of zero) held its answer, up to
+a CSV of ~10 MB, for as long as it lived."""
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """`uvicorn --http httptools`, each connection's transport wrapped in a
     `CoalescingTransport`, a request's head (its line and headers) held to `MAX_HEAD_BYTES`
-    and `HEAD_TIMEOUT`, and its body to `BODY_GAP_TIMEOUT` and `BODY_TIMEOUT`.
+    and `HEAD_TIMEOUT`, its body to `BODY_GAP_TIMEOUT` and `BODY_TIMEOUT`, and an answer
+    its client does not read to `UNREAD_TIMEOUT`.
 
     A head that comes in one read, as nearly every one does, costs a counter and a flag: the
     timer starts only when a read ends with a head still incomplete. So with a body: its
@@ -120,6 +133,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes read since its head began, while it is incomplete
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._unread_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes of answers the client had not taken at the last look
+        self._unsent_since = 0.0  # when that figure last went down (or the look began)
         self._body_last = 0.0  # when the current request's body last grew
         self._body_deadline = 0.0  # when all of it must be in, unless it keeps coming
         self._body_received = 0  # bytes of it read so far
@@ -182,10 +198,60 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _stop_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._head_timer, self._body_timer, self._unread_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._head_timer = self._body_timer = self._unread_timer = None
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark: the client reads slower than
+        the answer is written, or not at all. The timer starts; it is only armed here, so an
+        answer that leaves at once costs nothing."""
+        super().pause_writing()
+        if self._unread_timer is None:
+            self._unsent, self._unsent_since = self._unsent_bytes(), self.loop.time()
+            self._unread_timer = self.loop.call_later(UNREAD_TIMEOUT / 4, self._unread_late)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._unread_timer is not None:
+            self._unread_timer.cancel()
+            self._unread_timer = None
+
+    def _unsent_bytes(self) -> int:
+        """What the client has not yet taken: the transport's buffer and the kernel's send
+        queue (TIOCOUTQ: sent but not acknowledged, or not sent). The buffer alone moves in
+        steps of megabytes: the kernel asks for more only once half its queue is free, which
+        a client reading 20 KB/s takes over a minute to free."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+                unsent += int.from_bytes(queued, sys.byteorder, signed=True)
+        return unsent
+
+    def _unread_late(self) -> None:
+        """A look, every quarter of UNREAD_TIMEOUT while writing is paused, at whether the
+        client took anything since the last; once it has taken nothing for UNREAD_TIMEOUT,
+        the connection is closed at once. (The first look often sees what the client's own
+        socket took after the pause: looking only once, at the timeout, would let that pass
+        for reading.) Also when the connection is already closing: a close waits for the
+        buffer to be sent, which such a client never lets happen."""
+        self._unread_timer = None
+        unsent, now = self._unsent_bytes(), self.loop.time()
+        if unsent == 0:
+            return
+        if unsent < self._unsent:
+            self._unsent, self._unsent_since = unsent, now
+        elif now - self._unsent_since >= UNREAD_TIMEOUT:
+            self.transport.abort()  # connection_lost follows: the app sees its client gone
+            # Imported here, as in `_refuse`.
+            from workflows.entrypoints import observability
+
+            observability.unread(UNREAD_TIMEOUT, unsent)
+            return
+        self._unread_timer = self.loop.call_later(UNREAD_TIMEOUT / 4, self._unread_late)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

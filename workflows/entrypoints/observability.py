@@ -75,6 +75,10 @@ CONSUMES = Counter(
 )
 for _outcome in ("consumed", "empty", "error"):
     CONSUMES.labels(_outcome)
+UNREAD = Counter(
+    "workflows_http_unread_answers_total",
+    "Connections closed because their client took none of an answer for 60 s.",
+)
 # Each process sets its own pool's figures; a scrape sums those of the live processes.
 POOL_CONNECTIONS = Gauge(
     "workflows_db_pool_connections",
@@ -174,6 +178,22 @@ def refused(scope: Scope | None, status: int, detail: str, rid: str) -> None:
         route = route_template(scope)
     REQUESTS.labels(method, route, str(status)).inc()
     _refusals.happened(str(status), "answered %d itself (X-Request-ID %s): %s", status, rid, detail)
+
+
+_unread = Sampled(log, level=logging.INFO)
+
+
+def unread(seconds: float, unsent: int) -> None:
+    """A connection closed by the server because its client read none of its answer for
+    `seconds` (http_protocol.UNREAD_TIMEOUT): counted, and logged at INFO once per 10 s with
+    how many since (the client's failure, not the service's)."""
+    UNREAD.inc()
+    _unread.happened(
+        "unread",
+        "closed a connection whose client read none of its answer for %g s (%d bytes unsent)",
+        seconds,
+        unsent,
+    )
 
 
 def new_request_id(given: str | None) -> str:
