@@ -24,6 +24,8 @@ def test_defaults_apply_when_nothing_is_set() -> None:
     assert Settings.from_env({"LIST_PAGE_BYTES": "1"}).list_page_bytes == 1
     assert settings.export_flush_interval == 1.0
     assert settings.rabbitmq_prefetch == 32
+    assert settings.loop_stall_seconds == 1.0
+    assert Settings.from_env({"LOOP_STALL_SECONDS": "0"}).loop_stall_seconds == 0.0  # off
 
 
 def test_rabbitmq_is_the_default_backend_when_its_url_is_set() -> None:
@@ -58,6 +60,9 @@ def test_explicit_backend_wins() -> None:
         ({"EXPORT_FLUSH_INTERVAL": "inf"}, "EXPORT_FLUSH_INTERVAL"),
         ({"EXPORT_FLUSH_INTERVAL": "3601"}, "EXPORT_FLUSH_INTERVAL"),
         ({"RABBITMQ_PREFETCH": "-1"}, "RABBITMQ_PREFETCH"),
+        ({"LOOP_STALL_SECONDS": "-1"}, "LOOP_STALL_SECONDS must not be negative"),
+        ({"LOOP_STALL_SECONDS": "nan"}, "LOOP_STALL_SECONDS"),
+        ({"LOOP_STALL_SECONDS": "3601"}, "LOOP_STALL_SECONDS must be at most 3600"),
         ({"RABBITMQ_PREFETCH": "many"}, "RABBITMQ_PREFETCH"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
         ({"LOG_LEVEL": "warn"}, "LOG_LEVEL"),  # uvicorn would fail on it later

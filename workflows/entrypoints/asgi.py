@@ -20,6 +20,7 @@ from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.http import create_app
 from workflows.entrypoints.logs import configure_logging, mask_values
+from workflows.entrypoints.loop_watch import watching
 from workflows.entrypoints.observability import sampling
 
 THREAD_SWITCH_INTERVAL = 0.0005
@@ -40,14 +41,16 @@ def create(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with running(container), sampling(container):
-            _on_stop_signal(container.doorbell().close)
-            # Everything made at start-up (modules, the app, pools) lives as long as the
-            # process: out of the collector's sight, a full collection only walks what
-            # requests made, and stops costing a long pause now and then.
-            gc.collect()
-            gc.freeze()
-            yield
+        # The loop is watched from the start: a start-up that blocks it is logged too.
+        with watching(settings.loop_stall_seconds):
+            async with running(container), sampling(container):
+                _on_stop_signal(container.doorbell().close)
+                # Everything made at start-up (modules, the app, pools) lives as long as the
+                # process: out of the collector's sight, a full collection only walks what
+                # requests made, and stops costing a long pause now and then.
+                gc.collect()
+                gc.freeze()
+                yield
 
     return create_app(container, lifespan)
 

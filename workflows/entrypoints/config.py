@@ -22,6 +22,8 @@ MAX_CONFIRM_TIMEOUT = 60.0
 wait would hold every POST (the relay delivers later whatever the wait)."""
 MAX_IDEMPOTENCY_TTL = 10 * 365 * 24 * 3600.0
 """Ten years: a key's expiry must be a date PostgreSQL and Python can hold."""
+MAX_LOOP_STALL = 3600.0
+"""Seconds: the longest LOOP_STALL_SECONDS (a stall that long is one to hear of)."""
 HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,}=*")
 """RFC 6750 b64token, at least 16 characters (`openssl rand -hex 32` makes a good one)."""
@@ -56,6 +58,7 @@ class Settings:
     metrics_public: bool = True
     cors_origins: tuple[str, ...] = ()
     log_format: str = "auto"
+    loop_stall_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -102,6 +105,9 @@ class Settings:
             metrics_public=_bool(env, "METRICS_PUBLIC", True),
             cors_origins=_origins(env),
             log_format=_log_format(env),
+            loop_stall_seconds=_float(
+                env, "LOOP_STALL_SECONDS", d.loop_stall_seconds, MAX_LOOP_STALL
+            ),
         )
 
 
