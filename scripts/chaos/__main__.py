@@ -26,7 +26,13 @@ from scripts.chaos.runner import Plan, run_scenario
 log = logging.getLogger("chaos")
 
 BACKENDS = ("postgres", "rabbitmq")
-SHORT = ("kill-worker", "rabbitmq-outage", "postgres-restart", "consume-disconnect")
+SHORT = (
+    "kill-worker",
+    "rabbitmq-outage",
+    "postgres-restart",
+    "consume-disconnect",
+    "export-freeze",
+)
 FULL = ("baseline", *SHORT)
 DOC = api.ROOT / "docs" / "chaos.md"
 KEEP_RUNS = 5
@@ -60,6 +66,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="seconds PostgreSQL stays stopped in a restart (default 0: a plain restart)",
+    )
+    parser.add_argument(
+        "--frozen-for",
+        type=float,
+        default=4.0,
+        help="seconds the export filesystem stays frozen (default 4)",
     )
     parser.add_argument(
         "--kill-every", default="2,4", help="seconds between two kill -9: LOW,HIGH (default 2,4)"
@@ -108,6 +120,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
         rabbit_mode=args.rabbit_mode,
         pg_modes=_pg_modes(args),
         pg_down_for=args.pg_down,
+        frozen_for=args.frozen_for,
     )
     unknown = [name for name in names if name not in faults]
     if unknown:

@@ -29,6 +29,9 @@ START_TIMEOUT = 90.0
 
 _groups: set[int] = set()  # process groups of API servers still to end
 _databases: set[str] = set()  # databases still to drop
+_mounts: set[Path] = set()  # export filesystems still mounted (possibly frozen)
+FILESYSTEM_SIZE = "256M"
+"""Of an export directory's own ext4 image, when a scenario freezes it."""
 
 
 def database_url(name: str) -> str:
@@ -55,6 +58,9 @@ class Target:
     backend: str
     workdir: Path
     keep: bool = False
+    own_filesystem: bool = False
+    """The export directory on an ext4 filesystem of its own (a loop-mounted image), which
+    a fault can freeze."""
     name: str = field(init=False)
     port: int = field(init=False, default=0)
     process: subprocess.Popen[bytes] | None = field(init=False, default=None)
@@ -80,6 +86,10 @@ class Target:
         return self.workdir / f"{self.name}-exports"
 
     @property
+    def image(self) -> Path:
+        return self.workdir / f"{self.name}-exports.img"
+
+    @property
     def log_path(self) -> Path:
         return self.workdir / f"{self.scenario}-{self.backend}.log"
 
@@ -92,6 +102,8 @@ class Target:
             _databases.add(self.name)  # dropped at exit whatever happens
         await asyncio.to_thread(_admin, f"CREATE DATABASE {self.name}")
         self.export_dir.mkdir(parents=True)
+        if self.own_filesystem:
+            await asyncio.to_thread(mount_ext4, self.image, self.export_dir)
         self.port = _free_port()
         env = os.environ | {
             "DATABASE_URL": self.database,
@@ -150,9 +162,56 @@ class Target:
         self.broker_left = broker_queue_depth_and_delete(self.queue)
         if not self.keep:
             drop_database(self.name)
+        if self.own_filesystem and not keep_files:
+            unmount(self.export_dir)
+            self.image.unlink(missing_ok=True)
         if not keep_files:
             shutil.rmtree(self.export_dir, ignore_errors=True)
             self.log_path.unlink(missing_ok=True)
+
+    @property
+    def stalls_logged(self) -> int:
+        """Event loop stalls its workers logged (README, *Observability*)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return text.count("the event loop has run nothing for")
+
+    def freeze(self) -> None:
+        """Hold every write to the export directory until `thaw` (fsfreeze)."""
+        _run("fsfreeze", "--freeze", str(self.export_dir))
+
+    def thaw(self) -> None:
+        _run("fsfreeze", "--unfreeze", str(self.export_dir))
+
+
+def _run(*command: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip() or done.returncode}")
+
+
+def mount_ext4(image: Path, mount_point: Path) -> None:
+    """A new ext4 filesystem in `image`, loop-mounted on `mount_point` (needs root)."""
+    _run("truncate", "-s", FILESYSTEM_SIZE, str(image))
+    _run("mkfs.ext4", "-q", "-F", str(image))
+    _run("mount", "-o", "loop", str(image), str(mount_point))
+    _mounts.add(mount_point)
+
+
+def unmount(mount_point: Path) -> None:
+    """Thaw (if frozen) and unmount; the loop device goes once nothing uses it."""
+    subprocess.run(["fsfreeze", "--unfreeze", str(mount_point)], capture_output=True)
+    subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True)
+    _mounts.discard(mount_point)
+
+
+def thaw_everything() -> None:
+    """Thaw every export filesystem still mounted: a worker held by a frozen one cannot
+    end, not even on SIGKILL."""
+    for mount_point in list(_mounts):
+        subprocess.run(["fsfreeze", "--unfreeze", str(mount_point)], capture_output=True)
 
 
 def _processes() -> list[tuple[int, int, bool]]:
@@ -209,9 +268,13 @@ def drop_database(name: str) -> None:
 
 
 def end_everything(*, drop: bool = True) -> None:
-    """At exit: end every API process group still running, drop every database left."""
+    """At exit: end every API process group still running, drop every database left,
+    unmount every export filesystem left."""
+    thaw_everything()
     for pgid in list(_groups):
         end_group(pgid, grace=3.0)
     if drop:
         for name in list(_databases):
             drop_database(name)
+        for mount_point in list(_mounts):
+            unmount(mount_point)

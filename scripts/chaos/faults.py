@@ -27,6 +27,7 @@ class Fault:
     description: str
     continuous: bool = False
     disconnectors: bool = False  # add consume clients that drop their requests
+    own_filesystem: bool = False  # each target's exports on a filesystem of its own
 
     async def inject(
         self, targets: list[Target], stop: asyncio.Event, duration: float, counts: Counter[str]
@@ -135,6 +136,37 @@ class ConsumeDisconnect(Fault):
         )
 
 
+class ExportFreeze(Fault):
+    """The export directory's filesystem frozen (`fsfreeze`: every write waits, as on an NFS
+    server that is gone) every ~15 s of load (at least once), then thawed."""
+
+    def __init__(self, frozen_for: float) -> None:
+        super().__init__(
+            "export-freeze",
+            f"the export directory's filesystem frozen for {frozen_for:g} s, then thawed",
+            own_filesystem=True,
+        )
+        self.frozen_for = frozen_for
+
+    async def inject(
+        self, targets: list[Target], stop: asyncio.Event, duration: float, counts: Counter[str]
+    ) -> None:
+        freezes = max(1, int(duration // 15))
+        gap = duration / (freezes + 1)
+        for _ in range(freezes):
+            await asyncio.sleep(gap)
+            log.info("fault: freezing the export filesystems for %g s", self.frozen_for)
+            try:
+                for target in targets:
+                    await asyncio.to_thread(target.freeze)
+                counts["export freezes"] += 1
+                await asyncio.sleep(self.frozen_for)
+            finally:
+                for target in targets:
+                    await asyncio.to_thread(target.thaw)
+            log.info("fault: export filesystems thawed")
+
+
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep; True as soon as `stop` is set."""
     try:
@@ -151,6 +183,7 @@ def scenarios(
     rabbit_mode: str,
     pg_modes: list[str],
     pg_down_for: float,
+    frozen_for: float,
 ) -> dict[str, Fault]:
     faults: list[Fault] = [
         Baseline(),
@@ -158,5 +191,6 @@ def scenarios(
         RabbitOutage(rabbit_down_for, rabbit_mode),
         PostgresRestart(pg_modes, pg_down_for),
         ConsumeDisconnect(),
+        ExportFreeze(frozen_for),
     ]
     return {fault.name: fault for fault in faults}

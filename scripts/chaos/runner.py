@@ -36,7 +36,10 @@ class Plan:
 
 async def run_scenario(fault: Fault, backends: list[str], plan: Plan, workdir: Path) -> list[Row]:
     """Run `fault` against one target per backend, all at once; one row per target."""
-    targets = [Target(fault.name, backend, workdir, keep=plan.keep) for backend in backends]
+    targets = [
+        Target(fault.name, backend, workdir, keep=plan.keep, own_filesystem=fault.own_filesystem)
+        for backend in backends
+    ]
     rows = {t.backend: Row(fault.name, t.backend) for t in targets}
     ledgers = {t.backend: Ledger(tag=t.name) for t in targets}
     counts: Counter[str] = Counter()
@@ -61,11 +64,11 @@ async def run_scenario(fault: Fault, backends: list[str], plan: Plan, workdir: P
         for row in rows.values():
             row.error = f"{type(error).__name__}: {error}"
     finally:
+        for target in targets:  # before the teardown, which removes the API's log
+            rows[target.backend].fault = _fault_summary(fault, target, counts, ledgers)
         log.info("scenario %s: tearing down", fault.name)
         await asyncio.to_thread(_teardown, targets, rows)
         log.info("scenario %s: done", fault.name)
-    for target in targets:
-        rows[target.backend].fault = _fault_summary(fault, target, counts, ledgers)
     return list(rows.values())
 
 
@@ -149,4 +152,6 @@ def _fault_summary(
         return " + ".join(done) + " restart(s)"
     if fault.name == "consume-disconnect":
         return f"{ledgers[target.backend].consume_abandoned} dropped calls"
+    if fault.name == "export-freeze":
+        return f"{counts['export freezes']} freeze(s), {target.stalls_logged} stall(s) logged"
     return "none"
