@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import logging.config
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -491,3 +493,22 @@ def test_a_log_line_carries_an_unpaired_surrogate_as_its_escape(as_json: bool) -
     line = formatter.format(record)
     line.encode("utf-8")  # what the stream handler does, strictly
     assert "key a\\udfff" in (orjson.loads(line)["message"] if as_json else line)
+
+
+def test_every_metric_is_in_the_readme_table_and_every_row_is_a_metric() -> None:
+    """README's *Observability* table lists what a scrape can hold, no more, no less."""
+    from workflows.adapters.postgres.stats import OutboxBacklog
+
+    importlib.import_module("workflows.entrypoints.loop_watch")  # its metrics, as the app has
+    full = Snapshot("rabbitmq", queue_depth=1, outbox=OutboxBacklog(1, 1.0), dead_letters=1)
+    registry = scrape_registry(full)
+    scraped = {family.name for family in registry.collect() if family.name.startswith("workflows_")}
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Observability", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `workflows_")]
+    documented = {
+        name.removesuffix("_total")  # prometheus_client names a counter's family without it
+        for row in rows
+        for name in re.findall(r"`(workflows_[a-z_]+)`", row.split(" | ")[0])
+    }
+    assert documented == scraped
