@@ -64,18 +64,22 @@ def loop_watch_messages(path: Path) -> list[str]:
     ]
 
 
-def test_a_consume_held_by_a_frozen_filesystem_is_logged_with_where_the_loop_waits(
-    mounted_ext4: Path, database_url: str, pg: PostgresDatabase, tmp_path: Path
-) -> None:
-    env = inherited_environment() | {
+def server_env(database_url: str, exports: Path) -> dict[str, str]:
+    return inherited_environment() | {
         "DATABASE_URL": database_url,
         "QUEUE_BACKEND": "postgres",
-        "EXPORT_DIR": str(mounted_ext4 / "exports"),
+        "EXPORT_DIR": str(exports),
         "API_TOKENS": TOKEN,
         "LOG_FORMAT": "json",
         "LOOP_STALL_SECONDS": "0.5",
         "DB_POOL_SIZE": "2",
     }
+
+
+def test_a_consume_held_by_a_frozen_filesystem_is_logged_with_where_the_loop_waits(
+    mounted_ext4: Path, database_url: str, pg: PostgresDatabase, tmp_path: Path
+) -> None:
+    env = server_env(database_url, mounted_ext4 / "exports")
     log = tmp_path / "api.log"
     with served(env, tmp_path, "api") as url, httpx.Client(headers=AUTH, timeout=30) as http:
         for _ in range(2):
@@ -127,3 +131,37 @@ def test_a_consume_held_by_a_frozen_filesystem_is_logged_with_where_the_loop_wai
         families = {f.name: f for f in text_string_to_metric_families(metrics)}
         stalls = families["workflows_event_loop_stalls"].samples
         assert [s.value for s in stalls if s.name.endswith("_total")] == [1.0]
+
+
+def test_with_no_consume_writing_a_frozen_filesystem_holds_nothing_and_readyz_names_it(
+    mounted_ext4: Path, database_url: str, pg: PostgresDatabase, tmp_path: Path
+) -> None:
+    """Intake and reads go on; /readyz answers within its check's 5 s that the export
+    directory is unavailable (its probe's thread is the one held), then at once while that
+    probe has not returned; thawed, it is ready again."""
+    env = server_env(database_url, mounted_ext4 / "exports")
+    with served(env, tmp_path, "api") as url, httpx.Client(headers=AUTH, timeout=30) as http:
+        run("fsfreeze", "--freeze", str(mounted_ext4))
+        try:
+            started = time.monotonic()
+            ready = http.get(f"{url}/readyz")
+            waited = time.monotonic() - started
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["exports"] == "unavailable"
+            assert 4.5 <= waited <= 8, waited
+            for _ in range(20):
+                body = {"data": {"a": 1}, "steps": ["x"]}
+                assert http.post(f"{url}/workflow", json=body).status_code == 201
+            listed = http.get(f"{url}/workflow", params={"limit": 100}).json()
+            assert len(listed) == 20
+            started = time.monotonic()
+            again = http.get(f"{url}/readyz")
+            assert again.status_code == 503
+            assert time.monotonic() - started < 1.0  # the held probe is not waited for again
+        finally:
+            run("fsfreeze", "--unfreeze", str(mounted_ext4))
+        deadline = time.monotonic() + 10
+        while http.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "not ready 10 s after the thaw"
+            time.sleep(0.2)
+        assert loop_watch_messages(tmp_path / "api.log") == []  # the loop was never held
