@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import unavailable
 from tests.support.processes import inherited_environment, served
+from workflows.adapters.csv_export.exporter import PROBE_EVERY, PROBE_TIMEOUT
 from workflows.adapters.postgres import PostgresDatabase
 
 TOKEN = "frozen-filesystem-token-0123456789"
@@ -133,35 +134,42 @@ def test_a_consume_held_by_a_frozen_filesystem_is_logged_with_where_the_loop_wai
         assert [s.value for s in stalls if s.name.endswith("_total")] == [1.0]
 
 
-def test_with_no_consume_writing_a_frozen_filesystem_holds_nothing_and_readyz_names_it(
+def test_a_filesystem_frozen_before_any_consume_writes_there_gets_consumes_a_503_at_once(
     mounted_ext4: Path, database_url: str, pg: PostgresDatabase, tmp_path: Path
 ) -> None:
-    """Intake and reads go on; /readyz answers within its check's 5 s that the export
-    directory is unavailable (its probe's thread is the one held), then at once while that
-    probe has not returned; thawed, it is ready again."""
+    """Frozen while no consume writes there, the directory holds nothing: the flusher's
+    probe (one every PROBE_EVERY s) is held instead, and once it is PROBE_TIMEOUT late a
+    consume answers 503 at once, touching no file, as /readyz does; POSTs and lists go on
+    and the loop is never held. Thawed, the consume takes the workflow."""
     env = server_env(database_url, mounted_ext4 / "exports")
     with served(env, tmp_path, "api") as url, httpx.Client(headers=AUTH, timeout=30) as http:
         run("fsfreeze", "--freeze", str(mounted_ext4))
         try:
+            time.sleep(PROBE_EVERY + PROBE_TIMEOUT + 2)  # a probe began, and is late by now
+            body = {"data": {"a": 1}, "steps": ["x"]}
+            assert http.post(f"{url}/workflow", json=body).status_code == 201
+            started = time.monotonic()
+            refused = http.get(f"{url}/workflow/consume")
+            assert time.monotonic() - started < 2.0
+            assert refused.status_code == 503, refused.text
+            assert "export directory" in refused.json()["detail"]
+            assert "Retry-After" in refused.headers
             started = time.monotonic()
             ready = http.get(f"{url}/readyz")
-            waited = time.monotonic() - started
+            assert time.monotonic() - started < 2.0
             assert ready.status_code == 503
             assert ready.json()["checks"]["exports"] == "unavailable"
-            assert 4.5 <= waited <= 8, waited
-            for _ in range(20):
-                body = {"data": {"a": 1}, "steps": ["x"]}
+            for _ in range(19):
                 assert http.post(f"{url}/workflow", json=body).status_code == 201
-            listed = http.get(f"{url}/workflow", params={"limit": 100}).json()
-            assert len(listed) == 20
-            started = time.monotonic()
-            again = http.get(f"{url}/readyz")
-            assert again.status_code == 503
-            assert time.monotonic() - started < 1.0  # the held probe is not waited for again
+            assert len(http.get(f"{url}/workflow", params={"limit": 100}).json()) == 20
         finally:
             run("fsfreeze", "--unfreeze", str(mounted_ext4))
         deadline = time.monotonic() + 10
         while http.get(f"{url}/readyz").status_code != 200:
             assert time.monotonic() < deadline, "not ready 10 s after the thaw"
             time.sleep(0.2)
+        consumed = http.get(f"{url}/workflow/consume")
+        assert consumed.status_code == 200
+        uuid = consumed.headers["X-Workflow-UUID"]
+        assert (mounted_ext4 / "exports" / f"{uuid}.csv").read_bytes() == consumed.content
         assert loop_watch_messages(tmp_path / "api.log") == []  # the loop was never held

@@ -8,7 +8,7 @@ import io
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -385,25 +385,13 @@ async def test_a_short_document_of_many_cells_is_rendered_in_a_thread(
 
 
 async def test_a_probe_of_a_directory_whose_filesystem_hangs_fails_in_its_timeout_and_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hanging_probes: tuple[threading.Event, list[str]]
 ) -> None:
     """A filesystem that hangs (an NFS server gone; here a probe that waits for an event)
     fails /readyz's check within PROBE_TIMEOUT; while that probe's thread is still held,
     the next check fails at once and holds no other thread; once it returns, a probe
     passes again."""
-    from workflows.adapters.csv_export import files
-
-    monkeypatch.setattr(exporter_module, "PROBE_TIMEOUT", 0.3)
-    real_probe = files.probe_directory
-    release = threading.Event()
-    probes: list[str] = []
-
-    def hanging_probe(directory: str) -> None:
-        probes.append(directory)
-        release.wait(10)
-        real_probe(directory)
-
-    monkeypatch.setattr(files, "probe_directory", hanging_probe)
+    release, probes = hanging_probes
     exporter = CsvExporter(tmp_path / "exports")
     loop = asyncio.get_running_loop()
     try:
@@ -427,3 +415,69 @@ async def test_a_probe_of_a_directory_whose_filesystem_hangs_fails_in_its_timeou
     else:
         raise AssertionError("no probe passed after the filesystem came back")
     assert len(probes) == 2
+
+
+@pytest.fixture
+def hanging_probes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[str]]]:
+    """Probes that wait for the event before they make their file, as on a filesystem that
+    hangs until it is set; PROBE_TIMEOUT 0.3 s."""
+    from workflows.adapters.csv_export import files
+
+    monkeypatch.setattr(exporter_module, "PROBE_TIMEOUT", 0.3)
+    real_probe = files.probe_directory
+    release = threading.Event()
+    probes: list[str] = []
+
+    def hanging_probe(directory: str) -> None:
+        probes.append(directory)
+        release.wait(10)
+        real_probe(directory)
+
+    monkeypatch.setattr(files, "probe_directory", hanging_probe)
+    yield release, probes
+    release.set()
+
+
+async def test_flush_probes_the_directory_and_a_write_fails_at_once_while_that_probe_is_late(
+    tmp_path: Path, hanging_probes: tuple[threading.Event, list[str]]
+) -> None:
+    """A consume's write is made on the event loop: into a filesystem that hangs it would
+    hold every request of the process. Once a probe (`flush` starts one every PROBE_EVERY)
+    is PROBE_TIMEOUT late, a write fails at once, touching nothing, until it returns."""
+    release, probes = hanging_probes
+    exporter = CsvExporter(tmp_path / "exports")
+    item = workflow('{"a":1}')
+    await exporter.flush()  # nothing to flush, but a probe starts
+    await exporter.flush()  # not a second one while it runs
+    await asyncio.sleep(0.05)  # for its thread to begin
+    assert len(probes) == 1
+    await exporter.write(item, b"a\r\n1\r\n", item.updated_at)  # not late yet
+    await asyncio.sleep(0.35)
+    began = asyncio.get_running_loop().time()
+    with pytest.raises(DependencyUnavailable, match=r"a probe has not returned for 0 s"):
+        await exporter.write(item, b"a\r\n2\r\n", item.updated_at)
+    assert asyncio.get_running_loop().time() - began < 0.1
+    assert (tmp_path / "exports" / f"{item.uuid}.csv").read_bytes() == b"a\r\n1\r\n"
+    release.set()
+    for _ in range(100):
+        if exporter._probing is not None and exporter._probing.done():
+            break
+        await asyncio.sleep(0.01)
+    await exporter.write(item, b"a\r\n2\r\n", item.updated_at)
+    assert (tmp_path / "exports" / f"{item.uuid}.csv").read_bytes() == b"a\r\n2\r\n"
+    await exporter.flush()  # within PROBE_EVERY of the last: no new probe
+    assert len(probes) == 1
+    exporter.close()
+
+
+async def test_a_ping_waits_for_a_probe_that_is_running_but_not_late(
+    tmp_path: Path, hanging_probes: tuple[threading.Event, list[str]]
+) -> None:
+    release, probes = hanging_probes
+    exporter = CsvExporter(tmp_path / "exports")
+    await exporter.flush()
+    await asyncio.sleep(0.05)
+    assert len(probes) == 1  # the flush's, running
+    asyncio.get_running_loop().call_later(0.1, release.set)
+    await exporter.ping()  # the flush's probe, answered within PROBE_TIMEOUT of its start
+    assert len(probes) == 1

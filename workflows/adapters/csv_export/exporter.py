@@ -42,7 +42,12 @@ MTIME_SLACK = 2.0
 """Seconds allowed between a file's modification time and the flush it may have missed."""
 MARKER = ".flushed"
 PROBE_TIMEOUT = 5.0
-"""Seconds `ping` waits for its file to be made before the directory counts as unavailable."""
+"""Seconds a probe (a file made in the directory, in a thread) may take before the
+directory counts as unavailable: `ping` fails, and so does every `write` while that probe
+has still not returned."""
+PROBE_EVERY = 5.0
+"""Seconds between the probes `flush` starts (it runs every EXPORT_FLUSH_INTERVAL), so
+that a filesystem that hangs is known before a consume writes there."""
 RENDER_ON_LOOP_MAX = 8 * 1024
 """Characters of data text up to which a CSV is rendered on the event loop (about 1 ms of
 it on a 2-core host); a larger document is rendered in a thread, so that one large export
@@ -76,7 +81,8 @@ class CsvExporter(Exporter):
         self._unflushed = False  # a file was left to `flush` since the last one began
         self._flushed_at: float | None = None  # MARKER's time, once read by unflushed_since
         self._spares: files.SpareFiles | None = None  # unnamed files opened ahead, once they work
-        self._probing: asyncio.Future[None] | None = None  # the last `ping`'s thread
+        self._probing: asyncio.Future[None] | None = None  # the last probe's thread
+        self._probe_began = 0.0  # when it began (time.monotonic)
 
     async def render(self, workflow: Workflow) -> bytes:
         text = workflow.data.text
@@ -93,6 +99,12 @@ class CsvExporter(Exporter):
     async def write(
         self, workflow: Workflow, content: bytes, consumed_at: datetime | None = None
     ) -> None:
+        if (held := self._held_for()) is not None:
+            # A write there would hold the event loop, and every request of the process
+            # with it, until the filesystem answers (README, *Observability*).
+            raise DependencyUnavailable(
+                "export directory", f"{self._dir}: a probe has not returned for {held:.0f} s"
+            )
         target = f"{self._dir_name}/{workflow.uuid}.csv"
         late = (
             not self._flush_behind
@@ -130,6 +142,11 @@ class CsvExporter(Exporter):
             self._spares.close()
 
     async def flush(self) -> None:
+        probing = self._probing
+        if probing is None or (
+            probing.done() and time.monotonic() - self._probe_began >= PROBE_EVERY
+        ):
+            self._probe()
         if not self._unflushed:
             return
         self._unflushed = False
@@ -146,25 +163,42 @@ class CsvExporter(Exporter):
 
     async def ping(self) -> None:
         """A file made in the directory within PROBE_TIMEOUT, in a thread. A filesystem
-        that hangs (an NFS server gone) holds that thread, not the caller (/readyz), and
-        while it does a probe fails at once instead of holding another thread."""
-        if self._probing is not None and not self._probing.done():
-            raise DependencyUnavailable(
-                "export directory", f"{self._dir}: the last probe has not returned"
-            )
-        probing = asyncio.get_running_loop().run_in_executor(
-            None, files.probe_directory, self._dir_name
-        )
-        probing.add_done_callback(_retrieved)  # its error may come after its caller left
-        self._probing = probing
+        that hangs (an NFS server gone) holds that thread, not the caller (/readyz): a
+        probe still running is waited for (up to PROBE_TIMEOUT from its start), and once
+        it is late a ping fails at once instead of holding another thread."""
+        probing = self._probing
+        if probing is not None and not probing.done():
+            if self._held_for() is not None:
+                raise DependencyUnavailable(
+                    "export directory", f"{self._dir}: the last probe has not returned"
+                )
+            timeout = PROBE_TIMEOUT - (time.monotonic() - self._probe_began)
+        else:
+            probing, timeout = self._probe(), PROBE_TIMEOUT
         try:
-            await asyncio.wait_for(asyncio.shield(probing), PROBE_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(probing), timeout)
         except TimeoutError:
             raise DependencyUnavailable(
                 "export directory", f"{self._dir}: no answer within {PROBE_TIMEOUT:g} s"
             ) from None
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+
+    def _probe(self) -> asyncio.Future[None]:
+        probing = asyncio.get_running_loop().run_in_executor(
+            None, files.probe_directory, self._dir_name
+        )
+        probing.add_done_callback(_retrieved)  # its error may come after its caller left
+        self._probing, self._probe_began = probing, time.monotonic()
+        return probing
+
+    def _held_for(self) -> float | None:
+        """Seconds the running probe has taken, once past PROBE_TIMEOUT; else None."""
+        probing = self._probing
+        if probing is None or probing.done():
+            return None
+        held = time.monotonic() - self._probe_began
+        return held if held >= PROBE_TIMEOUT else None
 
     async def unflushed_since(self) -> datetime | None:
         try:
