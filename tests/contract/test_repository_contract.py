@@ -336,3 +336,55 @@ async def test_consumed_since_names_the_workflows_consumed_at_or_after_a_time(
     ]
     assert await repository.consumed_since(T0 + timedelta(seconds=20)) == [claimed.uuid]
     assert await repository.consumed_since(T0 + timedelta(days=1)) == []
+
+
+async def consumed_at(repository: WorkflowRepository, when: datetime, **keys: str) -> Workflow:
+    """A workflow consumed at `when`, with the idempotency key `keys["key"]` if given."""
+    workflow = make()
+    key = keys.get("key")
+    await repository.add(workflow, None if key is None else keyed(key, workflow))
+    change = await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, when)
+    assert change is not None
+    return change.workflow
+
+
+async def test_prune_deletes_only_consumed_workflows_older_than_the_time_oldest_first(
+    repository: WorkflowRepository,
+) -> None:
+    old = [await consumed_at(repository, T0 + timedelta(minutes=m)) for m in (3, 1, 2)]
+    recent = await consumed_at(repository, T0 + timedelta(hours=1))
+    queued, dead = make(), make()
+    await repository.add(queued)
+    await repository.add(dead)
+    await repository.record_failure(dead.uuid, T0, max_attempts=1)
+    before, now = T0 + timedelta(minutes=30), T0 + timedelta(days=2)
+
+    assert await repository.count_prunable(before, now) == 3
+    first = await repository.prune_consumed(before, now, limit=2)
+    assert sorted(first) == sorted([old[1].uuid, old[2].uuid])  # the oldest consumes first
+    assert await repository.count_prunable(before, now) == 1
+    assert await repository.prune_consumed(before, now, limit=2) == [old[0].uuid]
+    assert await repository.prune_consumed(before, now, limit=2) == []
+    for workflow in old:
+        assert await repository.get(workflow.uuid) is None
+    left = await repository.list(status=None, after=None, limit=10)
+    assert sorted(w.uuid for w in left) == sorted([recent.uuid, queued.uuid, dead.uuid])
+    assert await repository.get(recent.uuid) == recent
+
+
+async def test_prune_keeps_a_workflow_its_idempotency_key_still_names(
+    repository: WorkflowRepository,
+) -> None:
+    workflow = await consumed_at(repository, T0 + timedelta(minutes=1), key="kept")
+    before = T0 + timedelta(minutes=30)
+    while_key_holds = T0 + timedelta(minutes=59)  # keyed(): expires an hour after T0
+    assert await repository.count_prunable(before, while_key_holds) == 0
+    assert await repository.prune_consumed(before, while_key_holds, limit=10) == []
+    again = Workflow.new(uuid7(), workflow.data, workflow.steps, while_key_holds)
+    assert await repository.add(again, keyed("kept", again)) == workflow  # still replayed
+
+    expired = T0 + timedelta(hours=2)
+    assert await repository.prune_consumed(before, expired, limit=10) == [workflow.uuid]
+    assert await repository.get(workflow.uuid) is None
+    later = Workflow.new(uuid7(), workflow.data, workflow.steps, expired)
+    assert await repository.add(later, keyed("kept", later)) == later  # a new request now

@@ -38,6 +38,7 @@ VERSIONS = [
     "0006_claim_token",
     "0007_consumed_index",
     "0008_data_size",
+    "0009_idempotency_key_owner_index",
 ]
 
 

@@ -20,7 +20,7 @@ from workflows.adapters.postgres import (
 )
 from workflows.adapters.postgres.claims import TAKE_OLDEST_INSERTED
 from workflows.adapters.postgres.rows import COLUMNS
-from workflows.adapters.postgres.workflows import LIST_WITHIN
+from workflows.adapters.postgres.workflows import LIST_WITHIN, PRUNE
 from workflows.domain.ids import uuid7
 from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
 
@@ -183,3 +183,45 @@ async def test_consume_finds_the_oldest_inserted_row_by_index_among_many_consume
     # (Which one the planner takes depends on its statistics.)
     assert "Seq Scan" not in plan, plan
     assert "workflows_queue_idx" in plan or "workflows_status_uuid_idx" in plan, plan
+
+
+async def test_prune_leaves_a_row_another_transaction_holds_for_a_later_call(
+    pg: PostgresDatabase,
+) -> None:
+    repository = PostgresWorkflowRepository(pg.pool, outbox=False)
+    held, free = make(), make()
+    for workflow in (held, free):
+        await repository.add(workflow)
+        await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, T0)
+    before, now = T0 + HOUR, T0 + 48 * HOUR
+    async with pg.pool.connection() as other, other.transaction():  # a PATCH under way, say
+        await other.execute("SELECT FROM workflows WHERE uuid = %s FOR UPDATE", (held.uuid,))
+        pruned = await asyncio.wait_for(repository.prune_consumed(before, now, limit=10), 5)
+        assert pruned == [free.uuid]
+    assert await repository.prune_consumed(before, now, limit=10) == [held.uuid]
+
+
+async def test_prune_reads_indexes_only_and_stops_at_its_batch(pg: PostgresDatabase) -> None:
+    async with pg.pool.connection() as conn:
+        # 20,000 consumed a second apart, every one older than the prune's time, and 5,000
+        # idempotency keys in force (naming other workflows).
+        await conn.execute(
+            "INSERT INTO workflows (uuid, status, data_text, created_at, updated_at)"
+            " SELECT gen_random_uuid(), 'consumed', '{}', t, t FROM ("
+            "   SELECT now() - i * interval '1 second' AS t FROM generate_series(1, 20000) i"
+            " ) times"
+        )
+        await conn.execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, workflow_uuid, expires_at)"
+            " SELECT 'k' || i, 'f', gen_random_uuid(), now() + interval '1 day'"
+            " FROM generate_series(1, 5000) i"
+        )
+        await conn.execute("ANALYZE workflows")
+        await conn.execute("ANALYZE idempotency_keys")
+        params = {"before": datetime.now(UTC) + HOUR, "now": datetime.now(UTC), "limit": 1000}
+        cursor = await conn.execute(f"EXPLAIN {PRUNE}", params)
+        plan = "\n".join(line for (line,) in await cursor.fetchall())
+    assert "Seq Scan" not in plan, plan
+    assert "Sort" not in plan, plan
+    assert "Index Scan using workflows_consumed_idx" in plan, plan
+    assert "idempotency_keys_workflow_uuid_idx" in plan, plan

@@ -294,3 +294,63 @@ async def test_the_relay_command_delivers_the_outbox_with_no_api_running(
     declared = connection.channel().queue_declare(server_env["RABBITMQ_QUEUE"], passive=True)
     connection.close()
     assert declared.method.message_count == 3
+
+
+async def prune(env: dict[str, str], cwd: Path, *arguments: str) -> str:
+    """`workflows prune` as an operator runs it beside a serving process; its output."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [str(WORKFLOWS_BIN), "prune", *arguments],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_the_prune_command_deletes_consumed_workflows_and_exports_beside_a_server(
+    server_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    exports = tmp_path / "exports"
+    with served(server_env, tmp_path, "api") as url:
+        posted = [
+            (await http.post(f"{url}/workflow", json={"data": {"n": n}})).json()["uuid"]
+            for n in range(4)
+        ]
+        consumed = []
+        for _ in range(3):
+            response = await http.get(f"{url}/workflow/consume")
+            assert response.status_code == 200, response.text
+            consumed.append(response.headers["x-workflow-uuid"])
+        assert consumed == posted[:3]
+        (exports / "notes.txt").write_text("not ours")
+
+        said = await prune(server_env, tmp_path, "--workflows-older-than", "1h", "--dry-run")
+        assert said == "workflows  would delete 0 consumed more than 1h ago\n"
+        said = await prune(server_env, tmp_path, "--workflows-older-than", "0s", "--dry-run")
+        assert said == "workflows  would delete 3 consumed more than 0s ago\n"
+        assert {p.name for p in exports.glob("*.csv")} == {f"{u}.csv" for u in consumed}
+
+        said = await prune(server_env, tmp_path, "--workflows-older-than", "0s")
+        assert said == (
+            "workflows  deleted 3 consumed more than 0s ago, and 3 export files of theirs\n"
+        )
+        for uuid in consumed:
+            assert (await http.get(f"{url}/workflow/{uuid}")).status_code == 404
+        listed = (await http.get(f"{url}/workflow")).json()
+        assert [w["uuid"] for w in listed] == [posted[3]]  # queued: never pruned
+        assert sorted(p.name for p in exports.iterdir() if p.name != ".flushed") == ["notes.txt"]
+
+        # The one left is consumed, its file removed for its age: its CSV is still served.
+        response = await http.get(f"{url}/workflow/consume")
+        assert response.headers["x-workflow-uuid"] == posted[3]
+        said = await prune(server_env, tmp_path, "--exports-older-than", "0s")
+        assert said == f"exports    deleted 1 files written more than 0s ago ({exports})\n"
+        assert not (exports / f"{posted[3]}.csv").exists()
+        again = await http.get(f"{url}/workflow/{posted[3]}/csv")
+        assert again.status_code == 200
+        assert again.content == response.content
+        assert (exports / "notes.txt").exists()

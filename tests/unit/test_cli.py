@@ -64,8 +64,8 @@ def test_an_unreachable_database_is_one_line_and_status_1(
     monkeypatch.setenv("QUEUE_BACKEND", "postgres")
     url = "postgresql://postgres:pw@127.0.0.1:1/nowhere?connect_timeout=2"
     monkeypatch.setenv("DATABASE_URL", url)
-    for command in ("migrate", "stats", "serve"):
-        assert cli.main([command]) == 1, command
+    for command in (["migrate"], ["stats"], ["serve"], ["prune", "--workflows-older-than", "9d"]):
+        assert cli.main(command) == 1, command
         error = capsys.readouterr().err
         assert error.startswith("workflows: database is unavailable"), error
         assert error.count("\n") == 1

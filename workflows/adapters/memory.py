@@ -57,6 +57,29 @@ class InMemoryWorkflowRepository(WorkflowRepository):
             if row.status is WorkflowStatus.CONSUMED and row.updated_at >= since
         ]
 
+    async def prune_consumed(self, before: datetime, now: datetime, limit: int) -> list[UUID]:
+        doomed = self._prunable(before, now)[:limit]
+        for workflow in doomed:
+            del self._rows[workflow.uuid]
+            self._order.pop(bisect.bisect_left(self._order, workflow.uuid))
+            self._locks.pop(workflow.uuid, None)
+        return [workflow.uuid for workflow in doomed]
+
+    async def count_prunable(self, before: datetime, now: datetime) -> int:
+        return len(self._prunable(before, now))
+
+    def _prunable(self, before: datetime, now: datetime) -> list[Workflow]:
+        named = {self._key_owner[key] for key, held in self._keys.items() if held.expires_at > now}
+        found = [
+            workflow
+            for workflow in self._rows.values()
+            if workflow.status is WorkflowStatus.CONSUMED
+            and workflow.updated_at < before
+            and workflow.uuid not in named
+            and not (workflow.uuid in self._locks and self._locks[workflow.uuid].locked())
+        ]
+        return sorted(found, key=lambda workflow: workflow.updated_at)
+
     async def list(
         self,
         *,

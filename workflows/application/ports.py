@@ -46,6 +46,18 @@ class WorkflowRepository(abc.ABC):
         """The uuids of the CONSUMED workflows whose `updated_at` is at or after `since`."""
 
     @abc.abstractmethod
+    async def prune_consumed(self, before: datetime, now: datetime, limit: int) -> list[UUID]:
+        """Delete up to `limit` CONSUMED workflows whose `updated_at` is before `before`,
+        those consumed longest ago first, and return their uuids. A workflow that an
+        idempotency key not expired at `now` names is kept (a retried POST must still get
+        it), and so is one another transaction holds (a PATCH under way): a later call
+        takes it."""
+
+    @abc.abstractmethod
+    async def count_prunable(self, before: datetime, now: datetime) -> int:
+        """How many workflows `prune_consumed(before, now, ...)` would delete in all."""
+
+    @abc.abstractmethod
     async def list(
         self,
         *,
@@ -153,6 +165,15 @@ class Exporter(abc.ABC):
     async def suspects(self, uuids: Collection[UUID]) -> list[UUID]:
         """Of these workflows, those whose export may have been written after the last
         flush, and so may be torn by a power failure."""
+
+    @abc.abstractmethod
+    async def remove(self, uuids: Collection[UUID]) -> int:
+        """Remove the exports of these workflows (`workflows prune`); how many there were."""
+
+    @abc.abstractmethod
+    async def remove_older_than(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Remove every export last written before `before`, and what an interrupted write
+        left; how many files (with `dry_run`, how many would go, removing nothing)."""
 
     @abc.abstractmethod
     async def repair(self, workflow: Workflow, content: bytes) -> bool:

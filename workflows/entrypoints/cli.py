@@ -1,4 +1,4 @@
-"""The command line: `workflows serve`, `migrate`, `stats`, `relay`."""
+"""The command line: `workflows serve`, `migrate`, `stats`, `relay`, `prune`."""
 
 from __future__ import annotations
 
@@ -51,7 +51,32 @@ def main(argv: list[str] | None = None) -> int:
         "relay",
         help="run the outbox relay alone, until SIGTERM (rabbitmq; every API process has one too)",
     )
+    prune = commands.add_parser(
+        "prune",
+        help="delete consumed workflows and export files older than an age",
+        description=(
+            "Delete what a long-running service keeps until told: consumed workflows (and "
+            "their exports) and export files. AGE is a number and a unit: 90s, 30m, 12h, 30d. "
+            "Queued and dead-lettered workflows are never touched."
+        ),
+    )
+    prune.add_argument(
+        "--workflows-older-than",
+        type=operations.age,
+        metavar="AGE",
+        help="consumed workflows last changed longer ago than AGE, with their exports",
+    )
+    prune.add_argument(
+        "--exports-older-than",
+        type=operations.age,
+        metavar="AGE",
+        help="export files written longer ago than AGE (GET /workflow/{uuid}/csv renders "
+        "a kept workflow's CSV again)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     args = parser.parse_args(argv)
+    if args.command == "prune" and args.workflows_older_than is None is args.exports_older_than:
+        parser.error("prune needs --workflows-older-than, --exports-older-than or both")
 
     load_dotenv(".env", override=False)
     os.environ.setdefault("WORKFLOWS_COMMIT", _git_commit())
@@ -78,6 +103,15 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         return operations.stats(_with_database(settings), as_json=args.json)
     if args.command == "relay":
         return operations.relay(_with_database(settings))
+    if args.command == "prune":
+        if args.workflows_older_than is not None and settings.queue_backend != "memory":
+            settings = _with_database(settings)  # exports alone need no database
+        return operations.prune(
+            settings,
+            workflows_older_than=args.workflows_older_than,
+            exports_older_than=args.exports_older_than,
+            dry_run=args.dry_run,
+        )
     if args.command == "migrate":
         applied = migrate(_database_url(settings))
         print(f"applied migrations: {', '.join(applied) or 'none (up to date)'}")

@@ -22,6 +22,7 @@ from workflows.adapters.postgres import (
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 from workflows.application.doorbell import Doorbell
 from workflows.application.flusher import ExportFlusher
+from workflows.application.pruning import PruneWorkflows
 from workflows.application.relay import OutboxRelay
 from workflows.application.use_cases import (
     ConsumeWorkflow,
@@ -148,6 +149,7 @@ class Container(containers.DeclarativeContainer):
         settings,
     )
     export_workflow = providers.Singleton(ExportWorkflow, repository, exporter)
+    prune_workflows = providers.Singleton(PruneWorkflows, repository, exporter, clock)
     export_flusher = providers.Singleton(
         lambda repository, exporter, s: ExportFlusher(
             repository,

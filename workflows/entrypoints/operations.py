@@ -1,4 +1,4 @@
-"""What operating the service needs beyond serving: `workflows stats`, `workflows relay`,
+"""What operating the service needs beyond serving: `workflows stats`, `relay`, `prune`,
 the figures /metrics reads at scrape time, and the metrics directory of `serve`.
 
 Free of prometheus_client, like everything the CLI imports (see observability.py).
@@ -6,16 +6,19 @@ Free of prometheus_client, like everything the CLI imports (see observability.py
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sized
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import orjson
 
 from workflows.adapters.postgres.stats import OutboxBacklog, PostgresStats
 from workflows.adapters.rabbitmq.peek import QueueMissing, queue_depth
+from workflows.application.pruning import Pruned
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container, running
@@ -160,6 +164,87 @@ def relay(settings: Settings) -> int:
         return 2
     asyncio.run(_relay(_not_consuming(settings)))
     return 0
+
+
+_AGE = re.compile(r"([0-9]+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_AGE = timedelta(days=36_500)
+
+
+def age(text: str) -> timedelta:
+    """An AGE of `workflows prune`: a whole number and a unit (s, m, h or d)."""
+    match = _AGE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an age: give a whole number and a unit, as 90s, 30m, 12h or 30d"
+        )
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    if seconds > MAX_AGE.total_seconds():
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_AGE.days} days")
+    return timedelta(seconds=seconds)
+
+
+def _age_text(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit in "dhm":
+        if seconds and seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def prune(
+    settings: Settings,
+    *,
+    workflows_older_than: timedelta | None,
+    exports_older_than: timedelta | None,
+    dry_run: bool,
+) -> int:
+    """Delete consumed workflows and export files older than their ages (pruning.py)."""
+    if workflows_older_than is not None and settings.queue_backend == "memory":
+        print(
+            "workflows prune: QUEUE_BACKEND=memory keeps its workflows inside the serving "
+            "process (only --exports-older-than applies)",
+            file=sys.stderr,
+        )
+        return 2
+    pruned = asyncio.run(
+        _prune(settings, workflows_older_than, exports_older_than, dry_run=dry_run)
+    )
+    verb = "would delete" if dry_run else "deleted"
+    if workflows_older_than is not None:
+        with_them = "" if dry_run else f", and {pruned.their_exports} export files of theirs"
+        print(
+            f"workflows  {verb} {pruned.workflows} consumed more than "
+            f"{_age_text(workflows_older_than)} ago{with_them}"
+        )
+    if exports_older_than is not None:
+        print(
+            f"exports    {verb} {pruned.exports} files written more than "
+            f"{_age_text(exports_older_than)} ago ({settings.export_dir})"
+        )
+    return 0
+
+
+async def _prune(
+    settings: Settings,
+    workflows_older_than: timedelta | None,
+    exports_older_than: timedelta | None,
+    *,
+    dry_run: bool,
+) -> Pruned:
+    container = Container(settings=settings)
+    async with AsyncExitStack() as stack:  # the database only, and only for workflows
+        if workflows_older_than is not None:
+            database = container.database()
+            stack.push_async_callback(database.stop)
+            await database.start()
+        exporter = container.exporter()
+        stack.callback(exporter.close)
+        return await container.prune_workflows()(
+            workflows_older_than=workflows_older_than,
+            exports_older_than=exports_older_than,
+            dry_run=dry_run,
+        )
 
 
 def _not_consuming(settings: Settings) -> Settings:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
-from workflows.adapters.csv_export import files
+from workflows.adapters.csv_export import files, removal
 from workflows.adapters.csv_export.fsync import Fsync
 from workflows.adapters.csv_export.render import render_csv
 from workflows.adapters.offload import offload
@@ -224,6 +224,20 @@ class CsvExporter(Exporter):
         written_after = self._flushed_at - MTIME_SLACK
         try:
             return await asyncio.to_thread(files.modified_after, self._dir, uuids, written_after)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+
+    async def remove(self, uuids: Collection[UUID]) -> int:
+        try:
+            return await asyncio.to_thread(removal.remove_exports, self._dir, uuids)
+        except OSError as error:
+            raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
+
+    async def remove_older_than(self, before: datetime, *, dry_run: bool = False) -> int:
+        try:
+            return await asyncio.to_thread(
+                removal.remove_older_than, self._dir, before.timestamp(), dry_run=dry_run
+            )
         except OSError as error:
             raise DependencyUnavailable("export directory", f"{self._dir}: {error}") from error
 

@@ -83,6 +83,23 @@ GET_MANY = f"SELECT {COLUMNS} FROM workflows WHERE uuid = ANY(%b::uuid[])"
 LOCK = f"{GET} FOR UPDATE"
 # At start-up (ExportFlusher), on workflows_consumed_idx.
 CONSUMED_SINCE = "SELECT uuid FROM workflows WHERE status = 'consumed' AND updated_at >= %s"
+# `workflows prune`: consumed before a time (on workflows_consumed_idx), the oldest first,
+# not named by an idempotency key in force (idempotency_keys_workflow_uuid_idx), not held by
+# another transaction; deleted by primary key (a join there may scan the table).
+PRUNABLE = """
+FROM workflows w
+WHERE status = 'consumed' AND updated_at < %(before)s
+  AND NOT EXISTS (
+      SELECT FROM idempotency_keys k WHERE k.workflow_uuid = w.uuid AND k.expires_at > %(now)s
+  )
+"""
+PRUNE = f"""
+WITH doomed AS (
+    SELECT uuid {PRUNABLE} ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+DELETE FROM workflows WHERE uuid = ANY(ARRAY(SELECT uuid FROM doomed)) RETURNING uuid
+"""
+COUNT_PRUNABLE = f"SELECT count(*) {PRUNABLE}"
 SET_STATE = f"""
 UPDATE workflows
 SET status = %s, updated_at = %s, delivery_attempts = %s, dead_lettered_at = %s
@@ -238,6 +255,20 @@ class PostgresWorkflowRepository(WorkflowRepository):
                 return {}
             rows = await (await conn.execute(GET_MANY, (uuids,))).fetchall()
         return {workflow.uuid: workflow for workflow in map(as_workflow, rows)}
+
+    async def prune_consumed(self, before: datetime, now: datetime, limit: int) -> list[UUID]:
+        params = {"before": before, "now": now, "limit": limit}
+        async with connection(self._pool) as conn:
+            rows = await (await conn.execute(PRUNE, params)).fetchall()
+        return [row[0] for row in rows]
+
+    async def count_prunable(self, before: datetime, now: datetime) -> int:
+        async with connection(self._pool) as conn:
+            row = await (
+                await conn.execute(COUNT_PRUNABLE, {"before": before, "now": now})
+            ).fetchone()
+        assert row is not None, "count(*) returns a row"
+        return int(row[0])
 
     async def list(
         self,
