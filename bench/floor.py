@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import db as dbmod
@@ -73,13 +74,20 @@ async def in_process(url: str, exports: str, seconds: float, write: bool) -> dic
 
         container.exporter.override(providers.Object(RenderOnly()))
     batches: list[int] = []
-    claim = batching.GroupClaim.run
+    claim = batching.GroupClaim._run
 
-    async def counted(self: batching.GroupClaim, batch: list) -> None:  # type: ignore[type-arg]
-        batches.append(len(batch))
-        await claim(self, batch)
+    async def counted(self: batching.GroupClaim, take: Callable[[], list]) -> None:  # type: ignore[type-arg]
+        # `_run`, not `run`: with BEGIN sent first (the service's way) the group calls
+        # `_run` directly, and the batch is what `take` hands out once BEGIN is answered.
+        def counting() -> list:  # type: ignore[type-arg]
+            batch = take()
+            if batch:
+                batches.append(len(batch))
+            return batch
 
-    batching.GroupClaim.run = counted  # type: ignore[method-assign]
+        await claim(self, counting)
+
+    batching.GroupClaim._run = counted  # type: ignore[method-assign]
     async with running(container):
         consume = container.consume_workflow()
         for _ in range(WARM_UP):
