@@ -225,3 +225,41 @@ async def test_prune_reads_indexes_only_and_stops_at_its_batch(pg: PostgresDatab
     assert "Sort" not in plan, plan
     assert "Index Scan using workflows_consumed_idx" in plan, plan
     assert "idempotency_keys_workflow_uuid_idx" in plan, plan
+
+
+async def test_a_replay_racing_a_prune_either_wins_whole_or_finds_the_workflow_gone(
+    pg: PostgresDatabase,
+) -> None:
+    """PATCH to inserted (a replay) and `workflows prune` at once, on the same old consumed
+    workflows: a replay that succeeded leaves a queued workflow no prune deletes; a workflow
+    the prune deleted was never replayed (its PATCH found nothing: 404)."""
+    repository = PostgresWorkflowRepository(pg.pool, outbox=False)
+    workflows = [make() for _ in range(200)]
+    for workflow in workflows:
+        await repository.add(workflow)
+        await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, T0)
+    before, now = T0 + HOUR, T0 + 48 * HOUR
+    pruned: list[UUID] = []
+
+    async def prune() -> None:
+        while batch := await repository.prune_consumed(before, now, limit=7):
+            pruned.extend(batch)
+            await asyncio.sleep(0)
+
+    async def replay(workflow: Workflow) -> tuple[UUID, bool]:
+        change = await repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, now)
+        return workflow.uuid, change is not None
+
+    replays, _ = await asyncio.gather(
+        asyncio.gather(*(replay(w) for w in reversed(workflows))), prune()
+    )
+    replayed = {uuid for uuid, found in replays if found}
+    gone = {uuid for uuid, found in replays if not found}
+    assert replayed.isdisjoint(pruned)
+    assert gone == set(pruned)
+    assert gone, "the prune took none before the replays: no race was run"
+    assert replayed, "the replays found none before the prune: no race was run"
+    for uuid in replayed:
+        stored = await repository.get(uuid)
+        assert stored is not None
+        assert stored.status is WorkflowStatus.INSERTED
