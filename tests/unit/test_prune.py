@@ -4,6 +4,8 @@ directory, what it removes from that directory, and its command line."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -18,6 +20,9 @@ from workflows.application.pruning import Pruned, PruneWorkflows
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
 from workflows.entrypoints import cli
+from workflows.entrypoints import container as container_module
+from workflows.entrypoints.config import ConfigError, Settings
+from workflows.entrypoints.container import Container, running
 from workflows.entrypoints.operations import age
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -165,3 +170,50 @@ def test_the_command_line_refuses_what_it_cannot_do(
     assert said == f"exports    deleted 1 files written more than 1h ago ({tmp_path}/exports)\n"
     assert not old.exists()
     assert not (tmp_path / "var").exists(), "exports alone need no (embedded) database"
+
+
+async def test_retention_settings_prune_in_each_round_of_a_process_housekeeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(container_module, "HOUSEKEEPING_EVERY", 0.05)
+    caplog.set_level(logging.INFO, logger="workflows.entrypoints.container")
+    settings = Settings(
+        queue_backend="memory",
+        export_dir=tmp_path,
+        retain_consumed=timedelta(0),
+        retain_exports=timedelta(hours=1),
+    )
+    container = Container(settings=settings)
+    async with running(container):
+        create = container.create_workflow()
+        taken = (await create(JsonDocument('{"a":1}'), ())).workflow
+        queued = (await create(JsonDocument('{"a":2}'), ())).workflow
+        consumed = await container.consume_workflow()()
+        assert consumed is not None
+        assert consumed.workflow.uuid == taken.uuid
+        other = Workflow.new(uuid7(), JsonDocument('{"b":1}'), (), T0)
+        stale = exported(tmp_path, other, time.time() - 7200)
+        fresh = exported(tmp_path, Workflow.new(uuid7(), JsonDocument("{}"), (), T0), time.time())
+        repository = container.repository()
+        for _ in range(100):  # the next round, within 0.05 s
+            if await repository.get(taken.uuid) is None and not stale.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert await repository.get(taken.uuid) is None
+        assert await repository.get(queued.uuid) == queued
+    assert csv_files(tmp_path) == [fresh.name]
+    said = [record.getMessage() for record in caplog.records]
+    assert (
+        "retention: deleted 1 workflows consumed more than 0s ago, and 1 export files of theirs"
+        in said
+    )
+    assert "retention: deleted 1 export files written more than 1h ago" in said
+
+
+@pytest.mark.parametrize("name", ["RETAIN_CONSUMED", "RETAIN_EXPORTS"])
+def test_a_retention_is_an_age_or_nothing(name: str) -> None:
+    assert getattr(Settings.from_env({}), name.lower()) is None
+    assert getattr(Settings.from_env({name: " "}), name.lower()) is None
+    assert getattr(Settings.from_env({name: "30d"}), name.lower()) == timedelta(days=30)
+    with pytest.raises(ConfigError, match=f"{name}: '30' is not an age"):
+        Settings.from_env({name: "30"})

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +25,10 @@ MAX_IDEMPOTENCY_TTL = 10 * 365 * 24 * 3600.0
 """Ten years: a key's expiry must be a date PostgreSQL and Python can hold."""
 MAX_LOOP_STALL = 3600.0
 """Seconds: the longest LOOP_STALL_SECONDS (a stall that long is one to hear of)."""
+MAX_AGE = timedelta(days=36_500)
+"""The longest AGE (`workflows prune`, RETAIN_*): a time back from now that a datetime holds."""
+AGE = re.compile(r"([0-9]+)([smhd])")
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,}=*")
 """RFC 6750 b64token, at least 16 characters (`openssl rand -hex 32` makes a good one)."""
@@ -59,6 +64,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     log_format: str = "auto"
     loop_stall_seconds: float = 1.0
+    retain_consumed: timedelta | None = None
+    retain_exports: timedelta | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +115,8 @@ class Settings:
             loop_stall_seconds=_float(
                 env, "LOOP_STALL_SECONDS", d.loop_stall_seconds, MAX_LOOP_STALL
             ),
+            retain_consumed=_age(env, "RETAIN_CONSUMED"),
+            retain_exports=_age(env, "RETAIN_EXPORTS"),
         )
 
 
@@ -137,6 +146,38 @@ def _float(env: Mapping[str, str], name: str, default: float, high: float) -> fl
     if value > high:  # inf too
         raise ConfigError(f"{name} must be at most {high:.0f} (seconds)")
     return value
+
+
+def parse_age(text: str) -> timedelta:
+    """An age: a whole number and a unit (s, m, h or d), as 90s, 30m, 12h or 30d."""
+    match = AGE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not an age: give a whole number and a unit, as 90s, 30m, 12h or 30d"
+        )
+    seconds = int(match[1]) * AGE_UNITS[match[2]]
+    if seconds > MAX_AGE.total_seconds():
+        raise ValueError(f"{text!r} is more than {MAX_AGE.days} days")
+    return timedelta(seconds=seconds)
+
+
+def age_text(value: timedelta) -> str:
+    """`value` as an age in its largest whole unit (the inverse of `parse_age`)."""
+    seconds = int(value.total_seconds())
+    for unit in "dhm":
+        if seconds and seconds % AGE_UNITS[unit] == 0:
+            return f"{seconds // AGE_UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def _age(env: Mapping[str, str], name: str) -> timedelta | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_age(raw)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
 
 
 def check_host(host: str, name: str) -> str:

@@ -34,9 +34,11 @@ from workflows.application.use_cases import (
 )
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.ids import uuid7
-from workflows.entrypoints.config import Settings
+from workflows.entrypoints.config import Settings, age_text
 
 log = logging.getLogger(__name__)
+HOUSEKEEPING_EVERY = 600.0
+"""Seconds between two rounds of housekeeping (expired keys, retention) of a process."""
 
 
 def utc_now() -> datetime:
@@ -214,8 +216,11 @@ async def _sweep_dead_letters(container: Container, interval: float = 5.0) -> No
         await asyncio.sleep(interval)
 
 
-async def _housekeeping(container: Container, interval: float = 600.0) -> None:
-    """Forget expired idempotency keys, every `interval` seconds."""
+async def _housekeeping(container: Container) -> None:
+    """Every HOUSEKEEPING_EVERY seconds, from start-up on: forget expired idempotency keys
+    and, with RETAIN_CONSUMED or RETAIN_EXPORTS, delete what is older (`workflows prune`)."""
+    settings: Settings = container.settings()
+    retaining = settings.retain_consumed is not None or settings.retain_exports is not None
     while True:
         try:
             purged = await container.repository().purge_expired_keys(utc_now())
@@ -223,7 +228,36 @@ async def _housekeeping(container: Container, interval: float = 600.0) -> None:
                 log.info("forgot %d expired idempotency keys", purged)
         except DependencyUnavailable as exc:
             log.warning("housekeeping skipped: %s", exc)
-        await asyncio.sleep(interval)
+        if retaining:
+            await _retain(container, settings)
+        await asyncio.sleep(HOUSEKEEPING_EVERY)
+
+
+async def _retain(container: Container, settings: Settings) -> None:
+    consumed, exports = settings.retain_consumed, settings.retain_exports
+    try:
+        pruned = await container.prune_workflows()(
+            workflows_older_than=consumed, exports_older_than=exports
+        )
+    except DependencyUnavailable as exc:
+        log.warning("retention skipped: %s", exc)
+        return
+    if pruned.workflows:
+        assert consumed is not None
+        log.info(
+            "retention: deleted %d workflows consumed more than %s ago, and %d export files "
+            "of theirs",
+            pruned.workflows,
+            age_text(consumed),
+            pruned.their_exports,
+        )
+    if pruned.exports:
+        assert exports is not None
+        log.info(
+            "retention: deleted %d export files written more than %s ago",
+            pruned.exports,
+            age_text(exports),
+        )
 
 
 async def _start_tolerantly(name: str, start: Callable[[], Awaitable[None]]) -> None:

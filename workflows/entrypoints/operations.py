@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from workflows.adapters.postgres.stats import OutboxBacklog, PostgresStats
 from workflows.adapters.rabbitmq.peek import QueueMissing, queue_depth
 from workflows.application.pruning import Pruned
 from workflows.domain.errors import DependencyUnavailable
-from workflows.entrypoints.config import Settings
+from workflows.entrypoints.config import Settings, age_text, parse_age
 from workflows.entrypoints.container import Container, running
 
 log = logging.getLogger(__name__)
@@ -166,30 +165,12 @@ def relay(settings: Settings) -> int:
     return 0
 
 
-_AGE = re.compile(r"([0-9]+)([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_AGE = timedelta(days=36_500)
-
-
 def age(text: str) -> timedelta:
-    """An AGE of `workflows prune`: a whole number and a unit (s, m, h or d)."""
-    match = _AGE.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an age: give a whole number and a unit, as 90s, 30m, 12h or 30d"
-        )
-    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
-    if seconds > MAX_AGE.total_seconds():
-        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_AGE.days} days")
-    return timedelta(seconds=seconds)
-
-
-def _age_text(value: timedelta) -> str:
-    seconds = int(value.total_seconds())
-    for unit in "dhm":
-        if seconds and seconds % _UNIT_SECONDS[unit] == 0:
-            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
-    return f"{seconds}s"
+    """An AGE of `workflows prune` (config.parse_age), for argparse."""
+    try:
+        return parse_age(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def prune(
@@ -215,12 +196,12 @@ def prune(
         with_them = "" if dry_run else f", and {pruned.their_exports} export files of theirs"
         print(
             f"workflows  {verb} {pruned.workflows} consumed more than "
-            f"{_age_text(workflows_older_than)} ago{with_them}"
+            f"{age_text(workflows_older_than)} ago{with_them}"
         )
     if exports_older_than is not None:
         print(
             f"exports    {verb} {pruned.exports} files written more than "
-            f"{_age_text(exports_older_than)} ago ({settings.export_dir})"
+            f"{age_text(exports_older_than)} ago ({settings.export_dir})"
         )
     return 0
 
