@@ -434,6 +434,10 @@ def unread_count() -> float:
     return REGISTRY.get_sample_value("workflows_http_unread_answers_total") or 0.0
 
 
+def slow_count() -> float:
+    return REGISTRY.get_sample_value("workflows_http_slow_answers_total") or 0.0
+
+
 async def small_window_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection whose receive buffer is small, so that most of a large answer waits in
     the server's memory until it is read."""
@@ -489,7 +493,7 @@ async def test_an_answer_read_slowly_but_steadily_arrives_whole(
     """A client that takes some of the answer within every UNREAD_TIMEOUT gets all of it,
     however long that takes in all (here ~2.5 s, five times the timeout)."""
     monkeypatch.setattr(http_protocol, "UNREAD_TIMEOUT", 0.5)
-    before = unread_count()
+    before, slow_before = unread_count(), slow_count()
     reader, writer = await small_window_connection(served)
     try:
         writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -503,3 +507,26 @@ async def test_an_answer_read_slowly_but_steadily_arrives_whole(
     assert body == BIG
     assert took > 1.0  # longer than the timeout, twice
     assert unread_count() == before
+    assert slow_count() == slow_before
+
+
+async def test_an_answer_taken_under_the_minimum_rate_is_dropped_with_its_connection(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that takes some of the answer at every look, but less than ANSWER_MIN_RATE
+    on average over an UNREAD_TIMEOUT (here ~1.6 MB/s against 64 MiB/s), held it for as
+    long as it went on: at the end of the window the server closes the connection and drops
+    what it held. The client still reads what the kernel had queued, then the end."""
+    monkeypatch.setattr(http_protocol, "UNREAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(http_protocol, "ANSWER_MIN_RATE", 64 << 20)
+    before, unread_before = slow_count(), unread_count()
+    reader, writer = await small_window_connection(served)
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = await read_all(reader, pace=0.01, size=16 * 1024)
+    finally:
+        writer.close()
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert len(got) < len(BIG) * 3 // 4  # the rest was dropped (read whole in ~5 s else)
+    assert slow_count() == before + 1
+    assert unread_count() == unread_before  # it did read: not the other rule

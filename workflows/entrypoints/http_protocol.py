@@ -117,6 +117,13 @@ that hangs: its kernel goes on acknowledging, with a window of zero) held its an
 a CSV of ~10 MB, for as long as it lived."""
 
 
+ANSWER_MIN_RATE = BODY_MIN_RATE
+"""Bytes a second, averaged over each UNREAD_TIMEOUT while part of an answer waits in the
+worker's memory: a client that takes less (1 MiB a minute, 140 kbit/s, as bodies must come)
+has its connection closed. Taking a byte now and then no longer holds an answer of
+megabytes for hours (Kestrel's MinResponseDataRate does the same, at 240 bytes/s)."""
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """`uvicorn --http httptools`, each connection's transport wrapped in a
     `CoalescingTransport`, a request's head (its line and headers) held to `MAX_HEAD_BYTES`
@@ -136,6 +143,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._unread_timer: asyncio.TimerHandle | None = None
         self._unsent = 0  # bytes of answers the client had not taken at the last look
         self._unsent_since = 0.0  # when that figure last went down (or the look began)
+        self._window_unsent = 0  # bytes not taken when the current window of looks began
+        self._window_since = 0.0  # when it began: every UNREAD_TIMEOUT, the rate is judged
         self._body_last = 0.0  # when the current request's body last grew
         self._body_deadline = 0.0  # when all of it must be in, unless it keeps coming
         self._body_received = 0  # bytes of it read so far
@@ -210,6 +219,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().pause_writing()
         if self._unread_timer is None:
             self._unsent, self._unsent_since = self._unsent_bytes(), self.loop.time()
+            self._window_unsent, self._window_since = self._unsent, self._unsent_since
             self._unread_timer = self.loop.call_later(UNREAD_TIMEOUT / 4, self._unread_late)
 
     def resume_writing(self) -> None:
@@ -237,7 +247,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         the connection is closed at once. (The first look often sees what the client's own
         socket took after the pause: looking only once, at the timeout, would let that pass
         for reading.) Also when the connection is already closing: a close waits for the
-        buffer to be sent, which such a client never lets happen."""
+        buffer to be sent, which such a client never lets happen. And once every
+        UNREAD_TIMEOUT, whether the client took ANSWER_MIN_RATE in that time: else too."""
+        # Imported here, as in `_refuse`.
+        from workflows.entrypoints import observability
+
         self._unread_timer = None
         unsent, now = self._unsent_bytes(), self.loop.time()
         if unsent == 0:
@@ -246,11 +260,15 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._unsent, self._unsent_since = unsent, now
         elif now - self._unsent_since >= UNREAD_TIMEOUT:
             self.transport.abort()  # connection_lost follows: the app sees its client gone
-            # Imported here, as in `_refuse`.
-            from workflows.entrypoints import observability
-
             observability.unread(UNREAD_TIMEOUT, unsent)
             return
+        if (window := now - self._window_since) >= UNREAD_TIMEOUT:
+            taken = self._window_unsent - unsent
+            if taken < ANSWER_MIN_RATE * window:
+                self.transport.abort()
+                observability.slow_answer(taken / window, unsent)
+                return
+            self._window_unsent, self._window_since = unsent, now
         self._unread_timer = self.loop.call_later(UNREAD_TIMEOUT / 4, self._unread_late)
 
     def _head_timed_out(self) -> None:

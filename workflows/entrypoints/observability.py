@@ -79,6 +79,10 @@ UNREAD = Counter(
     "workflows_http_unread_answers_total",
     "Connections closed because their client took none of an answer for 60 s.",
 )
+SLOW_ANSWERS = Counter(
+    "workflows_http_slow_answers_total",
+    "Connections closed because their client took an answer at under 1 MiB a minute.",
+)
 # Each process sets its own pool's figures; a scrape sums those of the live processes.
 POOL_CONNECTIONS = Gauge(
     "workflows_db_pool_connections",
@@ -192,6 +196,22 @@ def unread(seconds: float, unsent: int) -> None:
         "unread",
         "closed a connection whose client read none of its answer for %g s (%d bytes unsent)",
         seconds,
+        unsent,
+    )
+
+
+_slow = Sampled(log, level=logging.INFO)
+
+
+def slow_answer(rate: float, unsent: int) -> None:
+    """A connection closed by the server because its client took its answer at under
+    http_protocol.ANSWER_MIN_RATE: counted, and logged at INFO once per 10 s with how many
+    since."""
+    SLOW_ANSWERS.inc()
+    _slow.happened(
+        "slow",
+        "closed a connection whose client took its answer at %.0f bytes/s (%d bytes unsent)",
+        rate,
         unsent,
     )
 
