@@ -231,34 +231,37 @@ async def test_a_replay_racing_a_prune_either_wins_whole_or_finds_the_workflow_g
     pg: PostgresDatabase,
 ) -> None:
     """PATCH to inserted (a replay) and `workflows prune` at once, on the same old consumed
-    workflows: a replay that succeeded leaves a queued workflow no prune deletes; a workflow
-    the prune deleted was never replayed (its PATCH found nothing: 404)."""
+    workflows: the prune from the longest consumed, the replays from the other end, one
+    statement at a time each, so that they meet. A replay that succeeded leaves a queued
+    workflow no prune deletes; a workflow the prune deleted was never replayed (its PATCH
+    found nothing: 404)."""
     repository = PostgresWorkflowRepository(pg.pool, outbox=False)
     workflows = [make() for _ in range(200)]
-    for workflow in workflows:
+    for n, workflow in enumerate(workflows):
         await repository.add(workflow)
-        await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, T0)
+        consumed_at = T0 + timedelta(seconds=n)  # the prune's order: this list's
+        await repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, consumed_at)
     before, now = T0 + HOUR, T0 + 48 * HOUR
     pruned: list[UUID] = []
+    replays: list[tuple[UUID, bool]] = []
 
     async def prune() -> None:
-        while batch := await repository.prune_consumed(before, now, limit=7):
+        while batch := await repository.prune_consumed(before, now, limit=5):
             pruned.extend(batch)
-            await asyncio.sleep(0)
 
-    async def replay(workflow: Workflow) -> tuple[UUID, bool]:
-        change = await repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, now)
-        return workflow.uuid, change is not None
+    async def replay() -> None:
+        # Dated before the prune's time: only the status keeps a replayed row from it.
+        for workflow in reversed(workflows):
+            change = await repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, T0)
+            replays.append((workflow.uuid, change is not None))
 
-    replays, _ = await asyncio.gather(
-        asyncio.gather(*(replay(w) for w in reversed(workflows))), prune()
-    )
+    await asyncio.gather(replay(), prune())
     replayed = {uuid for uuid, found in replays if found}
     gone = {uuid for uuid, found in replays if not found}
     assert replayed.isdisjoint(pruned)
     assert gone == set(pruned)
-    assert gone, "the prune took none before the replays: no race was run"
-    assert replayed, "the replays found none before the prune: no race was run"
+    assert gone, "the replays found every workflow: no race was run"
+    assert replayed, "the prune took every workflow: no race was run"
     for uuid in replayed:
         stored = await repository.get(uuid)
         assert stored is not None
