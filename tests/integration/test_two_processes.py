@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -105,6 +106,10 @@ async def test_two_api_processes_hand_each_workflow_to_exactly_one_consumer(
     report = orjson.loads(stats.stdout)
     assert (report["queue_depth"], report["dead_letters"]) == (0, 0)
     assert report["workflows"] == {"consumed": WORKFLOWS}
+    with psycopg.connect(database_url) as conn:
+        oldest = conn.execute("SELECT min(updated_at) FROM workflows").fetchone()
+    assert oldest is not None
+    assert datetime.fromisoformat(report["oldest_consumed_at"]) == oldest[0]
     if server_env["QUEUE_BACKEND"] == "rabbitmq":
         assert report["outbox"]["entries"] == 0
 

@@ -411,9 +411,9 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--help"])
     assert exited.value.code == 0
     usage = capsys.readouterr().out
-    for command in ("serve", "migrate", "stats", "relay"):
+    for command in ("serve", "migrate", "stats", "relay", "prune"):
         assert command in usage
-    for command in ("serve", "migrate", "stats", "relay"):
+    for command in ("serve", "migrate", "stats", "relay", "prune"):
         with pytest.raises(SystemExit) as exited:
             cli.main([command, "--help"])
         assert exited.value.code == 0

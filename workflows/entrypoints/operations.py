@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sized
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def _unless_unavailable(what: str) -> Iterator[None]:
 
 
 def stats(settings: Settings, *, as_json: bool) -> int:
-    """Print queue depth, outbox backlog and workflows by status."""
+    """Print queue depth, outbox backlog, workflows by status and the oldest consume."""
     if settings.queue_backend == "memory":
         print(
             "workflows stats: QUEUE_BACKEND=memory keeps its queue inside the serving process",
@@ -118,7 +118,15 @@ def stats(settings: Settings, *, as_json: bool) -> int:
         )
         print(f"outbox backlog  {backlog}")
     print(f"workflows       {by_status or 'none'}")
+    print(f"oldest consumed {_oldest(report['oldest_consumed_at'])}")
     return 0
+
+
+def _oldest(at: str | None) -> str:
+    if at is None:
+        return "none"
+    days = (datetime.now(UTC) - datetime.fromisoformat(at)).total_seconds() / 86400
+    return f"{at} ({days:.1f} days ago)"
 
 
 async def _gather_stats(settings: Settings) -> dict[str, Any]:
@@ -129,6 +137,7 @@ async def _gather_stats(settings: Settings) -> dict[str, Any]:
         await database.start()
         snap = await snapshot(container, functools.partial(_peek_depth, settings))
         by_status = await _stats(container).counts_by_status()
+        oldest = await _stats(container).oldest_consumed()
     outbox = None if snap.outbox is None else attrs.asdict(snap.outbox)
     return {
         "backend": snap.backend,
@@ -136,6 +145,7 @@ async def _gather_stats(settings: Settings) -> dict[str, Any]:
         "dead_letters": snap.dead_letters,
         "outbox": outbox,
         "workflows": by_status,
+        "oldest_consumed_at": None if oldest is None else oldest.isoformat(),
     }
 
 

@@ -1,10 +1,12 @@
 """Operating figures read from PostgreSQL: queue depth, dead letters, outbox backlog,
-counts by status.
+counts by status, the oldest consume.
 
 Read-only, for /metrics and `workflows stats`; the use cases never need them.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 import attrs
 
@@ -18,6 +20,8 @@ DEAD_LETTERS = "SELECT count(*) FROM workflows WHERE dead_lettered_at IS NOT NUL
 OUTBOX = """
 SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox
 """
+# The first entry of workflows_consumed_idx: whether retention keeps up (`workflows stats`).
+OLDEST_CONSUMED = "SELECT min(updated_at) FROM workflows WHERE status = 'consumed'"
 # A full scan: for the CLI, not for every scrape.
 BY_STATUS = "SELECT status::text, count(*) FROM workflows GROUP BY status ORDER BY status"
 
@@ -52,6 +56,14 @@ class PostgresStats:
             row = await (await conn.execute(OUTBOX)).fetchone()
         assert row is not None, "an aggregate returns one row"
         return OutboxBacklog(entries=row[0], oldest_age_seconds=max(0.0, row[1]))
+
+    async def oldest_consumed(self) -> datetime | None:
+        """When the workflow consumed longest ago was consumed; None when none is."""
+        async with connection(self._pool) as conn:
+            row = await (await conn.execute(OLDEST_CONSUMED)).fetchone()
+        assert row is not None, "an aggregate returns one row"
+        oldest: datetime | None = row[0]
+        return oldest
 
     async def counts_by_status(self) -> dict[str, int]:
         """A full scan (the CLI's, run by hand): it may take longer than a statement's
