@@ -32,6 +32,7 @@ SHORT = (
     "postgres-restart",
     "consume-disconnect",
     "export-freeze",
+    "prune",
 )
 FULL = ("baseline", *SHORT)
 DOC = api.ROOT / "docs" / "chaos.md"
@@ -72,6 +73,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=4.0,
         help="seconds the export filesystem stays frozen (default 4)",
+    )
+    parser.add_argument(
+        "--prune-older-than",
+        type=int,
+        default=1,
+        help="the prune scenario's --workflows-older-than, in seconds (default 1)",
     )
     parser.add_argument(
         "--kill-every", default="2,4", help="seconds between two kill -9: LOW,HIGH (default 2,4)"
@@ -121,6 +128,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
         pg_modes=_pg_modes(args),
         pg_down_for=args.pg_down,
         frozen_for=args.frozen_for,
+        prune_older_than=args.prune_older_than,
     )
     unknown = [name for name in names if name not in faults]
     if unknown:

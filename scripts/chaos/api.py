@@ -105,21 +105,12 @@ class Target:
         if self.own_filesystem:
             await asyncio.to_thread(mount_ext4, self.image, self.export_dir)
         self.port = _free_port()
-        env = os.environ | {
-            "DATABASE_URL": self.database,
-            "RABBITMQ_URL": AMQP_URL,
-            "RABBITMQ_QUEUE": self.queue,
-            "QUEUE_BACKEND": self.backend,
-            "EXPORT_DIR": str(self.export_dir),
-            "HOST": HOST,
-        }
-        command = [str(Path(sys.executable).with_name("workflows")), "serve"]
-        command += ["--port", str(self.port), "--workers", "2"]
+        command = [*self.command("serve"), "--port", str(self.port), "--workers", "2"]
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
                 command,
                 cwd=ROOT,
-                env=env,
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -127,6 +118,22 @@ class Target:
             )
         _groups.add(self.process.pid)
         await self._wait_ready()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of the target's `workflows` processes (the API, a prune)."""
+        return os.environ | {
+            "DATABASE_URL": self.database,
+            "RABBITMQ_URL": AMQP_URL,
+            "RABBITMQ_QUEUE": self.queue,
+            "QUEUE_BACKEND": self.backend,
+            "EXPORT_DIR": str(self.export_dir),
+            "HOST": HOST,
+        }
+
+    @staticmethod
+    def command(*arguments: str) -> list[str]:
+        return [str(Path(sys.executable).with_name("workflows")), *arguments]
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT

@@ -12,6 +12,8 @@ import logging
 import os
 import random
 import signal
+import statistics
+import subprocess
 from collections import Counter
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ class Fault:
     continuous: bool = False
     disconnectors: bool = False  # add consume clients that drop their requests
     own_filesystem: bool = False  # each target's exports on a filesystem of its own
+    audits_deletions: bool = False  # record the rows deleted from `workflows` (verify.py)
 
     async def inject(
         self, targets: list[Target], stop: asyncio.Event, duration: float, counts: Counter[str]
@@ -167,6 +170,62 @@ class ExportFreeze(Fault):
             log.info("fault: export filesystems thawed")
 
 
+class Prune(Fault):
+    """`workflows prune --workflows-older-than N` run again and again beside the load, half
+    the runs killed with `kill -9` at a random moment of their second half (timed on the
+    runs left to finish), the rest left to finish. A trigger the scenario puts on the
+    `workflows` table records every row deleted, with its status and whether its export
+    file was there (`verify.py`): a row deleted while not consumed is an accepted workflow
+    lost."""
+
+    def __init__(self, older_than: int) -> None:
+        super().__init__(
+            "prune",
+            f"workflows prune --workflows-older-than {older_than}s again and again, half "
+            "the runs killed with kill -9",
+            continuous=True,
+            audits_deletions=True,
+        )
+        self.older_than = older_than
+
+    async def inject(
+        self, targets: list[Target], stop: asyncio.Event, duration: float, counts: Counter[str]
+    ) -> None:
+        await asyncio.gather(*(self._prune_loop(target, stop, counts) for target in targets))
+
+    async def _prune_loop(self, target: Target, stop: asyncio.Event, counts: Counter[str]) -> None:
+        rng = random.Random()
+        command = target.command("prune", "--workflows-older-than", f"{self.older_than}s")
+        finished: list[float] = [2.0]  # seconds a run took; a guess until one finishes
+        n = 0
+        while not stop.is_set():
+            n += 1
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                env=target.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            started = loop_time()
+            kill_at = rng.uniform(0.5, 1.0) * statistics.median(finished) if n % 2 else None
+            try:
+                _, stderr = await asyncio.wait_for(process.communicate(), kill_at)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                counts[f"{target.backend} prune killed"] += 1
+                continue
+            if process.returncode != 0:
+                raise RuntimeError(f"{target.label}: workflows prune failed: {stderr.decode()}")
+            finished.append(loop_time() - started)
+            counts[f"{target.backend} prune finished"] += 1
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep; True as soon as `stop` is set."""
     try:
@@ -184,6 +243,7 @@ def scenarios(
     pg_modes: list[str],
     pg_down_for: float,
     frozen_for: float,
+    prune_older_than: int,
 ) -> dict[str, Fault]:
     faults: list[Fault] = [
         Baseline(),
@@ -192,5 +252,6 @@ def scenarios(
         PostgresRestart(pg_modes, pg_down_for),
         ConsumeDisconnect(),
         ExportFreeze(frozen_for),
+        Prune(prune_older_than),
     ]
     return {fault.name: fault for fault in faults}

@@ -23,6 +23,7 @@ COLUMNS = (
     ("unaccounted", "unaccounted"),
     ("over-consumed", "over_consumed"),
     ("CSV mismatch", "csv_mismatch"),
+    ("pruned unconsumed", "pruned_unconsumed"),
     ("lost resp. (accounted)", "lost_accounted"),
     ("5xx", "server_errors"),
     ("5xx after drain", "late_5xx"),

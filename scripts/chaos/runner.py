@@ -14,7 +14,7 @@ from scripts.chaos.api import Target
 from scripts.chaos.faults import Fault
 from scripts.chaos.load import REQUEST_TIMEOUT, Ledger, consumer, disconnector, poster
 from scripts.chaos.report import Row
-from scripts.chaos.verify import check, drain
+from scripts.chaos.verify import audit_deletions, check, drain
 
 log = logging.getLogger("chaos")
 
@@ -46,6 +46,8 @@ async def run_scenario(fault: Fault, backends: list[str], plan: Plan, workdir: P
     try:
         log.info("scenario %s on %s: starting", fault.name, ", ".join(backends))
         await asyncio.gather(*(target.start() for target in targets))
+        if fault.audits_deletions:
+            await asyncio.gather(*(asyncio.to_thread(audit_deletions, t) for t in targets))
         started = time.monotonic()
         await _load(fault, targets, ledgers, plan, counts)
         for row in rows.values():
@@ -65,7 +67,8 @@ async def run_scenario(fault: Fault, backends: list[str], plan: Plan, workdir: P
             row.error = f"{type(error).__name__}: {error}"
     finally:
         for target in targets:  # before the teardown, which removes the API's log
-            rows[target.backend].fault = _fault_summary(fault, target, counts, ledgers)
+            row = rows[target.backend]
+            row.fault = _fault_summary(fault, target, counts, ledgers, row.counts)
         log.info("scenario %s: tearing down", fault.name)
         await asyncio.to_thread(_teardown, targets, rows)
         log.info("scenario %s: done", fault.name)
@@ -141,7 +144,11 @@ def _teardown(targets: list[Target], rows: dict[str, Row]) -> None:
 
 
 def _fault_summary(
-    fault: Fault, target: Target, counts: Counter[str], ledgers: dict[str, Ledger]
+    fault: Fault,
+    target: Target,
+    counts: Counter[str],
+    ledgers: dict[str, Ledger],
+    checked: dict[str, int],
 ) -> str:
     if fault.name == "kill-worker":
         return f"{counts[f'{target.backend} kill -9']} kill -9"
@@ -152,6 +159,10 @@ def _fault_summary(
         return " + ".join(done) + " restart(s)"
     if fault.name == "consume-disconnect":
         return f"{ledgers[target.backend].consume_abandoned} dropped calls"
+    if fault.name == "prune":
+        b = target.backend
+        runs = f"{counts[f'{b} prune finished']} prune runs + {counts[f'{b} prune killed']} kill -9"
+        return f"{runs}, {checked.get('pruned', '?')} workflows pruned"
     if fault.name == "export-freeze":
         return f"{counts['export freezes']} freeze(s), {target.stalls_logged} stall(s) logged"
     return "none"

@@ -32,6 +32,25 @@ FROM workflows
 """
 OUTBOX = "SELECT count(*) FROM outbox"
 
+AUDIT = """
+CREATE TABLE chaos_deleted (
+    uuid uuid NOT NULL, status text NOT NULL, marker text, exported boolean NOT NULL
+);
+CREATE FUNCTION chaos_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO chaos_deleted VALUES (
+        OLD.uuid, OLD.status::text, OLD.data->>'chaos',
+        pg_stat_file({directory} || '/' || OLD.uuid::text || '.csv', true) IS NOT NULL
+    );
+    RETURN OLD;
+END $$;
+CREATE TRIGGER chaos_deleted AFTER DELETE ON workflows
+    FOR EACH ROW EXECUTE FUNCTION chaos_deleted();
+"""
+"""Every row deleted from `workflows` (a prune), with its status then and whether its export
+file was there when the row went (a prune removes the files after the rows)."""
+DELETED = "SELECT uuid::text, status, marker, exported FROM chaos_deleted"
+
 VIOLATIONS = {
     "missing": "answered 201 but not in the database",
     "duplicated": "rows beyond the first for one POST (marker)",
@@ -42,6 +61,7 @@ VIOLATIONS = {
     "unaccounted": "consumed in the database, returned by no call, no export file",
     "over_consumed": "more workflows consumed than consume calls could account for",
     "csv_mismatch": "a consume body that differs from its export file or GET …/csv",
+    "pruned_unconsumed": "deleted by a prune while not consumed: an accepted workflow lost",
     "contract": "answers that break the API contract (e.g. 200 without X-Workflow-UUID)",
 }
 
@@ -54,6 +74,13 @@ class Outcome:
     @property
     def violations(self) -> dict[str, int]:
         return {name: self.counts.get(name, 0) for name in VIOLATIONS if self.counts.get(name)}
+
+
+def audit_deletions(target: Target) -> None:
+    """Record every row deleted from the target's `workflows` table (`AUDIT`)."""
+    directory = "'" + str(target.export_dir).replace("'", "''") + "'"
+    with psycopg.connect(target.database, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(AUDIT.replace("{directory}", directory))
 
 
 def _outbox_size(database: str) -> int:
@@ -101,7 +128,7 @@ async def drain(target: Target, ledger: Ledger) -> None:
 
 
 async def check(target: Target, ledger: Ledger, csv_sample: int | None) -> Outcome:
-    rows, outbox = await asyncio.to_thread(_read_database, target.database)
+    rows, outbox, deleted = await asyncio.to_thread(_read_database, target.database)
     outcome = Outcome()
     c = outcome.counts
     by_marker: dict[str, list[tuple[str, str]]] = {}
@@ -114,6 +141,19 @@ async def check(target: Target, ledger: Ledger, csv_sample: int | None) -> Outco
         attempts[delivery_attempts] += 1
         if dead_lettered:
             dead.append(uuid)
+
+    pruned: dict[str, bool] = {}  # deleted while consumed: whether its file was there
+    if deleted is not None:
+        c["pruned"] = len(deleted)
+        lost_rows = [(uuid, status) for uuid, status, _, _ in deleted if status != "consumed"]
+        c["pruned_unconsumed"] = len(lost_rows)
+        if lost_rows:
+            outcome.notes.append(f"deleted while not consumed (first 5): {lost_rows[:5]}")
+        for uuid, status, marker, exported in deleted:
+            by_marker.setdefault(marker, []).append((uuid, status))
+            if status == "consumed":
+                status_of[uuid] = status
+                pruned[uuid] = exported
 
     c["posted"] = len(ledger.posted)
     c["missing"] = sum(
@@ -148,7 +188,11 @@ async def check(target: Target, ledger: Ledger, csv_sample: int | None) -> Outco
     consumed_in_db = {uuid for uuid, status in status_of.items() if status == "consumed"}
     not_returned = consumed_in_db - ledger.consumed.keys()
     exports = target.export_dir
-    lost = [uuid for uuid in not_returned if (exports / f"{uuid}.csv").is_file()]
+    lost = [
+        uuid
+        for uuid in not_returned
+        if (pruned[uuid] if uuid in pruned else (exports / f"{uuid}.csv").is_file())
+    ]
     c["lost_accounted"] = len(lost)
     c["unaccounted"] = len(not_returned) - len(lost)
     if c["unaccounted"]:
@@ -166,8 +210,8 @@ async def check(target: Target, ledger: Ledger, csv_sample: int | None) -> Outco
     allowance = ledger.consume_calls_without_result
     c["over_consumed"] = max(0, len(not_returned) - allowance)
 
-    c["csv_mismatch"] = _compare_exports(exports, ledger, outcome)
-    c["csv_mismatch"] += await _compare_downloads(target, ledger, lost, csv_sample, outcome)
+    c["csv_mismatch"] = _compare_exports(exports, ledger, pruned, outcome)
+    c["csv_mismatch"] += await _compare_downloads(target, ledger, lost, pruned, csv_sample, outcome)
     c["server_errors"] = ledger.server_errors
     c["transport_errors"] = ledger.transport_errors
     c["abandoned"] = ledger.consume_abandoned
@@ -176,18 +220,33 @@ async def check(target: Target, ledger: Ledger, csv_sample: int | None) -> Outco
     return outcome
 
 
-def _read_database(database: str) -> tuple[list[tuple[str, str, str, bool, int]], int]:
+Deleted = list[tuple[str, str, str, bool]]
+"""Rows deleted from `workflows`: uuid, status, marker, whether its export file was there."""
+
+
+def _read_database(
+    database: str,
+) -> tuple[list[tuple[str, str, str, bool, int]], int, Deleted | None]:
     with psycopg.connect(database, connect_timeout=10) as conn:
         rows = [(str(u), str(s), str(m), d, a) for u, s, m, d, a in conn.execute(ROWS)]
         count = conn.execute(OUTBOX).fetchone()
-    return rows, int(count[0]) if count else 0
+        audited = conn.execute("SELECT to_regclass('chaos_deleted') IS NOT NULL").fetchone()
+        deleted = None
+        if audited and audited[0]:
+            deleted = [(str(u), str(s), str(m), bool(e)) for u, s, m, e in conn.execute(DELETED)]
+    return rows, int(count[0]) if count else 0, deleted
 
 
-def _compare_exports(exports: Path, ledger: Ledger, outcome: Outcome) -> int:
-    """Each 200 body against the export file the server wrote for it."""
+def _compare_exports(
+    exports: Path, ledger: Ledger, pruned: dict[str, bool], outcome: Outcome
+) -> int:
+    """Each 200 body against the export file the server wrote for it (unless a prune has
+    removed the file with the workflow)."""
     mismatches = 0
     for uuid, digests in ledger.consumed.items():
         path = exports / f"{uuid}.csv"
+        if uuid in pruned and not path.is_file():
+            continue
         found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
         if any(digest != found for digest in digests):
             mismatches += 1
@@ -196,14 +255,25 @@ def _compare_exports(exports: Path, ledger: Ledger, outcome: Outcome) -> int:
 
 
 async def _compare_downloads(
-    target: Target, ledger: Ledger, lost: list[str], sample: int | None, outcome: Outcome
+    target: Target,
+    ledger: Ledger,
+    lost: list[str],
+    pruned: dict[str, bool],
+    sample: int | None,
+    outcome: Outcome,
 ) -> int:
     """GET /workflow/{uuid}/csv against the consume body (or, for a response that was
-    lost, against its export file): every workflow, or a random sample."""
-    expected = {uuid: digests[0] for uuid, digests in ledger.consumed.items()}
+    lost, against its export file): every workflow, or a random sample. A pruned workflow
+    must answer 404."""
+    expected: dict[str, str | None] = {
+        uuid: digests[0] for uuid, digests in ledger.consumed.items()
+    }
     for uuid in lost:
-        content = (target.export_dir / f"{uuid}.csv").read_bytes()
-        expected[uuid] = hashlib.sha256(content).hexdigest()
+        if uuid not in pruned:
+            content = (target.export_dir / f"{uuid}.csv").read_bytes()
+            expected[uuid] = hashlib.sha256(content).hexdigest()
+    for uuid in pruned:
+        expected[uuid] = None
     uuids = list(expected)
     if sample is not None and len(uuids) > sample:
         uuids = random.sample(uuids, sample)
@@ -217,7 +287,11 @@ async def _compare_downloads(
             for uuid in todo:
                 response = await _get_retrying(client, f"/workflow/{uuid}/csv", late)
                 digest = hashlib.sha256(response.content).hexdigest()
-                if response.status_code != 200 or digest != expected[uuid]:
+                if expected[uuid] is None:  # pruned
+                    if response.status_code != 404:
+                        mismatches += 1
+                        outcome.notes.append(f"{uuid}: pruned, GET csv {response.status_code}")
+                elif response.status_code != 200 or digest != expected[uuid]:
                     mismatches += 1
                     outcome.notes.append(f"{uuid}: GET csv {response.status_code} differs")
 
