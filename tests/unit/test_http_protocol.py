@@ -5,8 +5,10 @@ request's head and body held to their limits and timeouts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -166,8 +168,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 BIG = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the sockets' buffers hold
 
 
-@pytest.fixture
-async def served() -> Any:
+@contextlib.asynccontextmanager
+async def serving(**options: Any) -> AsyncIterator[str]:
+    """`app` served by uvicorn with the protocol (and uvicorn `options`); its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -178,6 +181,7 @@ async def served() -> Any:
         http=CoalescingHttpToolsProtocol,
         log_level="warning",
         lifespan="on",
+        **options,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -187,6 +191,35 @@ async def served() -> Any:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     await task
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[str]:
+    async with serving() as url:
+        yield url
+
+
+async def test_a_connection_that_sends_nothing_is_closed_when_idle_as_after_an_answer() -> None:
+    async with serving(timeout_keep_alive=1.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # closed without a word
+        finally:
+            writer.close()
+        assert loop.time() - started >= 0.9
+        # A first request that comes within the timeout is served, and its connection kept
+        # alive for the next; once its bytes have begun, a head gets HEAD_TIMEOUT (10 s).
+        one = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+        two = b"GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = await exchange_raw(url, b"", one, two, pause=0.4)
+        assert answer.count(b"HTTP/1.1 200 ") == 2
+        slow_head = [b"GET /slow HT", b"TP/1.1\r\nHost: x\r\n", b"Connection: close\r\n\r\n"]
+        answer = await exchange_raw(url, *slow_head, pause=0.5)
+        assert answer.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_keep_alive_requests_on_one_connection_get_their_own_answers(served: str) -> None:

@@ -122,6 +122,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from workflows.entrypoints.http_protocol import IDLE_TIMEOUT
+
     try:
         host = check_host(args.host, "--host") if args.host else settings.host
     except ConfigError as exc:
@@ -158,6 +160,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             http="workflows.entrypoints.http_protocol:CoalescingHttpToolsProtocol",
             access_log=args.access_log,
             timeout_graceful_shutdown=args.graceful_timeout,
+            timeout_keep_alive=IDLE_TIMEOUT,
             log_config=logging_config(settings.log_level, settings.log_format, args.access_log),
         )
     return 0

@@ -109,6 +109,14 @@ MAX_BODY_BYTES gets the time it needs over the same link, where a fixed BODY_TIM
 refuse every body over 1 MiB from a client on such a link."""
 
 
+IDLE_TIMEOUT = 5
+"""Seconds a connection may wait with no request begun, before its first one or after an
+answer: then it is closed. uvicorn's keep-alive timeout (`workflows serve` sets it to this),
+which uvicorn arms only after an answer: a connection that never sent a byte was held for
+ever, each a file descriptor of the worker's (with a limit of 1,024 descriptors, 1,100 such
+connections made the worker reset every new one, for as long as they were held)."""
+
+
 UNREAD_TIMEOUT = 60.0
 """Seconds an answer may wait in the worker's memory with its client taking none of it: past
 it, the connection is closed and what was left of the answer dropped (nginx's `send_timeout`
@@ -126,7 +134,8 @@ megabytes for hours (Kestrel's MinResponseDataRate does the same, at 240 bytes/s
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """`uvicorn --http httptools`, each connection's transport wrapped in a
-    `CoalescingTransport`, a request's head (its line and headers) held to `MAX_HEAD_BYTES`
+    `CoalescingTransport`, a new connection's wait for its first bytes held to the
+    keep-alive timeout (`IDLE_TIMEOUT`), a request's head (its line and headers) to `MAX_HEAD_BYTES`
     and `HEAD_TIMEOUT`, its body to `BODY_GAP_TIMEOUT` and `BODY_TIMEOUT`, and an answer
     its client does not read to `UNREAD_TIMEOUT`.
 
@@ -151,6 +160,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._too_large = False  # a head over MAX_HEAD_BYTES came whole: refuse it
         super().connection_made(coalescing)
+        # A new connection is idle until its first bytes: closed after the keep-alive
+        # timeout (IDLE_TIMEOUT), as one is after an answer; its first bytes cancel the
+        # timer, as a next request's do.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
