@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,13 +62,23 @@ class Target:
     own_filesystem: bool = False
     """The export directory on an ext4 filesystem of its own (a loop-mounted image), which
     a fault can freeze."""
+    reachable_exports: bool = False
+    """The export directory where PostgreSQL's server can look (`pg_stat_file`): in a
+    directory of its own under the system's temporary directory, open to every user to pass
+    through, not under `workdir` (a clone in a private directory, `mktemp -d`'s, shuts the
+    server out)."""
     name: str = field(init=False)
+    exports_base: Path = field(init=False)
     port: int = field(init=False, default=0)
     process: subprocess.Popen[bytes] | None = field(init=False, default=None)
     broker_left: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.name = f"chaos_{secrets.token_hex(4)}_{self.backend[:2]}"
+        self.exports_base = self.workdir
+        if self.reachable_exports:
+            self.exports_base = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+            self.exports_base.chmod(0o755)
 
     @property
     def label(self) -> str:
@@ -83,7 +94,7 @@ class Target:
 
     @property
     def export_dir(self) -> Path:
-        return self.workdir / f"{self.name}-exports"
+        return self.exports_base / f"{self.name}-exports"
 
     @property
     def image(self) -> Path:
@@ -175,6 +186,8 @@ class Target:
         if not keep_files:
             shutil.rmtree(self.export_dir, ignore_errors=True)
             self.log_path.unlink(missing_ok=True)
+            if self.reachable_exports:
+                shutil.rmtree(self.exports_base, ignore_errors=True)
 
     @property
     def stalls_logged(self) -> int:

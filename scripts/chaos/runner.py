@@ -37,7 +37,14 @@ class Plan:
 async def run_scenario(fault: Fault, backends: list[str], plan: Plan, workdir: Path) -> list[Row]:
     """Run `fault` against one target per backend, all at once; one row per target."""
     targets = [
-        Target(fault.name, backend, workdir, keep=plan.keep, own_filesystem=fault.own_filesystem)
+        Target(
+            fault.name,
+            backend,
+            workdir,
+            keep=plan.keep,
+            own_filesystem=fault.own_filesystem,
+            reachable_exports=fault.audits_deletions,
+        )
         for backend in backends
     ]
     rows = {t.backend: Row(fault.name, t.backend) for t in targets}
@@ -139,6 +146,8 @@ def _teardown(targets: list[Target], rows: dict[str, Row]) -> None:
             log.info("%s: the queue still held %d messages", target.label, target.broker_left)
         if failed or target.keep:
             log.warning("%s: log and exports kept in %s", target.label, target.workdir)
+            if target.exports_base != target.workdir:
+                log.warning("%s: its exports in %s", target.label, target.exports_base)
     if problems:
         raise RuntimeError(f"services not restored: {problems}")
 
