@@ -13,9 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workflows.adapters.csv_export import CsvExporter
 from workflows.adapters.csv_export import exporter as exporter_module
+from workflows.adapters.csv_export import render as csv_render
 from workflows.adapters.csv_export.render import render_csv
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import JsonDocument, Workflow, WorkflowStatus
@@ -481,3 +484,64 @@ async def test_a_ping_waits_for_a_probe_that_is_running_but_not_late(
     asyncio.get_running_loop().call_later(0.1, release.set)
     await exporter.ping()  # the flush's probe, answered within PROBE_TIMEOUT of its start
     assert len(probes) == 1
+
+
+# --- lines written as csv.writer writes them ------------------------------------------
+
+CELL = st.text(
+    alphabet=st.sampled_from(list(",\"\r\n \t'=a\ufeffé€\U0001f600")), max_size=6
+) | st.text(max_size=6)
+
+
+def csv_writer_text(names: list[str], flat_rows: list[list[tuple[int, str]]]) -> str:
+    """The lines as `csv.writer` writes them (what render.py used until session 32): the
+    reference its own quoting is held to."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\r\n")
+    if names and names[0].startswith("\ufeff"):
+        csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_ALL).writerow(names)
+    else:
+        writer.writerow(names)
+    for cells in flat_rows:
+        line = [""] * len(names)
+        for column, cell in cells:
+            line[column] = cell
+        writer.writerow(line)
+    return out.getvalue()
+
+
+@st.composite
+def table(draw: st.DrawFn) -> tuple[list[str], list[list[tuple[int, str]]]]:
+    names = draw(st.lists(CELL, max_size=5))
+    rows = draw(
+        st.lists(
+            st.dictionaries(st.integers(0, len(names) - 1), CELL) if names else st.just({}),
+            max_size=4,
+        )
+    )
+    return names, [sorted(row.items()) for row in rows]
+
+
+@settings(max_examples=500)
+@given(table())
+def test_the_lines_are_what_csv_writer_writes(
+    drawn: tuple[list[str], list[list[tuple[int, str]]]],
+) -> None:
+    names, flat_rows = drawn
+    assert csv_render._csv_text(names, flat_rows) == csv_writer_text(names, flat_rows)
+
+
+@pytest.mark.parametrize(
+    ("names", "rows"),
+    [
+        ([""], [[(0, "")]]),  # a lone empty cell: `""`, never a blank line
+        (["a", "b"], [[]]),  # two empty cells: `,`
+        ([], [[], []]),  # an empty object: empty lines
+        (["\ufeffa", "", 'q"'], [[(1, "x,y")]]),  # every name quoted after a leading U+FEFF
+        (["a"], [[(0, 'say "hi"\r\nbye')]]),
+    ],
+)
+def test_the_edges_of_csv_writer_are_kept(
+    names: list[str], rows: list[list[tuple[int, str]]]
+) -> None:
+    assert csv_render._csv_text(names, rows) == csv_writer_text(names, rows)

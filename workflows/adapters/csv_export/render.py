@@ -31,8 +31,6 @@ docs/csv.md describes the format for users, with examples. Where the contract is
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from typing import Any, NoReturn
@@ -121,20 +119,43 @@ def _count_columns(rows: list[dict[str, Any]]) -> int:
 
 
 def _csv_text(names: list[str], flat_rows: list[list[tuple[int, str]]]) -> str:
-    out = io.StringIO(newline="")
-    writer = csv.writer(out, lineterminator="\r\n")  # QUOTE_MINIMAL, quotes doubled
     if names and names[0].startswith("\ufeff"):
         # Quoted, so that the file never opens with what readers take for a byte order
         # mark (and strip).
-        csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_ALL).writerow(names)
+        lines = [",".join(_quoted(name) for name in names) + "\r\n"]
     else:
-        writer.writerow(names)
+        lines = [_line(names)]
+    width = len(names)
     for cells in flat_rows:
-        line = [""] * len(names)
+        line = [""] * width
         for column, cell in cells:
             line[column] = cell
-        writer.writerow(line)
-    return out.getvalue()
+        lines.append(_line(line))
+    return "".join(lines)
+
+
+def _line(cells: list[str]) -> str:
+    """One CSV line, `\r\n` included: a cell holding `,`, `"`, CR or LF is quoted, its
+    quotes doubled; the others are written as they are. What `csv.writer` writes with a
+    `\r\n` line terminator (QUOTE_MINIMAL), which checks every character of every cell
+    with a function call of its own: 93,000 of the ~740,000 instructions of a consume of
+    the benchmark's document (bench/instructions.py; bench/notes.md, session 32).
+    tests/unit/test_csv_export.py holds the two to the same bytes."""
+    if not _to_quote("".join(cells)):  # nearly every line: nothing to quote
+        if len(cells) == 1 and not cells[0]:
+            return '""\r\n'  # as csv.writer: a lone empty cell must not read as a blank line
+        return ",".join(cells) + "\r\n"
+    return ",".join([_quoted(cell) if _to_quote(cell) else cell for cell in cells]) + "\r\n"
+
+
+def _to_quote(text: str) -> bool:
+    # Four searches for one character each (memchr), not a regular expression's character
+    # class, which tests every character in turn.
+    return "," in text or '"' in text or "\n" in text or "\r" in text
+
+
+def _quoted(cell: str) -> str:
+    return '"' + cell.replace('"', '""') + '"'
 
 
 class _Path:
