@@ -79,12 +79,7 @@ class Service:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        end_group(process, 30)
 
     def worker_pids(self) -> list[int]:
         """The uvicorn worker processes (with one worker uvicorn serves in the master)."""
@@ -119,3 +114,13 @@ def _rss_kib(pid: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+def end_group(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM to the process group that `process` leads, SIGKILL after `grace` seconds."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -138,8 +138,9 @@ def _line(cells: list[str]) -> str:
     """One CSV line, `\r\n` included: a cell holding `,`, `"`, CR or LF is quoted, its
     quotes doubled; the others are written as they are. What `csv.writer` writes with a
     `\r\n` line terminator (QUOTE_MINIMAL), which checks every character of every cell
-    with a function call of its own: 93,000 of the ~740,000 instructions of a consume of
-    the benchmark's document (bench/instructions.py; bench/notes.md, session 32).
+    with a function call of its own: 93,000 of the 870,000-930,000 user-space instructions
+    of a consume of the benchmark's document (bench/instructions.py; bench/notes.md,
+    session 32).
     tests/unit/test_csv_export.py holds the two to the same bytes."""
     if not _to_quote("".join(cells)):  # nearly every line: nothing to quote
         if len(cells) == 1 and not cells[0]:
