@@ -303,6 +303,52 @@ async def test_a_request_the_parser_cannot_read_is_a_400_problem(served: str, ba
     assert orjson.loads(body)["type"] == "/problems/invalid-request"
 
 
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        (b"", "an HTTP/1.1 request must have a Host header"),
+        (b"Host: a\r\nHost: a\r\n", "the request has 2 Host headers: it must have one"),
+        (b"Host: a/b\r\n", "the Host header is not a host name"),
+        (b"Host: a b\r\n", "the Host header is not a host name"),
+        (b"Host: a:8x\r\n", "the Host header is not a host name"),
+        (b"Host: user@a\r\n", "the Host header is not a host name"),
+    ],
+    ids=["none", "two", "slash", "space", "port", "userinfo"],
+)
+async def test_a_request_without_one_valid_host_is_a_400_problem(
+    served: str, headers: bytes, detail: str
+) -> None:
+    """RFC 9112 3.2: a 400 for an HTTP/1.1 request without Host, and for any request with
+    more than one or an invalid one; it never reaches the app."""
+    request = b"POST /b HTTP/1.1\r\n" + headers + b"Content-Length: 3\r\n\r\nabc"
+    head, _, body = (await exchange_raw(served, request)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), head
+    assert b"connection: close" in head
+    problem = orjson.loads(body)
+    assert problem["type"] == "/problems/invalid-request"
+    assert problem["detail"].startswith(detail)
+    assert body.count(b"{") == 1  # one answer: the app did not answer the body too
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GET /h HTTP/1.0\r\n\r\n",  # HTTP/1.0 needs none
+        b"GET /h HTTP/1.1\r\nHost: localhost:8000\r\nConnection: close\r\n\r\n",
+        b"GET /h HTTP/1.1\r\nHost: [::1]:8000\r\nConnection: close\r\n\r\n",
+        b"GET /h HTTP/1.1\r\nhOsT: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        b"GET /h HTTP/1.1\r\nHost: xn--bcher-kva.example:\r\nConnection: close\r\n\r\n",
+        b"GET /h HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",  # an empty one is valid
+    ],
+    ids=["http-1.0", "name-port", "ipv6", "ipv4-any-case", "empty-port", "empty"],
+)
+async def test_a_request_with_one_valid_host_or_none_in_http_1_0_is_served(
+    served: str, request_: bytes
+) -> None:
+    answer = await exchange_raw(served, request_)
+    assert answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 ")), answer[:200]
+
+
 def counted(method: str, status: int) -> float:
     """workflows_http_requests_total of `method` and `status` on no route."""
     labels = {"method": method, "route": "unmatched", "status": str(status)}
