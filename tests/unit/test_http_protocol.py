@@ -330,6 +330,20 @@ async def test_a_request_without_one_valid_host_is_a_400_problem(
     assert body.count(b"{") == 1  # one answer: the app did not answer the body too
 
 
+async def test_a_refused_head_followed_by_unreadable_bytes_is_answered_once(
+    served: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first refusal is the answer; the parser's error after it is not a second one (a
+    write after the first's end of writing: a fatal error of the connection's protocol)."""
+    no_host = b"POST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+    answer = await exchange_raw(served, no_host + b"FOO /h HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.count(b"content-type: ") == 1, answer  # one answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert orjson.loads(body)["detail"] == "an HTTP/1.1 request must have a Host header"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 @pytest.mark.parametrize(
     "request_",
     [

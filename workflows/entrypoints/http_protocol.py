@@ -384,8 +384,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """httptools could not parse the request (a method it does not know, a control
         character in a header, both Content-Length and Transfer-Encoding...): a problem
-        document with the headers of every answer, where uvicorn's is a bare text/plain."""
-        self._refuse(400, "the request is not valid HTTP/1.1: its line or headers cannot be read")
+        document with the headers of every answer, where uvicorn's is a bare text/plain.
+        Unless a head earlier in the same read was to be refused: that is the answer."""
+        unreadable = (400, "the request is not valid HTTP/1.1: its line or headers cannot be read")
+        self._refuse(*(self._refusal or unreadable))
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer a problem document and close: the request never reached the app, or the
