@@ -345,6 +345,41 @@ async def test_a_refused_head_followed_by_unreadable_bytes_is_answered_once(
 
 
 @pytest.mark.parametrize(
+    ("bad", "status"),
+    [
+        (b"GET /h HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"FOO /h HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # a head the parser cannot read
+        (b"GET /h HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+    ids=["no-host", "unreadable", "too-large"],
+)
+async def test_a_refused_head_pipelined_after_others_is_answered_after_their_answers(
+    served: str, caplog: pytest.LogCaptureFixture, bad: bytes, status: int
+) -> None:
+    """Requests before it on the connection get their whole answers, in order, then the
+    refusal, then the connection closes; the app's answers do not fail."""
+    earlier = b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await exchange_raw(served, earlier + bad)
+    streamed, _, rest = answer.partition(b"0\r\n\r\n")  # the end of the chunked answer
+    assert streamed.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert streamed.endswith(b"4\r\nend\n\r\n"), streamed
+    two, _, refusal = rest.partition(b"hello /two")
+    assert two.startswith(b"HTTP/1.1 200 OK\r\n"), rest[:300]
+    assert refusal.startswith(b"HTTP/1.1 %d " % status), refusal[:300]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_refused_head_pipelined_after_a_connection_close_is_not_answered(
+    served: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    last = b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = await exchange_raw(served, last + b"GET /h HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"4\r\nend\n\r\n0\r\n\r\n"), answer[-200:]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize(
     "request_",
     [
         b"GET /h HTTP/1.0\r\n\r\n",  # HTTP/1.0 needs none

@@ -168,6 +168,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         coalescing: Any = CoalescingTransport(transport, self.loop)
         self._head_done = False  # the current request's headers are all in
         self._head_bytes = 0  # bytes read since its head began, while it is incomplete
+        # A request ended in the current read: the next head's bytes in it are not counted.
+        self._ended_in_read = False
+        self._head_uncounted = False  # the current head began in such a read: measure it
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._unread_timer: asyncio.TimerHandle | None = None
@@ -178,7 +181,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._body_last = 0.0  # when the current request's body last grew
         self._body_deadline = 0.0  # when all of it must be in, unless it keeps coming
         self._body_received = 0  # bytes of it read so far
-        self._refused = False
+        self._refused = False  # reading and dropping: a refusal is answered or waits
+        self._refusal_sent = False
+        self._waiting_refusal: tuple[int, str] | None = None  # until earlier answers are out
         # A head read whole that must be refused (over MAX_HEAD_BYTES, no Host...): status
         # and detail, answered once the parser has handed back the read.
         self._refusal: tuple[int, str] | None = None
@@ -195,17 +200,20 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             return  # read and dropped until the client has the answer and closes
         if not self._head_done:
             self._head_bytes += len(data)
+        self._ended_in_read = False
         super().data_received(data)
         if self._refusal is not None:
-            self._refuse(*self._refusal)
+            self._refuse_head(*self._refusal)
             return
         if self._head_done:  # the headers are in, the body is still coming
             self._body_read()
             return
+        if self._ended_in_read:
+            self._head_uncounted = True  # what of the next head came in this read: uncounted
         if not self._head_bytes or self.transport.is_closing():
             return
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
+            self._refuse_head(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
 
@@ -213,10 +221,14 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self._refusal is not None:
             return
         # The bytes read since the head began bound its size: only past the limit is it
-        # worth measuring, and a head over it never reaches the app.
-        if self._head_bytes > MAX_HEAD_BYTES and self._head_size() > MAX_HEAD_BYTES:
+        # worth measuring, and a head over it never reaches the app. Unless it began in a
+        # read that ended an earlier request (pipelined): that read's bytes were not counted.
+        if (
+            self._head_bytes > MAX_HEAD_BYTES or self._ended_in_read or self._head_uncounted
+        ) and self._head_size() > MAX_HEAD_BYTES:
             self._refusal = (431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
             return
+        self._head_uncounted = False
         # One valid Host (RFC 9112 3.2), none in HTTP/1.0: a loop and a match, 0.3 µs.
         host, hosts = b"", 0
         for name, value in self.headers:
@@ -245,6 +257,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_message_complete()
         self._head_done = False  # what comes next is the next request's head
+        self._ended_in_read = True
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -324,7 +337,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self._head_done and not self.transport.is_closing():
-            self._refuse(408, f"the request's headers did not arrive within {HEAD_TIMEOUT:g} s")
+            self._refuse_head(
+                408, f"the request's headers did not arrive within {HEAD_TIMEOUT:g} s"
+            )
 
     def _body_read(self) -> None:
         """A read ended with the current request's body incomplete: its clock starts with
@@ -387,13 +402,36 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         document with the headers of every answer, where uvicorn's is a bare text/plain.
         Unless a head earlier in the same read was to be refused: that is the answer."""
         unreadable = (400, "the request is not valid HTTP/1.1: its line or headers cannot be read")
-        self._refuse(*(self._refusal or unreadable))
+        self._refuse_head(*(self._refusal or unreadable))
+
+    def _refuse_head(self, status: int, detail: str) -> None:
+        """Refuse a request whose head is refused: at once, or, when requests before it on
+        the connection (pipelined) still wait for their answers, after the last of them.
+        Written at once, the refusal came before those answers and ended the connection's
+        writing, so that each of them failed in the app ('Cannot call write() after
+        write_eof()') and never reached the client. Meanwhile what comes is dropped."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self._refused:
+            self._refuse(status, detail)
+            return
+        self._refused = True
+        self._waiting_refusal = (status, detail)
+        self._stop_timers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next pipelined request, if one waits
+        waiting = self._waiting_refusal
+        if waiting is not None and self.cycle.response_complete:
+            self._waiting_refusal = None
+            if not self.transport.is_closing():  # not after a `Connection: close` answer
+                self._refuse(*waiting)
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer a problem document and close: the request never reached the app, or the
         app has not answered and never will."""
-        if self._refused:
+        if self._refusal_sent:
             return  # refused already (a head refused whole, then bytes the parser cannot read)
+        self._refusal_sent = True
         slug, title = REFUSALS[status]
         body = orjson.dumps(
             {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail}
