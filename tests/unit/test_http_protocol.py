@@ -330,6 +330,14 @@ async def test_a_request_without_one_valid_host_is_a_400_problem(
     assert body.count(b"{") == 1  # one answer: the app did not answer the body too
 
 
+async def test_each_request_on_a_connection_has_its_host_checked(served: str) -> None:
+    valid = b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"
+    invalid = b"GET /two HTTP/1.1\r\nHost: a/b\r\n\r\n"
+    answer = await exchange_raw(served, valid, valid, invalid, pause=0.1)
+    assert answer.count(b"hello /one") == 2
+    assert answer.split(b"hello /one")[-1].startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+
+
 async def test_a_refused_head_followed_by_unreadable_bytes_is_answered_once(
     served: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -367,6 +375,17 @@ async def test_a_refused_head_pipelined_after_others_is_answered_after_their_ans
     assert two.startswith(b"HTTP/1.1 200 OK\r\n"), rest[:300]
     assert refusal.startswith(b"HTTP/1.1 %d " % status), refusal[:300]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_head_begun_in_the_read_that_ended_another_request_is_measured_whole(
+    served: str,
+) -> None:
+    """30 KB of it come in the same read as a whole request, 40 KB in a later one."""
+    big = b"GET /h HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    first = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n" + big[:30_000]
+    answer = await exchange_raw(served, first, big[30_000:], pause=0.2)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.split(b"hello /one")[-1].startswith(b"HTTP/1.1 431 "), answer[-300:]
 
 
 async def test_a_refused_head_pipelined_after_a_connection_close_is_not_answered(
