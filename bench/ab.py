@@ -8,7 +8,7 @@ Each tree is a git revision (its `workflows/` package, from `git archive`) or `w
 serve` with PYTHONPATH pointing there, one worker, pinned like `make bench`. Each round
 serves every tree in turn (the order flips every round, so neither always goes first) on a
 fresh database (prefilled with `--prefill` workflows, and the broker's queue with their
-uuids), runs wrk for 2 s of warm-up and `--seconds` measured, and prints the rate, p50 and
+uuids), runs wrk for 2 s of warm-up and `--seconds` measured, and prints the rate, p50, p99 and
 the worker's CPU per request (user + system, from /proc); then the medians, and each tree
 against the first round by round (the change in each round, and in how many it was
 better). Not part of `make bench`: it only compares versions, in one run, as
@@ -238,6 +238,7 @@ def main() -> int:
                 results[name].append((result.rate, cpu_us))
                 print(
                     f"round {round_} {name}: {result.rate:,.0f}/s, p50 {result.p50_ms:.2f} ms,"
+                    f" p99 {result.p99_ms or 0:.2f} ms,"
                     f" worker CPU {cpu_us:,.0f} µs per request, non-2xx {result.failures}"
                     + (f" {result.notes}" if result.notes else ""),
                     flush=True,
