@@ -330,6 +330,30 @@ async def test_a_request_without_one_valid_host_is_a_400_problem(
     assert body.count(b"{") == 1  # one answer: the app did not answer the body too
 
 
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQA\r\n",
+    ],
+    ids=["websocket", "h2c"],
+)
+async def test_an_upgrade_is_ignored_and_the_request_served_over_http_1_1(
+    served: str, caplog: pytest.LogCaptureFixture, upgrade: bytes
+) -> None:
+    """No WebSocket, no HTTP/2: the request is answered as HTTP/1.1, the connection kept for
+    the next one, and nothing is logged."""
+    caplog.set_level(logging.INFO)
+    first = b"GET /one HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n"
+    then = b"GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = await exchange_raw(served, first, then, pause=0.2)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:300]
+    assert b"hello /one" in answer
+    assert answer.endswith(b"hello /two")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 async def test_each_request_on_a_connection_has_its_host_checked(served: str) -> None:
     valid = b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"
     invalid = b"GET /two HTTP/1.1\r\nHost: a/b\r\n\r\n"

@@ -196,6 +196,19 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
 
+    def _should_upgrade_to_ws(self) -> bool:
+        """The service offers no WebSocket: a handshake is served as the HTTP request it
+        also is (RFC 9110 7.8 lets a server ignore `Upgrade`). With a WebSocket library
+        installed (`websockets` comes with uvicorn's extras), uvicorn took the handshake on
+        any path, `/healthz` included, and the app's refusal went out as a bare `403` with
+        no problem document."""
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """An `Upgrade` the service does not take (`h2c`, which `curl --http2` asks for;
+        `websocket`) is the client's option, not a fault: uvicorn logged a WARNING for each
+        such request, and a second one about a missing WebSocket library."""
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped until the client has the answer and closes
