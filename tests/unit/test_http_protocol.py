@@ -293,8 +293,14 @@ async def test_a_head_over_the_limit_is_a_431_problem(served: str) -> None:
     ],
     ids=["unknown-method", "control-character", "length-and-chunked"],
 )
-async def test_a_request_the_parser_cannot_read_is_a_400_problem(served: str, bad: bytes) -> None:
+async def test_a_request_the_parser_cannot_read_is_a_400_problem(
+    served: str, bad: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Answered, counted and logged once per 10 s at INFO (observability.refused): not
+    uvicorn's WARNING for each, a line any client could write."""
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
     head, _, body = (await exchange_raw(served, bad)).partition(b"\r\n\r\n")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"content-type: application/problem+json" in head
     assert b"connection: close" in head
@@ -352,6 +358,77 @@ async def test_an_upgrade_is_ignored_and_the_request_served_over_http_1_1(
     assert b"hello /one" in answer
     assert answer.endswith(b"hello /two")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"Content-Length: 3\r\n\r\nabc",
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n",
+    ],
+    ids=["length", "chunked"],
+)
+async def test_an_upgrade_request_has_its_body_read_and_the_next_request_served(
+    served: str, body: bytes
+) -> None:
+    """The parser reads no body after an `Upgrade` head, and takes what follows as the new
+    protocol's: `curl --http2 -d` POSTs came to the app with an empty body."""
+    upgrade = b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMA\r\n"
+    posted = b"POST /size HTTP/1.1\r\nHost: x\r\n" + upgrade + body
+    then = b"GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for parts in [(posted + then,), (posted[:60], posted[60:] + then)]:  # one read, or two
+        answer = await exchange_raw(served, *parts, pause=0.1)
+        first, _, second = answer.partition(b"HTTP/1.1 200 OK\r\n")[2].partition(b"HTTP/1.1 ")
+        assert first.endswith(b"\r\n\r\n3"), answer  # /size: the body's 3 bytes
+        assert second.startswith(b"200 OK\r\n"), answer
+        assert second.endswith(b"hello /two"), answer
+    bodiless = b"GET /one HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n"
+    answer = await exchange_raw(served, bodiless + then)
+    assert b"hello /one" in answer
+    assert answer.endswith(b"hello /two")
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "detail"),
+    [
+        (b"GET /h\r\n\r\n", 505, "the server speaks HTTP/1.1 and 1.0, not HTTP/0.9"),
+        (
+            b"POST /size HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n",
+            501,
+            "the transfer coding 'gzip' is not supported",
+        ),
+        (
+            b"POST /size HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x;q=1\r\n"
+            b"Transfer-Encoding: Chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            501,
+            "the transfer coding 'x' is not supported",
+        ),
+        (
+            b"POST /size HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+            400,
+            "the body's length cannot be known",
+        ),
+        (
+            b"POST /size HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            400,
+            "an HTTP/1.0 request cannot have a Transfer-Encoding header",
+        ),
+    ],
+    ids=["http-0.9", "gzip-chunked", "two-headers", "not-chunked-last", "http-1.0"],
+)
+async def test_a_version_or_transfer_coding_the_server_does_not_speak_is_refused(
+    served: str, request_: bytes, status: int, detail: str
+) -> None:
+    """RFC 9112 6.1 and 6.3: a body whose length cannot be known is a 400, a transfer coding
+    the server does not decode a 501; an HTTP/0.9 request a 505 (RFC 9110 15.6.6). The
+    coded bytes reached the app as the body, or it waited for them for ever; HTTP/0.9 got
+    a 400 as an HTTP/1.1 request without Host."""
+    head, _, body = (await exchange_raw(served, request_)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"connection: close" in head
+    problem = orjson.loads(body)
+    assert (problem["status"], problem["detail"][: len(detail)]) == (status, detail)
 
 
 async def test_each_request_on_a_connection_has_its_host_checked(served: str) -> None:

@@ -24,6 +24,7 @@ import sys
 import termios
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -142,6 +143,27 @@ has its connection closed. Taking a byte now and then no longer holds an answer 
 megabytes for hours (Kestrel's MinResponseDataRate does the same, at 240 bytes/s)."""
 
 
+def _framing_problem(codings: bytes, version: str) -> tuple[int, str] | None:
+    """Why a request's `Transfer-Encoding` (its values joined by commas) refuses it, if it
+    does (RFC 9112 6): only `chunked` is a transfer coding the server decodes."""
+    if version == "1.0":  # 6.1: as if its framing were faulty
+        return (
+            400,
+            "an HTTP/1.0 request cannot have a Transfer-Encoding header: send Content-Length",
+        )
+    names = [part.partition(b";")[0].strip().lower() for part in codings.split(b",")]
+    names = [name for name in names if name]
+    if not names or names[-1] != b"chunked":  # 6.3: its length cannot be known
+        return 400, "the body's length cannot be known: chunked must be its last transfer coding"
+    if len(names) > 1:  # 6.1: a coding the server does not understand is a 501
+        coding = names[0].decode("latin-1")
+        return 501, (
+            f"the transfer coding {coding!r} is not supported: send the body chunked alone, or "
+            "with Content-Length"
+        )
+    return None
+
+
 def _host_problem(hosts: int) -> str:
     """Why a request's `Host` headers refuse it (RFC 9112 3.2: an HTTP/1.1 request without
     one, any request with more than one or with an invalid one, is a 400)."""
@@ -156,7 +178,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """`uvicorn --http httptools`, each connection's transport wrapped in a
     `CoalescingTransport`, a new connection's wait for its first bytes held to the
     keep-alive timeout (`IDLE_TIMEOUT`), a request's head (its line and headers) to
-    `MAX_HEAD_BYTES`, `HEAD_TIMEOUT` and one valid `Host` (`HOST`), its body to
+    `MAX_HEAD_BYTES`, `HEAD_TIMEOUT`, one valid `Host` (`HOST`) and a body framed by
+    `Content-Length` or `chunked` alone (`_framing_problem`), an `Upgrade` ignored, its body to
     `BODY_GAP_TIMEOUT` and `BODY_TIMEOUT`, and an answer its client does not read to
     `UNREAD_TIMEOUT`.
 
@@ -188,6 +211,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # A head read whole that must be refused (over MAX_HEAD_BYTES, no Host...): status
         # and detail, answered once the parser has handed back the read.
         self._refusal: tuple[int, str] | None = None
+        # The head of an `Upgrade` request without its `Upgrade`, to be parsed again.
+        self._replay: bytes | None = None
         super().connection_made(coalescing)
         # A new connection is idle until its first bytes: closed after the keep-alive
         # timeout (IDLE_TIMEOUT), as one is after an answer; its first bytes cancel the
@@ -197,17 +222,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         )
 
     def _should_upgrade_to_ws(self) -> bool:
-        """The service offers no WebSocket: a handshake is served as the HTTP request it
-        also is (RFC 9110 7.8 lets a server ignore `Upgrade`). With a WebSocket library
-        installed (`websockets` comes with uvicorn's extras), uvicorn took the handshake on
-        any path, `/healthz` included, and the app's refusal went out as a bare `403` with
-        no problem document."""
+        """No WebSocket (`_feed`): not even for a CONNECT, whose head is not parsed again."""
         return False
-
-    def _unsupported_upgrade_warning(self) -> None:
-        """An `Upgrade` the service does not take (`h2c`, which `curl --http2` asks for;
-        `websocket`) is the client's option, not a fault: uvicorn logged a WARNING for each
-        such request, and a second one about a missing WebSocket library."""
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -215,7 +231,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_done:
             self._head_bytes += len(data)
         self._ended = None
-        super().data_received(data)
+        self._feed(data)
         if self._refusal is not None:
             self._refuse_head(*self._refusal)
             return
@@ -232,6 +248,30 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
 
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's `data_received`, without its two WARNINGs, each a line any client could
+        have logged for every request: "Invalid HTTP request received." (the `400` is
+        counted and logged once per 10 s, as the server's other refusals), and
+        "Unsupported upgrade request." (no `Upgrade` is taken: `on_headers_complete`). Nor
+        is a WebSocket handshake taken, which uvicorn did on any path, `/healthz` included,
+        when a WebSocket library was installed (`websockets` comes with its extras): the
+        app's refusal went out as a bare `403` with no problem document."""
+        self._unset_keepalive_if_required()
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.send_400_response("")
+            except httptools.HttpParserUpgrade as upgrade:
+                # After an `Upgrade` request's head: that head again, without its
+                # `Upgrade`, then what followed it. A CONNECT (no `_replay`: the app
+                # answers it a 405) had no body: what followed it is the next request.
+                replay, self._replay = self._replay or b"", None
+                data = replay + data[upgrade.args[0] :]
+                if data and self._refusal is None:
+                    continue
+            return
+
     def on_headers_complete(self) -> None:
         if self._refusal is not None:
             return
@@ -247,19 +287,40 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # One valid Host (RFC 9112 3.2), none in HTTP/1.0. A loop over the headers, and a
         # match only when the connection's Host is not the last valid one (~1,850
         # instructions a request; the match alone is ~2,000).
-        host, hosts = b"", 0
+        host, hosts, codings = b"", 0, None
         for name, value in self.headers:
             if name == b"host":
                 host, hosts = value, hosts + 1
+            elif name == b"transfer-encoding":
+                codings = value if codings is None else codings + b"," + value
         if hosts == 1:
             # A connection's requests nearly always name the same Host: matched once.
             valid = host == self._valid_host
             if not valid and _host_match(host) is not None:
                 valid, self._valid_host = True, host
         else:
+            if self.parser.get_http_version() == "0.9":  # a request line and nothing else
+                self._refusal = (505, "the server speaks HTTP/1.1 and 1.0, not HTTP/0.9")
+                return
             valid = hosts == 0 and self.parser.get_http_version() == "1.0"
         if not valid:
             self._refusal = (400, _host_problem(hosts))
+            return
+        if codings is not None:
+            self._refusal = _framing_problem(codings, self.parser.get_http_version())
+            if self._refusal is not None:
+                return
+        if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
+            # `Connection: upgrade` and an `Upgrade`: the parser reads no body and takes
+            # what follows the head as the new protocol's. None is taken (RFC 9110 7.8
+            # lets a server ignore it), so the head is parsed again without its `Upgrade`
+            # (`_feed`), with its body and what comes after: a POST from `curl --http2`
+            # reached the app with an empty body, and a request after it in the same read
+            # was dropped.
+            version = self.parser.get_http_version().encode()
+            head = [b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self.url, version)]
+            head += [n + b": " + v + b"\r\n" for n, v in self.headers if n != b"upgrade"]
+            self._replay = b"".join(head) + b"\r\n"
             return
         self._head_done, self._head_bytes, self._body_received = True, 0, 0
         if self._head_timer is not None:
@@ -273,8 +334,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._refusal is not None:
-            return
+        if self._refusal is not None or self._replay is not None:
+            return  # refused, or an `Upgrade` request's end as the parser saw it: replayed
         super().on_message_complete()
         self._head_done = False  # what comes next is the next request's head
         self._ended = self.headers
@@ -494,4 +555,6 @@ REFUSALS = {
     400: ("invalid-request", "Bad Request"),
     408: ("request-timeout", "Request Timeout"),
     431: ("request-header-fields-too-large", "Request Header Fields Too Large"),
+    501: ("unsupported-transfer-coding", "Not Implemented"),
+    505: ("http-version-not-supported", "HTTP Version Not Supported"),
 }
