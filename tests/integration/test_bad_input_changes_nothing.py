@@ -3,6 +3,8 @@ the database (workflows, outbox, idempotency keys) and the queue are exactly as 
 
 from __future__ import annotations
 
+import gzip
+
 import httpx
 import psycopg
 import pytest
@@ -40,6 +42,22 @@ BAD_REQUESTS = [
         f"/workflow/{EXISTING}",
         b'{"status": "consumed"}',
         {"Content-Type": 'application/json; charset="latin1"'},
+        415,
+    ),
+    (
+        "gzipped body",
+        "POST",
+        "/workflow",
+        gzip.compress(b'{"data": {"a": 1}}'),
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        415,
+    ),
+    (
+        "gzipped body, PATCH",
+        "PATCH",
+        f"/workflow/{EXISTING}",
+        gzip.compress(b'{"status": "consumed"}'),
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
         415,
     ),
     (

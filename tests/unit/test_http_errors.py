@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -257,6 +258,44 @@ async def test_utf_8_named_as_the_charset_is_accepted(
         headers={"Content-Type": media},
     )
     assert patched.json()["status"] == "consumed"
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [["gzip"], ["GZIP"], ["identity, gzip"], ["identity", "br"], ["x-unknown"]],
+    ids=["gzip", "upper-case", "after-identity", "second-line", "unknown"],
+)
+@pytest.mark.parametrize("hot", [True, False])
+async def test_a_compressed_body_is_415_with_the_codings_accepted(
+    container: Container, codings: list[str], hot: bool
+) -> None:
+    """RFC 9110 15.5.16. The gzipped body was read as JSON, and refused as invalid UTF-8."""
+    body = gzip.compress(BODY)
+    async with client_of(create_app(container, hot_routes=hot)) as client:
+        created = (await client.post("/workflow", content=BODY, headers=JSON)).json()
+        for method, path, patch in [
+            ("POST", "/workflow", False),
+            ("PATCH", f"/workflow/{created['uuid']}", True),
+        ]:
+            headers = [("Content-Type", "application/json")]
+            headers += [("Content-Encoding", coding) for coding in codings]
+            response = await client.request(method, path, content=body, headers=headers)
+            problem = assert_problem(response, 415, "unsupported-media-type")
+            assert "must be sent uncompressed" in str(problem["detail"])
+            assert response.headers["accept-encoding"] == "identity"
+            assert ("accept-patch" in response.headers) == patch
+        assert (await client.get("/workflow")).json() == [created]
+        assert (await client.get(f"/workflow/{created['uuid']}")).json() == created
+
+
+@pytest.mark.parametrize("codings", [["identity"], ["Identity, "], [""]])
+async def test_a_body_sent_as_identity_is_read(
+    client: httpx.AsyncClient, codings: list[str]
+) -> None:
+    headers = [("Content-Type", "application/json")]
+    headers += [("Content-Encoding", coding) for coding in codings]
+    response = await client.post("/workflow", content=BODY, headers=headers)
+    assert response.status_code == 201, response.text
 
 
 TWO_TYPES = [

@@ -142,8 +142,12 @@ class HotRoutes:
         types = [
             value.decode("latin-1") for name, value in scope["headers"] if name == b"content-type"
         ]
+        codings = None
+        if b"content-encoding" in headers:  # every line of it: rare
+            sent = scope["headers"]
+            codings = [v.decode("latin-1") for n, v in sent if n == b"content-encoding"]
         body = await receive_json_body(
-            receive, types, _text(headers.get(b"content-length")) or "", self.limit
+            receive, types, _text(headers.get(b"content-length")) or "", self.limit, codings=codings
         )
         data, steps = await schemas.read_new_workflow(body)
         created = await self.container.create_workflow()(data, steps, key)

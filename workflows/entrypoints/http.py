@@ -66,6 +66,7 @@ async def read_json_body(request: Request) -> bytes:
         headers.get("content-length", ""),
         limit,
         patch=request.method == "PATCH",
+        codings=headers.getlist("content-encoding"),
     )
 
 

@@ -23,16 +23,25 @@ LIST_PARAMETERS = frozenset({"status", "limit", "after", "dead_lettered"})
 
 
 async def receive_json_body(
-    receive: Receive, content_types: list[str], declared: str, limit: int, *, patch: bool = False
+    receive: Receive,
+    content_types: list[str],
+    declared: str,
+    limit: int,
+    *,
+    patch: bool = False,
+    codings: list[str] | None = None,
 ) -> bytes:
     """Read a request body off `receive`: refused before reading when it has more than one
     Content-Type line (400: `content_types` holds every line's value), when its declared
-    type is not JSON or names a charset other than UTF-8 (415), or when its declared length
-    is over `limit` (413); and while reading, as soon as it grows past `limit`."""
+    type is not JSON or names a charset other than UTF-8 (415), when it is compressed (415:
+    `codings` holds every Content-Encoding line's value), or when its declared length is
+    over `limit` (413); and while reading, as soon as it grows past `limit`."""
     if content_types:
         if len(content_types) > 1:
             raise repeated_content_type(len(content_types))
         _check_type(content_types[0], patch)
+    if codings:
+        _check_codings(codings, patch)
     if declared.isascii() and declared.isdigit() and _over(declared, limit):
         raise too_large(limit)
     chunks: list[bytes] = []
@@ -79,6 +88,22 @@ def _check_type(content_type: str, patch: bool) -> None:
             f"{shown(charset)!r}; send the body in UTF-8 with 'Content-Type: application/json'",
             headers=_accept_patch(patch),
         )
+
+
+def _check_codings(codings: list[str], patch: bool) -> None:
+    """A body is read as it comes: none of its Content-Encoding lines may name a coding
+    other than `identity` (a gzipped body was read as JSON, and refused as invalid UTF-8).
+    RFC 9110 15.5.16: a 415 for a content coding, with the codings accepted."""
+    for line in codings:
+        for coding in line.split(","):
+            coding = coding.strip().lower()
+            if coding and coding != "identity":
+                raise Problem(
+                    415,
+                    f"the body must be sent uncompressed: Content-Encoding {shown(coding)!r} "
+                    f"is not accepted; send it without a Content-Encoding header",
+                    headers={"Accept-Encoding": "identity", **_accept_patch(patch)},
+                )
 
 
 def _accept_patch(patch: bool) -> dict[str, str]:
