@@ -478,6 +478,42 @@ async def test_a_refused_head_pipelined_after_others_is_answered_after_their_ans
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+BAD_CHUNKS = b"POST /size HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX\r\n"
+
+
+@pytest.mark.parametrize(
+    ("parts", "before"),
+    [
+        ((BAD_CHUNKS,), b""),  # its app waits for the rest of the body
+        ((BAD_CHUNKS[:-9], BAD_CHUNKS[-9:]), b""),  # the bad bytes come in a later read
+        ((b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n" + BAD_CHUNKS,), b"4\r\nend\n\r\n0\r\n\r\n"),
+    ],
+    ids=["waited-for", "later-read", "pipelined"],
+)
+async def test_a_body_the_parser_cannot_read_is_a_400_problem_at_once(
+    served: str, caplog: pytest.LogCaptureFixture, parts: tuple[bytes, ...], before: bytes
+) -> None:
+    """A chunk that does not end where its size says. The refusal waited for the request's
+    own answer, and its app for the rest of its body: no answer, no timeout, for ever."""
+    answer = await exchange_raw(served, *parts, pause=0.2)
+    earlier, _, refusal = answer.rpartition(b"HTTP/1.1 400 Bad Request\r\n")
+    assert earlier.endswith(before), answer[:300]
+    assert earlier.startswith(b"HTTP/1.1 200 OK\r\n") if before else earlier == b""
+    problem = orjson.loads(refusal.partition(b"\r\n\r\n")[2])
+    assert problem["detail"] == "the request's chunked body cannot be read: its framing is invalid"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_body_the_parser_cannot_read_after_its_answer_closes_the_connection(
+    served: str,
+) -> None:
+    """The app answered a PUT without reading its body: the connection is closed, no 400."""
+    put = b"PUT /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = await exchange_raw(served, put, b"3\r\nabcXX\r\n", pause=0.2)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert answer.endswith(b"hello /p")
+
+
 async def test_a_head_begun_in_the_read_that_ended_another_request_is_measured_whole(
     served: str,
 ) -> None:

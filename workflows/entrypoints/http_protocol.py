@@ -482,8 +482,38 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         character in a header, both Content-Length and Transfer-Encoding...): a problem
         document with the headers of every answer, where uvicorn's is a bare text/plain.
         Unless a head earlier in the same read was to be refused: that is the answer."""
+        if self._head_done:  # in the body of a request whose head was read
+            self._refuse_body(
+                400, "the request's chunked body cannot be read: its framing is invalid"
+            )
+            return
         unreadable = (400, "the request is not valid HTTP/1.1: its line or headers cannot be read")
         self._refuse_head(*(self._refusal or unreadable))
+
+    def _refuse_body(self, status: int, detail: str) -> None:
+        """Refuse the request whose body cannot be read (a chunk size that is not hex...):
+        its app, which may be waiting for the rest, sees its client gone (its receive says
+        http.disconnect, its answer goes nowhere), and the 400 is ours: at once, or in its
+        turn when it waits behind an earlier request (pipelined). Deferred like a refused
+        head, it waited for its own app, which waited for the body: the connection and the
+        request's task were held for ever, with no answer and no timeout."""
+        cycle = self.cycle
+        if self.pipeline and self.pipeline[0][0] is cycle:  # queued: not started yet
+
+            async def refuse(scope: Any, receive: Any, send: Any) -> None:
+                cycle.disconnected = True  # uvicorn then sends no 500 for it
+                self._refuse(status, detail)
+
+            self.pipeline[0] = (cycle, refuse)
+            self._refused = True  # read and dropped meanwhile
+            self._stop_timers()
+            return
+        cycle.disconnected = True
+        cycle.message_event.set()
+        if cycle.response_started:  # answered, or answering, without its body: only close
+            self._end()
+        else:
+            self._refuse(status, detail)
 
     def _refuse_head(self, status: int, detail: str) -> None:
         """Refuse a request whose head is refused: at once, or, when requests before it on
