@@ -155,9 +155,9 @@ def _framing_problem(codings: bytes, version: str) -> tuple[int, str] | None:
     names = [name for name in names if name]
     if not names or names[-1] != b"chunked":  # 6.3: its length cannot be known
         return 400, "the body's length cannot be known: chunked must be its last transfer coding"
-    if len(names) > 1:  # 6.1: a coding the server does not understand is a 501
+    if len(names) > 1:  # 6.1 suggests a 501, but a client's request never gets a 5xx here
         coding = names[0].decode("latin-1")
-        return 501, (
+        return 400, (
             f"the transfer coding {coding!r} is not supported: send the body chunked alone, or "
             "with Content-Length"
         )
@@ -238,15 +238,34 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self._head_done:  # the headers are in, the body is still coming
             self._body_read()
             return
-        if self._ended is not None and self.headers is not self._ended:
-            # A head began after it (uvicorn gives each its own list): uncounted bytes.
-            self._head_uncounted = True
+        if self._ended is not None:  # a request ended in this read
+            if self.headers is not self._ended:
+                # A head began after it (uvicorn gives each its own list): uncounted bytes.
+                self._head_uncounted = True
+            elif self._answered_before_its_end():
+                # Nothing after it, and its answer went before its body ended: idle from
+                # now, as after an answer. uvicorn armed its keep-alive timeout at that
+                # answer and cancelled it at the next bytes, the rest of the body: a
+                # client that then sent nothing held the connection for ever.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
         if not self._head_bytes or self.transport.is_closing():
             return
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse_head(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def _answered_before_its_end(self) -> bool:
+        cycle = self.cycle
+        return (
+            cycle is not None
+            and cycle.response_complete
+            and not self.pipeline
+            and self.timeout_keep_alive_task is None
+            and not self.transport.is_closing()
+        )
 
     def _feed(self, data: bytes) -> None:
         """uvicorn's `data_received`, without its two WARNINGs, each a line any client could
@@ -300,7 +319,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
                 valid, self._valid_host = True, host
         else:
             if self.parser.get_http_version() == "0.9":  # a request line and nothing else
-                self._refusal = (505, "the server speaks HTTP/1.1 and 1.0, not HTTP/0.9")
+                self._refusal = (400, "the server speaks HTTP/1.1 and 1.0, not HTTP/0.9")
                 return
             valid = hosts == 0 and self.parser.get_http_version() == "1.0"
         if not valid:
@@ -497,6 +516,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         turn when it waits behind an earlier request (pipelined). Deferred like a refused
         head, it waited for its own app, which waited for the body: the connection and the
         request's task were held for ever, with no answer and no timeout."""
+        if self._refused:
+            return  # refused already, or its refusal waits: one answer
         cycle = self.cycle
         if self.pipeline and self.pipeline[0][0] is cycle:  # queued: not started yet
 
@@ -521,8 +542,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         Written at once, the refusal came before those answers and ended the connection's
         writing, so that each of them failed in the app ('Cannot call write() after
         write_eof()') and never reached the client. Meanwhile what comes is dropped."""
+        if self._refused:
+            return  # refused already, or its refusal waits: one answer
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or self._refused:
+        if cycle is None or cycle.response_complete:
             self._refuse(status, detail)
             return
         self._refused = True
@@ -585,6 +608,4 @@ REFUSALS = {
     400: ("invalid-request", "Bad Request"),
     408: ("request-timeout", "Request Timeout"),
     431: ("request-header-fields-too-large", "Request Header Fields Too Large"),
-    501: ("unsupported-transfer-coding", "Not Implemented"),
-    505: ("http-version-not-supported", "HTTP Version Not Supported"),
 }

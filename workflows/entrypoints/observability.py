@@ -171,8 +171,8 @@ _refusals = Sampled(log, level=logging.INFO)
 
 def refused(scope: Scope | None, status: int, detail: str, rid: str) -> None:
     """A request the server answered itself (http_protocol.py: a 400 for a head it cannot
-    parse, without one valid Host or with a body of unknown length, a 431, a 408, a 501 for
-    a transfer coding it does not decode, a 505 for HTTP/0.9): counted in
+    parse, without one valid Host, in HTTP/0.9 or with a transfer coding other than chunked,
+    a 431, a 408): counted in
     workflows_http_requests_total, with its method and route when its head was read
     (`scope`), else OTHER and `unmatched`, but not timed (the server never had all of it);
     logged at INFO, once per 10 s per status with how many since (a client that trickles

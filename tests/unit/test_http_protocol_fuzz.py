@@ -1,0 +1,128 @@
+"""Random requests against the HTTP protocol (http_protocol.py), served by uvicorn: whatever
+bytes a client sends, and however they are split into reads, the server answers or closes
+the connection in bounded time, writes nothing after it ended its writing, and logs no
+error. Cases are drawn from fixed seeds, so a run is the same every time; each one mixes
+up to three requests on a connection, with and without bodies (by length, chunked, badly
+chunked, other transfer codings, both framings), Upgrade, Expect, missing or repeated
+Host, odd versions and oversized heads.
+
+It found, before they were fixed: a connection held for ever when a request's body ended
+after its answer (uvicorn's keep-alive timeout, cancelled by the body's bytes, was never
+armed again), and a refused head whose body could not be read either answered at once,
+before an earlier request's answer, which then failed in the app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import pytest
+
+from tests.unit.test_http_protocol import serving
+from workflows.entrypoints import http_protocol
+
+PATHS = [b"/size", b"/stream", b"/one", b"/empty", b"/big"]
+METHODS = [b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"FOO", b"CONNECT"]
+VERSIONS = [b" HTTP/1.1"] * 8 + [b" HTTP/1.0", b" HTTP/2.0", b""]
+BAD_CHUNKS = [b"ZZ\r\n", b"3\r\nabcXX\r\n", b"3\r\nabc\r\n0\r\nbad trailer\r\n\r\n", b"-1\r\n"]
+OTHER_CODINGS = [b"gzip", b"gzip, chunked", b"identity", b"chunked, gzip"]
+ENDS_WITHIN = 8.0
+"""Seconds a connection may take to end: the timeouts below are well under a second."""
+
+
+def a_request(draw: random.Random) -> bytes:
+    line = draw.choice(METHODS) + b" " + draw.choice(PATHS) + draw.choice(VERSIONS) + b"\r\n"
+    headers = []
+    if draw.random() < 0.95:
+        headers.append(b"Host: x")
+    if draw.random() < 0.1:
+        headers.append(b"Host: y")
+    body = b"abcde" * draw.randint(0, 3)
+    framing = draw.choice(["length", "chunked", "none", "other", "both", "bad", "expect"])
+    payload = b""
+    if framing in ("length", "expect"):
+        headers.append(b"Content-Length: %d" % len(body))
+        payload = body
+        if framing == "expect":
+            headers.append(b"Expect: 100-continue")
+    elif framing == "chunked":
+        headers.append(b"Transfer-Encoding: chunked")
+        payload = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    elif framing == "other":
+        headers.append(b"Transfer-Encoding: " + draw.choice(OTHER_CODINGS))
+        payload = body
+    elif framing == "both":
+        headers += [b"Content-Length: 3", b"Transfer-Encoding: chunked"]
+        payload = b"3\r\nabc\r\n0\r\n\r\n"
+    elif framing == "bad":
+        headers.append(b"Transfer-Encoding: chunked")
+        payload = draw.choice(BAD_CHUNKS)
+    if draw.random() < 0.2:
+        headers += [b"Upgrade: " + draw.choice([b"h2c", b"websocket"]), b"Connection: Upgrade"]
+    if draw.random() < 0.1:
+        headers.append(b"X-Big: " + b"a" * draw.randint(60_000, 70_000))
+    if draw.random() < 0.05:
+        payload = payload[: draw.randint(0, len(payload))]  # the client stops short
+    return line + b"".join(header + b"\r\n" for header in headers) + b"\r\n" + payload
+
+
+async def sent_and_ended(url: str, data: bytes, cuts: list[int]) -> bytes | None:
+    """Send `data` in reads split at `cuts`; what came back, or None if the connection was
+    still open ENDS_WITHIN seconds later."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answer = b""
+    try:
+        start = 0
+        for cut in [*sorted(cuts), len(data)]:
+            writer.write(data[start:cut])
+            start = cut
+            await writer.drain()
+            await asyncio.sleep(0.02)
+    except ConnectionError:
+        pass  # the server closed first: what it answered is still to read
+    try:
+        async with asyncio.timeout(ENDS_WITHIN):
+            while chunk := await reader.read(1 << 20):
+                answer += chunk
+    except TimeoutError:
+        return None
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_whatever_a_client_sends_the_connection_ends_in_time_and_nothing_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, seed: int
+) -> None:
+    for name, seconds in [
+        ("HEAD_TIMEOUT", 0.7),
+        ("BODY_GAP_TIMEOUT", 0.5),
+        ("BODY_TIMEOUT", 1.0),
+        ("REFUSED_LINGER", 0.2),
+    ]:
+        monkeypatch.setattr(http_protocol, name, seconds)
+    caplog.set_level(logging.WARNING)
+    draw = random.Random(seed)
+    cases = []
+    for _ in range(200):
+        data = b"".join(a_request(draw) for _ in range(draw.randint(1, 3)))
+        cases.append((data, [draw.randint(0, len(data)) for _ in range(draw.randint(0, 2))]))
+    async with serving(timeout_keep_alive=0.5) as url:
+        limit = asyncio.Semaphore(20)
+
+        async def run(data: bytes, cuts: list[int]) -> bytes | None:
+            async with limit:
+                return await sent_and_ended(url, data, cuts)
+
+        answers = await asyncio.gather(*(run(data, cuts) for data, cuts in cases))
+    ended = zip(cases, answers, strict=True)
+    held = [(data[:300], cuts) for (data, cuts), answer in ended if answer is None]
+    assert held == []
+    assert all(answer is None or answer[:9] in (b"", b"HTTP/1.1 ") for answer in answers)
+    assert not [answer for answer in answers if answer and b"HTTP/1.1 5" in answer]  # no 5xx
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
