@@ -611,6 +611,20 @@ async def test_a_head_that_does_not_come_in_time_is_a_408(
     assert answer.count(b"HTTP/1.1 200 ") == 2
 
 
+async def test_a_head_begun_in_the_read_that_ended_an_answered_request_is_timed(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PUT answered before its body came; the body's end and the start of a next head in
+    one read, then nothing: no timer was left (the keep-alive timeout had gone with the
+    answer), and the connection was held for ever."""
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT", 0.3)
+    put = b"PUT /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+    answer = await exchange_raw(served, put, b"0123456789GET /two HTTP/1.1\r\nHo", pause=0.3)
+    answered, _, late = answer.partition(b"hello /p")
+    assert answered.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert late.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+
+
 def timeouts(monkeypatch: pytest.MonkeyPatch, gap: float, whole: float = 10.0) -> None:
     monkeypatch.setattr(http_protocol, "BODY_GAP_TIMEOUT", gap)
     monkeypatch.setattr(http_protocol, "BODY_TIMEOUT", whole)

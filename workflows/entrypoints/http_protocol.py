@@ -240,8 +240,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._ended is not None:  # a request ended in this read
             if self.headers is not self._ended:
-                # A head began after it (uvicorn gives each its own list): uncounted bytes.
+                # A head began after it (uvicorn gives each its own list): uncounted bytes,
+                # and not yet whole. Timed from now: no timer waited for it, and when the
+                # earlier answer had gone before this read, neither did the keep-alive
+                # timeout (a client that stopped there held the connection for ever).
                 self._head_uncounted = True
+                if self._head_timer is None and not self.transport.is_closing():
+                    self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
             elif self._answered_before_its_end():
                 # Nothing after it, and its answer went before its body ended: idle from
                 # now, as after an answer. uvicorn armed its keep-alive timeout at that
