@@ -169,18 +169,19 @@ BIG = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the sockets' buffers h
 
 
 @contextlib.asynccontextmanager
-async def serving(**options: Any) -> AsyncIterator[str]:
-    """`app` served by uvicorn with the protocol (and uvicorn `options`); its base URL."""
+async def serving(served_app: Any = app, **options: Any) -> AsyncIterator[str]:
+    """`served_app` (this module's `app` by default) served by uvicorn with the protocol
+    (and uvicorn `options`); its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = uvicorn.Config(
-        app,
+        served_app,
         host="127.0.0.1",
         port=port,
         http=CoalescingHttpToolsProtocol,
         log_level="warning",
-        lifespan="on",
+        lifespan="on" if served_app is app else "off",
         **options,
     )
     server = uvicorn.Server(config)
