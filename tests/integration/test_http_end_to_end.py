@@ -67,7 +67,13 @@ async def test_exact_numbers_survive_storage_response_and_csv(live: Live) -> Non
         ("0." + "0" * 16382 + "1", 201),  # 16,383 after the point: PostgreSQL's most
         ("0." + "0" * 16383 + "1", 422),
         ("1e-16384", 422),
-        ("0e999999", 201),  # a zero of any positive exponent is stored as 0
+        ("0e999999", 201),  # a zero of a positive exponent is stored as 0
+        ("0e1073741822", 201),  # ... up to INT_MAX / 2 - 1, numeric's own limit
+        ("0e1073741823", 422),
+        ("0.0e+1073741823", 422),
+        ("1e0000000000000000000005", 201),  # leading zeros in an exponent count for nothing
+        ("1e99999999999999999999", 422),  # an exponent Decimal cannot read
+        ("-0e-99999999999999999999", 422),
         ("-0E+131072", 201),
         ("0e-16383", 201),
         ("0e-16384", 422),

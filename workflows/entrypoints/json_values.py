@@ -18,6 +18,9 @@ MAX_PROBLEMS = 20
 # PostgreSQL's numeric (which JSONB numbers are) holds these many digits at most.
 MAX_INTEGER_DIGITS = 131072
 MAX_FRACTION_DIGITS = 16383
+# And it refuses a number whose written exponent is at least INT_MAX / 2 from zero before it
+# looks at the digits: a zero's too (0e1073741823), while 0e1073741822 is stored as 0.
+MAX_EXPONENT = 1073741822
 
 
 def parse_json(body: bytes) -> Any:
@@ -72,14 +75,24 @@ def _check_value(value: Any, pointer: str, depth: int, problems: list[dict[str, 
             _check_value(item, f"{pointer}/{index}", depth + 1, problems)
     elif isinstance(value, str):
         check_string(value, pointer, problems)
-    elif isinstance(value, RawJSON):
-        number = Decimal(value.encoded_json)
-        # PostgreSQL stores a zero of any positive exponent (0e999999) as 0.
-        integer_digits = 0 if number.is_zero() else number.adjusted() + 1
-        exponent = number.as_tuple().exponent
-        fraction_digits = -exponent if isinstance(exponent, int) and exponent < 0 else 0
-        if integer_digits > MAX_INTEGER_DIGITS or fraction_digits > MAX_FRACTION_DIGITS:
-            problems.append(error(pointer, "number is too large or too precise to store"))
+    elif isinstance(value, RawJSON) and not _storable(value.encoded_json):
+        problems.append(error(pointer, "number is too large or too precise to store"))
+
+
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL's numeric holds the JSON number `text`."""
+    _, e, written = text.lower().partition("e")
+    # Checked before Decimal, which cannot read an exponent of 19 digits or more.
+    if e and (
+        len(digits := written.lstrip("+-").lstrip("0")) > 10 or int(digits or 0) > MAX_EXPONENT
+    ):
+        return False
+    number = Decimal(text)
+    # PostgreSQL stores a zero of any smaller positive exponent (0e999999) as 0.
+    integer_digits = 0 if number.is_zero() else number.adjusted() + 1
+    exponent = number.as_tuple().exponent
+    fraction_digits = -exponent if isinstance(exponent, int) and exponent < 0 else 0
+    return integer_digits <= MAX_INTEGER_DIGITS and fraction_digits <= MAX_FRACTION_DIGITS
 
 
 def check_string(
