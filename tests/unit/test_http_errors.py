@@ -67,6 +67,10 @@ def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str
         ('{"data": {"a": 1}, "steps": ["ok", ""]}', "/steps/1"),
         ('{"data": {"a": 1}, "steps": ["  "]}', "/steps/0"),
         ('{"data": {"a": 1}, "extra": true}', "/extra"),
+        ('{"data": {"a": 1}, "a.b": true}', "/a.b"),  # an unknown name, as sent (RFC 6901)
+        ('{"data": {"a": 1}, "x[0]": true}', "/x[0]"),
+        ('{"data": {"a": 1}, "": true}', "/"),
+        ('{"data": {"a": 1}, "a/b~": true}', "/a~1b~0"),
         ('{"data": {"a": 1}, "uuid": "0190b6d4-0000-7000-8000-000000000000"}', "/uuid"),
         ('{"data": {"a": 1}, "status": "consumed"}', "/status"),
         ('{"steps": []}', "/data"),
@@ -446,6 +450,16 @@ async def test_bad_patch_is_422_and_changes_nothing(client: httpx.AsyncClient, b
     assert (await client.get(f"/workflow/{created['uuid']}")).json() == created
 
 
+async def test_an_unknown_patch_field_is_named_as_sent(client: httpx.AsyncClient) -> None:
+    created = (await client.post("/workflow", json={"data": {"a": 1}})).json()
+    body = '{"status": "consumed", "a.b": 1, "": 2}'
+    response = await client.patch(f"/workflow/{created['uuid']}", content=body, headers=JSON)
+    problem = assert_problem(response, 422, "validation-failed")
+    assert [e["pointer"] for e in problem["errors"]] == ["/", "/a.b"]  # type: ignore[attr-defined]
+    assert problem["detail"] == "/ is not a known field (and 1 more)"
+    assert (await client.get(f"/workflow/{created['uuid']}")).json() == created
+
+
 @pytest.mark.parametrize(
     "query",
     [
@@ -492,6 +506,38 @@ async def test_allow_lists_the_methods_in_one_order(
 
 async def test_unknown_path_is_a_404_problem(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/nowhere"), 404, "not-found")
+
+
+@pytest.mark.parametrize("hot", [True, False])
+async def test_an_encoded_slash_is_not_a_separator(container: Container, hot: bool) -> None:
+    """RFC 3986: `%2F` is data in a segment. Decoded, `/workflow%2Fconsume` took a workflow
+    under a name a proxy in front of the service does not know as the consume."""
+    async with client_of(create_app(container, hot_routes=hot)) as client:
+        uuid = (await client.post("/workflow", content=BODY, headers=JSON)).json()["uuid"]
+        for method, path in [
+            ("GET", "/workflow%2Fconsume"),
+            ("POST", "/workflow%2fconsume"),
+            ("GET", "/v1%2Fworkflow%2Fconsume"),
+            ("GET", "/v1%2Fworkflow"),
+            ("POST", "/v1%2Fworkflow"),
+            ("PATCH", f"/v1%2Fworkflow/{uuid}"),
+            ("GET", "/healthz%2F"),
+        ]:
+            assert_problem(await client.request(method, path, content=b""), 404, "not-found")
+        answer = await client.get(f"/workflow/{uuid}%2Fcsv")
+        errors = assert_problem(answer, 422, "validation-failed")["errors"]
+        assert errors == [
+            {
+                "pointer": "/path/uuid",
+                "message": f"'{uuid}%2Fcsv' is not a UUID (8-4-4-4-12 hex digits)",
+            }
+        ]
+        listed = (await client.get("/workflow")).json()
+        assert [(w["uuid"], w["status"]) for w in listed] == [(uuid, "inserted")]
+        # Other escapes are decoded as before: %2D is a hyphen, %77 a w.
+        escaped = uuid.replace("-", "%2D", 1)
+        assert (await client.get(f"/%77orkflow/{escaped}")).json()["uuid"] == uuid
+        assert (await client.get("/workflow/consume")).headers["x-workflow-uuid"] == uuid
 
 
 @pytest.mark.parametrize(

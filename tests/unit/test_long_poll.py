@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.datastructures import QueryParams
 
 from workflows.adapters.csv_export import CsvExporter
 from workflows.adapters.memory import InMemoryQueue, InMemoryWorkflowRepository
@@ -15,7 +22,9 @@ from workflows.application.ports import ClaimHandler
 from workflows.application.use_cases import ConsumeWorkflow
 from workflows.domain.ids import uuid7
 from workflows.domain.model import JsonDocument, Workflow
+from workflows.entrypoints import inputs
 from workflows.entrypoints.container import Container, utc_now
+from workflows.entrypoints.problems import Problem
 
 
 @pytest.fixture
@@ -63,11 +72,51 @@ async def test_one_workflow_goes_to_exactly_one_of_many_waiters(
     assert sorted(r.status_code for r in responses) == [200] + [204] * 19
 
 
-@pytest.mark.parametrize("wait", ["-1", "21", "abc", "1e3", "nan", "inf", "5&wait=6"])
+@pytest.mark.parametrize(
+    "wait",
+    ["-1", "21", "abc", "1e3", "nan", "inf", "5&wait=6", "20.000000000000001", "20.00000000001"],
+)
 async def test_bad_wait_is_422(client: httpx.AsyncClient, wait: str) -> None:
     response = await client.get(f"/workflow/consume?wait={wait}")
     assert response.status_code == 422
     assert response.json()["errors"][0]["pointer"] == "/query/wait"
+
+
+@functools.cache
+def wait_pattern() -> re.Pattern[str]:
+    document = yaml.safe_load(Path("openapi.yaml").read_text())
+    (wait,) = (p for p in document["paths"]["/workflow/consume"]["get"]["parameters"])
+    return re.compile(wait["schema"]["pattern"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.text("0123456789.", max_size=25),
+        st.decimals(min_value=0, max_value=21, allow_nan=False).map(str),
+        st.floats(min_value=0, max_value=21).map(repr),
+        st.sampled_from(
+            [
+                "20",
+                "20.",
+                "20.000",
+                "0020.0",
+                ".5",
+                "5.",
+                "19.99999999999999999",
+                "20.000000000000001",
+            ]
+        ),
+    )
+)
+def test_a_wait_is_read_exactly_when_openapi_yaml_allows_it(wait: str) -> None:
+    try:
+        seconds = inputs.consume_wait(QueryParams({"wait": wait}))
+    except Problem:
+        assert not wait_pattern().fullmatch(wait), wait
+    else:
+        assert wait_pattern().fullmatch(wait), wait
+        assert seconds == float(wait)
 
 
 class CountingQueue(InMemoryQueue):

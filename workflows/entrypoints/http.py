@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -271,11 +273,30 @@ class WorkflowsApp(Starlette):
     hot: HotRoutes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.hot is not None and scope["type"] == "http":
-            scope["app"] = self
-            if await self.hot.answer(scope, receive, send):
-                return
+        if scope["type"] == "http":
+            raw = scope.get("raw_path")
+            if raw and b"%2" in raw:
+                scope["path"] = _encoded_slashes_kept(raw) or scope["path"]
+            if self.hot is not None:
+                scope["app"] = self
+                if await self.hot.answer(scope, receive, send):
+                    return
         await super().__call__(scope, receive, send)
+
+
+_ENCODED_SLASH = re.compile("(%2[fF])")
+
+
+def _encoded_slashes_kept(raw_path: bytes) -> str | None:
+    """The path decoded but for its encoded slashes (`%2F`), which stay as sent; None when it
+    has none. The server decodes them all, so `/workflow%2Fconsume` would be routed as
+    `/workflow/consume`: a path with another meaning (RFC 3986: `%2F` is data within a
+    segment, not a separator) reaching a route that proxies and firewalls in front of the
+    service know by a different name. Kept, it names no route: a 404."""
+    parts = _ENCODED_SLASH.split(raw_path.partition(b"?")[0].decode("latin-1"))
+    if len(parts) == 1:
+        return None
+    return "".join(part if i % 2 else urllib.parse.unquote(part) for i, part in enumerate(parts))
 
 
 def create_app(

@@ -4,6 +4,7 @@ routes (hot.py): the JSON body, the consume call's query and the list's query.""
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -162,10 +163,10 @@ def consume_wait(params: QueryParams) -> float:
     if raw is None:
         return 0.0
     plain_decimal = raw.isascii() and raw.replace(".", "", 1).isdigit()
-    wait = float(raw) if plain_decimal else -1.0
-    if not 0 <= wait <= MAX_WAIT_SECONDS:
+    # Compared exactly: as a float, 20.000000000000001 is 20.
+    if not plain_decimal or Decimal(raw) > MAX_WAIT_SECONDS:
         raise invalid("/query/wait", f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS}")
-    return wait
+    return float(raw)
 
 
 def list_query(params: QueryParams) -> tuple[WorkflowStatus | None, UUID | None, int, bool | None]:

@@ -169,7 +169,9 @@ def _cattrs_problems(exc: Exception, body: dict[str, Any]) -> list[dict[str, str
         if text.startswith("extra fields found"):
             allowed = {field.name for field in attrs.fields(_target_of(exc))}
             for key in sorted(set(body) - allowed):
-                problems.append(error(_pointer(f"$.{key}"), "is not a known field"))
+                # Named as sent: a key may hold ".", "[" or nothing at all (pointer "/").
+                escaped = key.replace("~", "~0").replace("/", "~1")
+                problems.append(error(f"/{escaped}", "is not a known field"))
         else:
             problems.append(error(_pointer(path), text))
     return problems
