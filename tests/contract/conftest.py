@@ -80,7 +80,13 @@ async def queue_setup(
 
     url = request.getfixturevalue("rabbitmq_url")
     prefetch = 32 if backend == "rabbitmq-prefetch" else 0
-    broker = RabbitMqBroker(url, queue=request.getfixturevalue("queue_name"), prefetch=prefetch)
+    # The queue as the service declares it (container.py): a delivery limit of 2 x 5.
+    broker = RabbitMqBroker(
+        url,
+        queue=request.getfixturevalue("queue_name"),
+        arguments={"x-delivery-limit": 10},
+        prefetch=prefetch,
+    )
     await broker.start()
     repository = PostgresWorkflowRepository(database.pool, outbox=True)
     outbox = PostgresOutbox(database.pool)

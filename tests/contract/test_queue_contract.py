@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.contract.conftest import QueueSetup
+from workflows.application.ports import ClaimerGone
 from workflows.domain.model import Workflow, WorkflowStatus
 
 
@@ -114,6 +115,31 @@ async def test_concurrent_consumers_take_each_workflow_exactly_once(
 
 async def test_ping_succeeds_when_queue_is_up(queue_setup: QueueSetup) -> None:
     await queue_setup.queue.ping()
+
+
+async def test_a_handler_whose_caller_left_leaves_the_workflow_queued_uncounted(
+    queue_setup: QueueSetup,
+) -> None:
+    """ClaimerGone is no failure of the workflow's: raised more often than a broker's
+    delivery limit, it dead-letters nothing."""
+    workflow = await queue_setup.submit()
+
+    async def gone(w: Workflow) -> None:
+        raise ClaimerGone
+
+    for _ in range(12):
+        with pytest.raises(ClaimerGone):
+            await queue_setup.queue.consume(gone, now())
+    sweep = getattr(queue_setup.queue, "sweep_dead_letters", None)
+    if sweep is not None:
+        assert await sweep(now()) == 0  # the broker dead-lettered no message of it
+    stored = await queue_setup.repository.get(workflow.uuid)
+    assert stored is not None
+    assert (stored.status, stored.delivery_attempts) == (WorkflowStatus.INSERTED, 0)
+    assert stored.dead_lettered_at is None
+    claimed = await queue_setup.queue.consume(Recorder(), now())
+    assert claimed is not None
+    assert claimed.uuid == workflow.uuid
 
 
 async def test_dead_lettered_workflow_is_skipped(queue_setup: QueueSetup) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,8 @@ from prometheus_client import REGISTRY
 from tests.support.slow_client import send_slowly
 from workflows.application.outages import Sampled
 from workflows.entrypoints import http_protocol, observability
+from workflows.entrypoints.container import Container, running
+from workflows.entrypoints.http import create_app
 from workflows.entrypoints.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
 
 
@@ -838,3 +841,45 @@ async def test_an_answer_taken_under_the_minimum_rate_is_dropped_with_its_connec
     assert len(got) < len(BIG) * 3 // 4  # the rest was dropped (read whole in ~5 s else)
     assert slow_count() == before + 1
     assert unread_count() == unread_before  # it did read: not the other rule
+
+
+def files_in(directory: str | os.PathLike[str]) -> list[str]:
+    return os.listdir(directory) if os.path.isdir(directory) else []
+
+
+@pytest.mark.parametrize("hot", [True, False])
+async def test_a_consume_whose_client_leaves_before_the_commit_leaves_it_queued(
+    container: Container, monkeypatch: pytest.MonkeyPatch, hot: bool
+) -> None:
+    """Served by uvicorn, whose app goes on when a client disconnects: asked again once
+    the CSV is made, the consume puts the workflow back (a large document's CSV takes a
+    while; here the render waits until the client has gone)."""
+    exporter = container.exporter()
+    rendering, gone = asyncio.Event(), asyncio.Event()
+    render = exporter.render
+
+    async def render_slowly(workflow: Any) -> bytes:
+        content = await render(workflow)
+        rendering.set()
+        await gone.wait()
+        return content
+
+    monkeypatch.setattr(exporter, "render", render_slowly)
+    app = create_app(container, hot_routes=hot)
+    async with running(container), serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+        created = await client.post("/workflow", json={"data": {"a": 1}})
+        uuid = created.json()["uuid"]
+        host, port = url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /workflow/consume HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        await asyncio.wait_for(rendering.wait(), 5)
+        writer.close()  # the client leaves while its workflow is claimed
+        await writer.wait_closed()
+        await asyncio.sleep(0.2)  # the server sees the close
+        gone.set()
+        await asyncio.sleep(0.2)
+        stored = (await client.get(f"/workflow/{uuid}")).json()
+        assert (stored["status"], stored["delivery_attempts"]) == ("inserted", 0)
+        assert files_in(container.settings().export_dir) == []  # no file written
+        taken = await client.post("/workflow/consume")
+        assert (taken.status_code, taken.headers["x-workflow-uuid"]) == (200, uuid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -163,6 +164,38 @@ async def test_a_client_that_has_gone_takes_nothing(tmp_path: object) -> None:
     stored = await repository.get(workflow.uuid)
     assert stored is not None
     assert stored.queued
+
+
+async def test_a_client_gone_while_its_workflow_was_claimed_leaves_it_queued(
+    tmp_path: Path,
+) -> None:
+    """Asked again once the CSV is made: the row goes back, no file is written, no failure
+    is counted, and a waiter is woken for it."""
+    queue, doorbell = CountingQueue(), Doorbell()
+    repository = queue.repository
+    consume = ConsumeWorkflow(queue, CsvExporter(str(tmp_path)), utc_now, doorbell, repository)
+    consume.recheck_every = 3600.0
+    asked: list[bool] = []
+
+    async def leaves_after_the_claim() -> bool:
+        asked.append(not asked)  # there when the consume starts, gone at the second ask
+        return asked[-1]
+
+    waiter = asyncio.create_task(consume(wait=20))  # finds nothing, waits for a ring
+    await asyncio.sleep(0.05)
+    workflow = Workflow.new(uuid7(), JsonDocument('{"a": 1}'), (), utc_now())
+    await repository.add(workflow)
+    await queue.enqueued(workflow)  # (no ring: the waiter wakes only for the put-back)
+    assert await consume(wait=0, still_wanted=leaves_after_the_claim) is None
+    assert asked == [True, False]
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".csv")]
+    stored = await repository.get(workflow.uuid)
+    assert stored is not None
+    assert stored.queued
+    assert stored.delivery_attempts == 0
+    taken = await asyncio.wait_for(waiter, 1)  # rung for it
+    assert taken is not None
+    assert taken.workflow.uuid == workflow.uuid
 
 
 async def test_a_workflow_wakes_one_waiter_not_all(tmp_path: object) -> None:

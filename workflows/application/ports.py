@@ -17,6 +17,12 @@ IdFactory = Callable[[], UUID]
 ClaimHandler = Callable[[Workflow], Awaitable[None]]
 
 
+class ClaimerGone(Exception):
+    """A ClaimHandler raises it when the caller it works for has gone: the workflow stays
+    queued like any whose handler raised, but the workflow did not fail, so nothing counts
+    it as a failed delivery."""
+
+
 @attrs.frozen
 class StatusChange:
     workflow: Workflow

@@ -12,6 +12,7 @@ import attrs
 
 from workflows.application.doorbell import Doorbell
 from workflows.application.ports import (
+    ClaimerGone,
     Clock,
     Exporter,
     IdFactory,
@@ -167,7 +168,7 @@ class ConsumeWorkflow:
                 if still_wanted is not None and not await still_wanted():
                     return None  # the client has gone: take nothing it could not receive
                 ticket = self.doorbell.ticket()
-                consumed = await self._once()
+                consumed = await self._once(still_wanted)
                 woken = False
                 remaining = deadline - time.monotonic()
                 if consumed is not None or remaining <= 0 or self.doorbell.closed:
@@ -179,7 +180,9 @@ class ConsumeWorkflow:
             if woken:
                 self.doorbell.pass_on()  # a ring woke this call for a workflow it did not take
 
-    async def _once(self) -> Consumed | None:
+    async def _once(
+        self, still_wanted: Callable[[], Awaitable[bool]] | None = None
+    ) -> Consumed | None:
         exported: list[bytes] = []
         failed: list[Workflow] = []
         now = self.clock()  # the consumed workflow's updated_at
@@ -187,9 +190,14 @@ class ConsumeWorkflow:
         async def export(workflow: Workflow) -> None:
             try:
                 content = await self.exporter.render(workflow)
+                # Asked again with the CSV made, before the file and the commit: a client
+                # that left while its row was claimed and rendered (a large document takes
+                # a while) leaves it queued, rather than consumed with no one to answer.
+                if still_wanted is not None and not await still_wanted():
+                    raise ClaimerGone
                 await self.exporter.write(workflow, content, now)
-            except DependencyUnavailable:
-                raise  # the export directory's fault, not the workflow's: no attempt counted
+            except (DependencyUnavailable, ClaimerGone):
+                raise  # not the workflow's fault: no attempt counted
             except Exception:
                 failed.append(workflow)
                 raise
@@ -197,6 +205,9 @@ class ConsumeWorkflow:
 
         try:
             workflow = await self.queue.consume(export, now)
+        except ClaimerGone:
+            self.doorbell.ring()  # queued again, its claim over: a waiter may take it
+            return None
         except Exception:
             if failed:
                 await self._put_back(failed[-1])

@@ -10,7 +10,12 @@ from uuid import UUID
 
 from workflows.adapters.rabbitmq.broker import RabbitMqBroker
 from workflows.adapters.rabbitmq.delivery import Delivery
-from workflows.application.ports import ClaimHandler, WorkflowQueue, WorkflowRepository
+from workflows.application.ports import (
+    ClaimerGone,
+    ClaimHandler,
+    WorkflowQueue,
+    WorkflowRepository,
+)
 from workflows.application.relay import OutboxRelay
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import Workflow
@@ -125,7 +130,7 @@ class RabbitMqQueue(WorkflowQueue):
                 continue
             try:
                 claimed = await self._repository.claim(uuid, handle, now)
-            except (DependencyUnavailable, asyncio.CancelledError):
+            except (DependencyUnavailable, ClaimerGone, asyncio.CancelledError):
                 # Not the workflow's fault (the export directory full, the database away,
                 # the caller gone): a message handed back counts towards the quorum queue's
                 # delivery limit, and ten such 503s would dead-letter a healthy workflow.
