@@ -114,6 +114,31 @@ async def test_two_api_processes_hand_each_workflow_to_exactly_one_consumer(
         assert report["outbox"]["entries"] == 0
 
 
+@pytest.mark.parametrize("server_env", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("away", ["broker", "queue"])
+async def test_stats_json_is_one_document_while_the_queue_cannot_be_read(
+    server_env: dict[str, str], tmp_path: Path, away: str
+) -> None:
+    """The warning that the depth could not be read goes to stderr: stdout is the answer
+    a script parses, and it wanted that document most when the broker was away."""
+    if away == "broker":
+        env = server_env | {"RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/%2F"}
+    else:
+        env = server_env | {"RABBITMQ_QUEUE": f"{server_env['RABBITMQ_QUEUE']}-never-declared"}
+    for log_format in ("json", "text"):
+        stats = await asyncio.to_thread(
+            subprocess.run,
+            [str(WORKFLOWS_BIN), "stats", "--json"],
+            env=env | {"LOG_FORMAT": log_format},
+            cwd=tmp_path,
+            capture_output=True,
+            check=True,
+        )
+        report = orjson.loads(stats.stdout)
+        assert report["queue_depth"] is None
+        assert "queue depth could not be read" in stats.stderr.decode()
+
+
 async def test_a_restart_after_kill_rewrites_the_torn_exports_the_flush_had_not_reached(
     server_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
 ) -> None:

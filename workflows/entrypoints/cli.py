@@ -85,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"workflows: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    # A command whose stdout is its answer (stats, prune, migrate) logs to stderr, so that
+    # a warning (the broker away) never breaks what a script reads, `stats --json` above all.
+    answers = args.command in {"stats", "prune", "migrate"}
+    configure_logging(
+        settings.log_level, settings.log_format, stream="stderr" if answers else "stdout"
+    )
+    if answers:  # an unreachable database is one line on stderr, not a retry's line each
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     mask_values(settings.api_tokens)
     try:
         return _run(settings, args)

@@ -118,14 +118,15 @@ def use_json(log_format: str, stream: Any = None) -> bool:
 
 
 def logging_config(
-    level: str, log_format: str = "auto", access_log: bool = False
+    level: str, log_format: str = "auto", access_log: bool = False, stream: str = "stdout"
 ) -> dict[str, Any]:
-    """A dictConfig for the root logger, uvicorn's loggers and pika, all to stdout.
+    """A dictConfig for the root logger, uvicorn's loggers and pika, all to stdout (or to
+    `stream`, "stderr": a command whose stdout is its answer, such as `stats --json`).
 
     Given to uvicorn as `log_config`, so its own lines (and every worker's) look the same.
     Without `access_log`, uvicorn's line per request is off (it costs throughput).
     """
-    formatter = JsonFormatter if use_json(log_format) else TextFormatter
+    formatter = JsonFormatter if use_json(log_format, getattr(sys, stream)) else TextFormatter
     # pika writes seven ERROR lines for each failed connection attempt while the broker is
     # away; the adapter's own warning says it once, with the cause. Its lines at DEBUG only.
     pika_level = "DEBUG" if level == "DEBUG" else "CRITICAL"
@@ -136,14 +137,14 @@ def logging_config(
         "filters": {"request_id": {"()": RequestIdFilter}},
         "formatters": {"default": {"()": formatter}},
         "handlers": {
-            "stdout": {
+            "console": {
                 "class": "logging.StreamHandler",
-                "stream": "ext://sys.stdout",
+                "stream": f"ext://sys.{stream}",
                 "formatter": "default",
                 "filters": ["request_id"],
             }
         },
-        "root": {"level": level, "handlers": ["stdout"]},
+        "root": {"level": level, "handlers": ["console"]},
         "loggers": {
             "uvicorn": {"level": level, **routed},
             "uvicorn.error": {"level": level, **routed},
@@ -159,5 +160,7 @@ def logging_config(
     }
 
 
-def configure_logging(level: str, log_format: str = "auto", access_log: bool = False) -> None:
-    logging.config.dictConfig(logging_config(level, log_format, access_log))
+def configure_logging(
+    level: str, log_format: str = "auto", access_log: bool = False, stream: str = "stdout"
+) -> None:
+    logging.config.dictConfig(logging_config(level, log_format, access_log, stream))
