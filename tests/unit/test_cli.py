@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -71,3 +72,77 @@ def test_an_unreachable_database_is_one_line_and_status_1(
         assert error.count("\n") == 1
         assert "Traceback" not in error
         assert ":pw@" not in error
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--port", "70000"], "--port: must be a port number from 0 to 65535"),
+        (["--port", "-1"], "--port: must be a port number"),
+        (["--graceful-timeout", "nan"], "--graceful-timeout: must be a number of seconds"),
+        (["--graceful-timeout", "-1"], "--graceful-timeout: must be a number of seconds"),
+        (["--graceful-timeout", "inf"], "--graceful-timeout: must be a number of seconds"),
+    ],
+)
+def test_serve_refuses_a_port_or_timeout_out_of_range(
+    arguments: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--port 70860 bound 5324 (uvicorn took it modulo 65536) and --graceful-timeout nan
+    ended the shutdown in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUEUE_BACKEND", "memory")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", *arguments])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_metrics_directory_that_cannot_be_made_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUEUE_BACKEND", "memory")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "file"))
+    assert cli.main(["serve", "--port", "1"]) == 2
+    one_line(capsys, "workflows: configuration error: PROMETHEUS_MULTIPROC_DIR must be")
+
+
+def test_an_unreadable_env_file_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_bytes(b"\xff\xfeLOG_LEVEL=INFO\n")
+    assert cli.main(["stats"]) == 2
+    one_line(capsys, "workflows: configuration error: .env cannot be read")
+
+
+def test_an_empty_commit_is_the_checkouts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUEUE_BACKEND", "memory")
+    monkeypatch.setenv("WORKFLOWS_COMMIT", "")
+    cli.main(["stats"])  # (refused for memory: 2; the commit is settled before)
+    assert os.environ["WORKFLOWS_COMMIT"] == cli._git_commit() != ""
+
+
+def test_the_relay_with_an_unreachable_database_is_one_line_and_status_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It ran for ever, logging the pool's retries."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres:pw@127.0.0.1:1/x?connect_timeout=1")
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://unused:unused@127.0.0.1:1/%2F")
+    assert cli.main(["relay"]) == 1
+    one_line(capsys, "workflows: database is unavailable")
+
+
+def one_line(capsys: pytest.CaptureFixture[str], start: str) -> None:
+    error = capsys.readouterr().err
+    assert error.startswith(start), error
+    assert error.count("\n") == 1

@@ -81,6 +81,11 @@ def test_explicit_backend_wins() -> None:
         ({"HOST": "-api.example"}, "HOST"),
         ({"HOST": "http://api.example"}, "HOST"),
         ({"HOST": "a" * 64}, "HOST"),
+        ({"PORT": "\uff11\uff12"}, "PORT must be an integer"),  # fullwidth digits
+        ({"PORT": "1_000"}, "PORT must be an integer"),
+        ({"DB_POOL_SIZE": "9" * 5000}, "DB_POOL_SIZE must be an integer"),
+        ({"RABBITMQ_QUEUE": "amq.work"}, "RABBITMQ_QUEUE must not start with 'amq.'"),
+        ({"RABBITMQ_QUEUE": "q" * 251}, "RABBITMQ_QUEUE must be at most 250 bytes"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
@@ -142,7 +147,29 @@ def test_the_longest_settings_still_serve() -> None:
     "host", ["0.0.0.0", "127.0.0.1", "::", "[::1]", "fe80::1", "localhost", "api", "db-1.example."]
 )
 def test_addresses_and_host_names_are_accepted(host: str) -> None:
-    assert Settings.from_env({"HOST": host}).host == host
+    expected = host.strip("[]")  # what the server binds: uvicorn cannot resolve "[::1]"
+    assert Settings.from_env({"HOST": host}).host == expected
+
+
+def test_a_blank_variable_means_its_default() -> None:
+    """Empty or only whitespace: a DATABASE_URL of " " connected to libpq's default
+    database, and an empty RABBITMQ_QUEUE named the queue ''."""
+    blank = dict.fromkeys(
+        (
+            "DATABASE_URL",
+            "RABBITMQ_URL",
+            "QUEUE_BACKEND",
+            "RABBITMQ_QUEUE",
+            "EMBEDDED_PG_DIR",
+            "WORKFLOWS_COMMIT",
+            "PORT",
+            "DB_POOL_SIZE",
+            "CONFIRM_TIMEOUT",
+        ),
+        " ",
+    )
+    for env in (blank, dict.fromkeys(blank, "")):
+        assert Settings.from_env(env) == DEFAULTS
 
 
 def test_an_empty_host_or_export_dir_means_the_default() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -31,16 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="migrate the database, then serve the HTTP API")
     serve.add_argument("--host", help="address to listen on (default: HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default: PORT or 5000)")
+    serve.add_argument("--port", type=_port, help="port, 0 to 65535 (default: PORT or 5000)")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )
     serve.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=_seconds,
         default=10.0,
-        help="seconds in-flight requests get to finish on SIGTERM (default 10)",
+        help="seconds in-flight requests get to finish on SIGTERM, 0 to 3600 (default 10)",
     )
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     stats = commands.add_parser(
@@ -78,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prune" and args.workflows_older_than is None is args.exports_older_than:
         parser.error("prune needs --workflows-older-than, --exports-older-than or both")
 
-    load_dotenv(".env", override=False)
-    os.environ.setdefault("WORKFLOWS_COMMIT", _git_commit())
+    try:
+        load_dotenv(".env", override=False)
+    except (UnicodeDecodeError, OSError) as exc:
+        print(f"workflows: configuration error: .env cannot be read: {exc}", file=sys.stderr)
+        return 2
+    if not os.environ.get("WORKFLOWS_COMMIT", "").strip():  # unset or empty: its default
+        os.environ["WORKFLOWS_COMMIT"] = _git_commit()
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -98,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(settings, args)
     except NotInstalled as exc:
         print(f"workflows: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # found once the command runs (PROMETHEUS_MULTIPROC_DIR)
+        print(f"workflows: configuration error: {exc}", file=sys.stderr)
         return 2
     except DependencyUnavailable as exc:  # the database, at start: one line, no traceback
         line = " ".join(part.strip() for part in str(exc).splitlines())  # psycopg's hint too
@@ -127,10 +136,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from workflows.entrypoints.http_protocol import IDLE_TIMEOUT
-
     try:
         host = check_host(args.host, "--host") if args.host else settings.host
     except ConfigError as exc:
@@ -141,6 +146,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     ):
         print(f"workflows: {refusal}", file=sys.stderr)
         return 2
+    # Made (or emptied) first: a PROMETHEUS_MULTIPROC_DIR that cannot be is a configuration
+    # error before anything is migrated.
+    with operations.metrics_directory():
+        return _migrate_and_serve(settings, args, host)
+
+
+def _migrate_and_serve(settings: Settings, args: argparse.Namespace, host: str) -> int:
+    import uvicorn
+
+    from workflows.entrypoints.http_protocol import IDLE_TIMEOUT
+
     if settings.queue_backend != "memory":
         url = _database_url(settings)
         os.environ["DATABASE_URL"] = url
@@ -154,23 +170,40 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: None)
     os.environ["WORKFLOWS_ACCESS_LOG"] = "1" if args.access_log else "0"
-    with operations.metrics_directory():
-        uvicorn.run(
-            "workflows.entrypoints.asgi:create",
-            factory=True,
-            host=host,
-            port=args.port or settings.port,
-            workers=args.workers,
-            log_level=settings.log_level.lower(),
-            loop="uvloop",
-            # httptools, a response head and body sent in one system call (http_protocol.py).
-            http="workflows.entrypoints.http_protocol:CoalescingHttpToolsProtocol",
-            access_log=args.access_log,
-            timeout_graceful_shutdown=args.graceful_timeout,
-            timeout_keep_alive=IDLE_TIMEOUT,
-            log_config=logging_config(settings.log_level, settings.log_format, args.access_log),
-        )
+    uvicorn.run(
+        "workflows.entrypoints.asgi:create",
+        factory=True,
+        host=host,
+        port=settings.port if args.port is None else args.port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
+        loop="uvloop",
+        # httptools, a response head and body sent in one system call (http_protocol.py).
+        http="workflows.entrypoints.http_protocol:CoalescingHttpToolsProtocol",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        timeout_keep_alive=IDLE_TIMEOUT,
+        log_config=logging_config(settings.log_level, settings.log_format, args.access_log),
+    )
     return 0
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 3600:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to 3600, not {text!r}"
+        )
+    return value
 
 
 def _workers_refusal(workers: int, settings: Settings) -> str | None:

@@ -71,13 +71,13 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         d = DEFAULTS
-        rabbitmq_url = env.get("RABBITMQ_URL") or None
+        rabbitmq_url = _text(env, "RABBITMQ_URL")
         if rabbitmq_url is not None:
             _check_rabbitmq_url(rabbitmq_url)
-        database_url = env.get("DATABASE_URL") or None
+        database_url = _text(env, "DATABASE_URL")
         if database_url is not None:
             _check_database_url(database_url)
-        backend = env.get("QUEUE_BACKEND") or ("rabbitmq" if rabbitmq_url else "postgres")
+        backend = _text(env, "QUEUE_BACKEND") or ("rabbitmq" if rabbitmq_url else "postgres")
         if backend not in BACKENDS:
             raise ConfigError(
                 f"QUEUE_BACKEND must be one of {', '.join(BACKENDS)}, not {backend!r}"
@@ -90,13 +90,13 @@ class Settings:
             database_url=database_url,
             queue_backend=backend,
             rabbitmq_url=rabbitmq_url,
-            rabbitmq_queue=env.get("RABBITMQ_QUEUE", d.rabbitmq_queue),
+            rabbitmq_queue=_queue_name(env),
             rabbitmq_prefetch=_int(
                 env, "RABBITMQ_PREFETCH", d.rabbitmq_prefetch, low=0, high=65535
             ),
             export_dir=Path(env.get("EXPORT_DIR", "").strip() or d.export_dir),
             export_flush_interval=_flush_interval(env),
-            embedded_data_dir=Path(env.get("EMBEDDED_PG_DIR", str(d.embedded_data_dir))),
+            embedded_data_dir=Path(_text(env, "EMBEDDED_PG_DIR") or d.embedded_data_dir),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, low=1),
             list_page_bytes=_int(env, "LIST_PAGE_BYTES", d.list_page_bytes, low=1),
             log_level=_log_level(env),
@@ -106,7 +106,7 @@ class Settings:
             max_delivery_attempts=_int(
                 env, "MAX_DELIVERY_ATTEMPTS", d.max_delivery_attempts, low=1, high=1000
             ),
-            commit=env.get("WORKFLOWS_COMMIT", d.commit),
+            commit=_text(env, "WORKFLOWS_COMMIT") or d.commit,
             api_tokens=_tokens(env),
             allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", False),
             metrics_public=_bool(env, "METRICS_PUBLIC", True),
@@ -120,22 +120,40 @@ class Settings:
         )
 
 
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value without surrounding whitespace; None when unset, empty or
+    only whitespace (its default, then)."""
+    return env.get(name, "").strip() or None
+
+
+def _queue_name(env: Mapping[str, str]) -> str:
+    name = _text(env, "RABBITMQ_QUEUE") or DEFAULTS.rabbitmq_queue
+    # AMQP's limit is 255 bytes; the service also declares `{name}.dead`.
+    if len(name.encode("utf-8")) > 250:
+        raise ConfigError("RABBITMQ_QUEUE must be at most 250 bytes (AMQP's 255, less '.dead')")
+    if name.startswith("amq."):
+        raise ConfigError(f"RABBITMQ_QUEUE must not start with 'amq.' (RabbitMQ's own): {name!r}")
+    return name
+
+
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
+    raw = _text(env, name)
+    if raw is None:
         return default
+    if not (raw.isascii() and raw.lstrip("+-").isdigit()):
+        raise ConfigError(f"{name} must be an integer, not {raw!r}")
     try:
         value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    except ValueError:  # more digits than int() reads
+        raise ConfigError(f"{name} must be an integer, not {raw[:20]!r}...") from None
     if value < low or (high is not None and value > high):
         raise ConfigError(f"{name}={value} is out of range")
     return value
 
 
 def _float(env: Mapping[str, str], name: str, default: float, high: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
+    raw = _text(env, name)
+    if raw is None:
         return default
     try:
         value = float(raw)
@@ -181,11 +199,13 @@ def _age(env: Mapping[str, str], name: str) -> timedelta | None:
 
 
 def check_host(host: str, name: str) -> str:
-    """`host` when it is an IP address (IPv6 may be bracketed) or a DNS name; a name of
-    digits and dots only must be an IPv4 address (999.1.1.1 is neither)."""
+    """`host` when it is an IP address (IPv6 may be bracketed: returned without the
+    brackets) or a DNS name; a name of digits and dots only must be an IPv4 address
+    (999.1.1.1 is neither)."""
+    address = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
     try:
-        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-        return host
+        ipaddress.ip_address(address)
+        return address  # unbracketed: what the server binds to
     except ValueError:
         pass
     labels = host.removesuffix(".").split(".")

@@ -28,7 +28,7 @@ from workflows.adapters.postgres.stats import OutboxBacklog, PostgresStats
 from workflows.adapters.rabbitmq.peek import QueueMissing, queue_depth
 from workflows.application.pruning import Pruned
 from workflows.domain.errors import DependencyUnavailable
-from workflows.entrypoints.config import Settings, age_text, parse_age
+from workflows.entrypoints.config import ConfigError, Settings, age_text, parse_age
 from workflows.entrypoints.container import Container, running
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,13 @@ def _not_consuming(settings: Settings) -> Settings:
 
 
 async def _relay(settings: Settings) -> None:
+    # Unreachable at start: one line and status 1, as every command (not a relay that
+    # retries for ever); once running, it rides out an outage like the service.
+    probe = Container(settings=settings).database()
+    try:
+        await probe.start()
+    finally:
+        await probe.stop()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -263,12 +270,17 @@ def metrics_directory() -> Iterator[Path]:
     """PROMETHEUS_MULTIPROC_DIR for the workers of `serve`: the one configured, emptied of
     a previous run's files, or else a new temporary one, removed afterwards. Set in the
     environment before any worker starts (and before prometheus_client is imported)."""
-    configured = os.environ.get(MULTIPROC_DIR)
+    configured = os.environ.get(MULTIPROC_DIR, "").strip()
     if configured:
         path = Path(configured)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):
-            stale.unlink()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for stale in path.glob("*.db"):
+                stale.unlink()
+        except OSError as error:
+            raise ConfigError(
+                f"{MULTIPROC_DIR} must be a directory this process can write: {error}"
+            ) from None
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="workflows-metrics-") as created:
