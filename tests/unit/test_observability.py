@@ -466,6 +466,22 @@ def test_an_api_token_is_masked_wherever_a_client_put_it() -> None:
     assert token in TextFormatter().format(record)  # without the setting: only the query's
 
 
+def test_a_configured_token_is_masked_percent_encoded_too() -> None:
+    """Client libraries encode `+` and `/` in a query value; a path may carry any escape."""
+    token = "plus+Tok/en~" + "A" * 17
+    mask_values([token])
+    try:
+        for sent in (
+            "plus%2BTok%2Fen~AAAAAAAAAAAAAAAAA",
+            "plus%2bTok%2fen%7eAAAAAAAAAAAAAAAAA",
+            "%70lus+Tok/en~AAAAAAAAAAAAAAAAA",
+        ):
+            assert redact(f"GET /workflow/{sent}?t={sent} 404") == "GET /workflow/***?t=*** 404"
+        assert redact("GET /workflow/plus%2BTok 404") == "GET /workflow/plus%2BTok 404"
+    finally:
+        mask_values([])
+
+
 @pytest.mark.parametrize(("level", "written"), [("INFO", False), ("ERROR", False), ("DEBUG", True)])
 def test_pika_writes_its_connection_errors_at_debug_only(level: str, written: bool) -> None:
     """Seven ERROR lines per failed attempt while the broker is away: the adapters' own

@@ -22,6 +22,7 @@ from workflows.adapters.postgres import (
 from workflows.adapters.rabbitmq import RabbitMqBroker, RabbitMqQueue
 from workflows.application.doorbell import Doorbell
 from workflows.application.flusher import ExportFlusher
+from workflows.application.outages import Outage
 from workflows.application.pruning import PruneWorkflows
 from workflows.application.relay import OutboxRelay
 from workflows.application.use_cases import (
@@ -208,11 +209,14 @@ async def _sweep_dead_letters(container: Container, interval: float = 5.0) -> No
     """Carry the broker's dead letters into the repository, every `interval` seconds."""
     queue = container.queue()
     assert isinstance(queue, RabbitMqQueue)
+    skipped = Outage(log, "dead-letter sweep skipped: %s", "dead-letter sweep runs again")
     while True:
         try:
             await queue.sweep_dead_letters(utc_now())
         except DependencyUnavailable as exc:
-            log.warning("dead-letter sweep skipped: %s", exc)
+            skipped.failed(exc)
+        else:
+            skipped.passed()
         await asyncio.sleep(interval)
 
 

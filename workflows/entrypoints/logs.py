@@ -31,12 +31,21 @@ SECRETS = (
     (re.compile(r"(\baccess_token=)[^\s&;#\"']+", re.IGNORECASE), r"\1***"),
 )
 _LITERALS: list[str] = []  # the configured API tokens, wherever a client put them
+_ENCODED: list[re.Pattern[str]] = []  # the same, as a client may percent-encode them
 
 
 def mask_values(values: Iterable[str]) -> None:
     """Mask these exact values too in every line from now on (the API tokens: a client
-    may send one in a path or a query, which the access log writes)."""
+    may send one in a path or a query, which the access log writes), percent-encoded
+    too, wholly or in part (`+` as `%2B`, as client libraries send it in a query)."""
     _LITERALS[:] = sorted({value for value in values if value}, key=len, reverse=True)
+    _ENCODED[:] = [re.compile("".join(map(_as_sent, value))) for value in _LITERALS]
+
+
+def _as_sent(char: str) -> str:
+    if not char.isascii():
+        return re.escape(char)
+    return f"(?:{re.escape(char)}|%(?i:{ord(char):02x}))"
 
 
 def redact(text: str) -> str:
@@ -47,6 +56,9 @@ def redact(text: str) -> str:
     for literal in _LITERALS:
         if literal in text:
             text = text.replace(literal, "***")
+    if "%" in text:
+        for encoded in _ENCODED:
+            text = encoded.sub("***", text)
     return text
 
 

@@ -26,6 +26,7 @@ import orjson
 
 from workflows.adapters.postgres.stats import OutboxBacklog, PostgresStats
 from workflows.adapters.rabbitmq.peek import QueueMissing, queue_depth
+from workflows.application.outages import Outage
 from workflows.application.pruning import Pruned
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import ConfigError, Settings, age_text, parse_age
@@ -78,19 +79,33 @@ def _stats(container: Any) -> PostgresStats:
     return PostgresStats(container.pool())
 
 
+# Read at every scrape: a figure that cannot be read is logged when that starts (or its
+# reason changes) and when it can be read again, not at each scrape.
+_UNREAD: dict[str, Outage] = {}
+
+
 @contextlib.contextmanager
 def _unless_unavailable(what: str) -> Iterator[None]:
+    """The figure is left out (None) when it cannot be read, whatever the reason: a scrape
+    gives every figure it can, never a 500 for one it cannot."""
+    unread = _UNREAD.get(what) or _UNREAD.setdefault(
+        what, Outage(log, f"{what} could not be read: %s", f"{what} read again")
+    )
     try:
         yield
-    except (DependencyUnavailable, TimeoutError) as error:
-        log.warning("%s could not be read: %s", what, error or "timed out")
+    except TimeoutError:
+        unread.failed(f"no answer within {STATS_TIMEOUT:g} s")
+    except DependencyUnavailable as error:
+        unread.failed(error)
     except QueueMissing as missing:
-        log.warning(
-            "%s could not be read: the broker has no queue %r (check RABBITMQ_QUEUE; "
-            "the service declares it when it starts)",
-            what,
-            str(missing),
+        unread.failed(
+            f"the broker has no queue {str(missing)!r} (check RABBITMQ_QUEUE; "
+            "the service declares it when it starts)"
         )
+    except Exception as error:  # a schema that is not there (UndefinedTable), say
+        unread.failed(f"{type(error).__name__}: {error}")
+    else:
+        unread.passed()
 
 
 def stats(settings: Settings, *, as_json: bool) -> int:

@@ -267,13 +267,23 @@ async def rows_left_by(
         await asyncio.sleep(ASK_PAUSE)
 
 
-async def ping_database(pool: Pool) -> None:
+async def ping_database(pool: Pool, *, schema: bool = False) -> None:
     """A `SELECT 1`, answered within ACQUIRE_TIMEOUT of the call, connection included:
-    a probe (/readyz) gives its verdict within that one timeout, a hung server's too."""
+    a probe (/readyz) gives its verdict within that one timeout, a hung server's too.
+    With `schema`, the workflows table must be there too: a database dropped and made
+    anew answers, but every request would fail."""
     deadline = time.monotonic() + ACQUIRE_TIMEOUT
     async with connection(pool) as conn:
         with waiting_up_to(conn, max(deadline - time.monotonic(), SOME_TIME)):
-            await conn.execute("SELECT 1")
+            if not schema:
+                await conn.execute("SELECT 1")
+                return
+            try:
+                await conn.execute("SELECT FROM workflows LIMIT 0")
+            except psycopg.errors.UndefinedTable as error:
+                raise DependencyUnavailable(
+                    "database", f"its schema is missing (run `workflows migrate`): {error}"
+                ) from None
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from workflows.adapters.postgres.database import (
     keepalives,
 )
 from workflows.application.doorbell import Doorbell
+from workflows.application.outages import Outage
 from workflows.domain.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class PostgresDoorbell(Doorbell):
 
     async def _listen(self) -> None:
         backoff = 0.5
+        # Retried every few seconds while the database is away: logged when it starts (or
+        # its reason changes) and when listening again, not at each retry.
+        lost = Outage(log, "doorbell listener lost its connection: %s", "doorbell listening again")
         while True:
             try:
                 conninfo = make_conninfo(
@@ -101,6 +105,7 @@ class PostgresDoorbell(Doorbell):
                 conn = await BoundedConnection.connect(conninfo, autocommit=True)
                 async with conn:
                     await conn.execute(LISTEN)
+                    lost.passed()
                     self.wake_local()  # whatever rang while nobody listened
                     backoff = 0.5
                     while True:
@@ -108,7 +113,7 @@ class PostgresDoorbell(Doorbell):
                             self._heard(notify.payload)
                         await conn.execute("SELECT 1")  # within QUERY_TIMEOUT, or gone
             except (psycopg.Error, OSError) as exc:
-                log.warning("doorbell listener lost its connection: %s", exc)
+                lost.failed(exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 

@@ -328,7 +328,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
         return await self._claims.call(Claim(uuid, handle, now))
 
     async def ping(self) -> None:
-        await ping_database(self._pool)
+        await ping_database(self._pool, schema=True)
 
 
 async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
