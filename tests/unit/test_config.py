@@ -63,6 +63,8 @@ def test_explicit_backend_wins() -> None:
         ({"LOOP_STALL_SECONDS": "-1"}, "LOOP_STALL_SECONDS must not be negative"),
         ({"LOOP_STALL_SECONDS": "nan"}, "LOOP_STALL_SECONDS"),
         ({"LOOP_STALL_SECONDS": "3601"}, "LOOP_STALL_SECONDS must be at most 3600"),
+        ({"LOOP_STALL_SECONDS": "0.05"}, "LOOP_STALL_SECONDS must be 0 or at least 0.1"),
+        ({"EXPORT_FLUSH_INTERVAL": "1e-300"}, "EXPORT_FLUSH_INTERVAL must be 0 or at least"),
         ({"RABBITMQ_PREFETCH": "many"}, "RABBITMQ_PREFETCH"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
         ({"LOG_LEVEL": "warn"}, "LOG_LEVEL"),  # uvicorn would fail on it later

@@ -113,7 +113,7 @@ class Settings:
             cors_origins=_origins(env),
             log_format=_log_format(env),
             loop_stall_seconds=_float(
-                env, "LOOP_STALL_SECONDS", d.loop_stall_seconds, MAX_LOOP_STALL
+                env, "LOOP_STALL_SECONDS", d.loop_stall_seconds, MAX_LOOP_STALL, low=0.1
             ),
             retain_consumed=_age(env, "RETAIN_CONSUMED"),
             retain_exports=_age(env, "RETAIN_EXPORTS"),
@@ -151,7 +151,11 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int | 
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, high: float) -> float:
+def _float(
+    env: Mapping[str, str], name: str, default: float, high: float, *, low: float = 0.0
+) -> float:
+    """Seconds from 0 to `high`; with `low`, 0 (which turns the thing off) or at least
+    `low`: a loop that wakes every 1e-300 s spins a core."""
     raw = _text(env, name)
     if raw is None:
         return default
@@ -163,6 +167,8 @@ def _float(env: Mapping[str, str], name: str, default: float, high: float) -> fl
         raise ConfigError(f"{name} must not be negative")
     if value > high:  # inf too
         raise ConfigError(f"{name} must be at most {high:.0f} (seconds)")
+    if 0 < value < low:
+        raise ConfigError(f"{name} must be 0 or at least {low:g} (seconds)")
     return value
 
 
@@ -217,7 +223,7 @@ def check_host(host: str, name: str) -> str:
 
 def _flush_interval(env: Mapping[str, str]) -> float:
     # At most an hour: a flusher that never runs would leave every file unflushed.
-    return _float(env, "EXPORT_FLUSH_INTERVAL", DEFAULTS.export_flush_interval, 3600)
+    return _float(env, "EXPORT_FLUSH_INTERVAL", DEFAULTS.export_flush_interval, 3600, low=0.01)
 
 
 def _log_level(env: Mapping[str, str]) -> str:
