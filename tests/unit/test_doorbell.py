@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
+
+import pytest
 
 from workflows.application.doorbell import Doorbell
 
@@ -75,3 +79,35 @@ async def test_closing_wakes_every_waiter_and_every_later_wait_returns_at_once()
     doorbell.close()
     assert await asyncio.wait_for(asyncio.gather(*waiters), 1.0) == [True] * 10
     assert await asyncio.wait_for(doorbell.wait(doorbell.ticket(), 5.0), 1.0) is True
+
+
+async def test_a_listener_that_cannot_connect_warns_once_until_it_listens_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the database was away it warned at every retry (every 0.5-5 s); now once, when
+    it starts failing for a reason (and again only for another reason)."""
+    from workflows.adapters.postgres import doorbell as doorbell_module
+    from workflows.adapters.postgres.database import BoundedConnection
+
+    attempts: list[float] = []
+    third = asyncio.Event()
+    connect = BoundedConnection.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(asyncio.get_running_loop().time())
+        if len(attempts) == 3:
+            third.set()
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(BoundedConnection, "connect", counted)
+    caplog.set_level(logging.INFO)
+    bell = doorbell_module.PostgresDoorbell("postgresql://postgres@127.0.0.1:1/x", pool=None)  # type: ignore[arg-type]
+    await bell.start()
+    try:
+        await asyncio.wait_for(third.wait(), 10)
+        await asyncio.sleep(0.1)  # the third attempt has failed
+    finally:
+        await bell.stop()
+    lost = [r for r in caplog.records if "doorbell listener lost its connection" in r.message]
+    assert len(lost) == 1, [r.message for r in lost]
+    assert lost[0].levelno == logging.WARNING
