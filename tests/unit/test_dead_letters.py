@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -11,7 +15,7 @@ from workflows.adapters.csv_export import CsvExporter
 from workflows.domain.errors import DependencyUnavailable
 from workflows.domain.model import Workflow
 from workflows.entrypoints.config import Settings
-from workflows.entrypoints.container import Container
+from workflows.entrypoints.container import Container, sweep_dead_letters
 
 
 class PoisonExporter(CsvExporter):
@@ -103,3 +107,38 @@ async def test_bad_dead_lettered_filter_is_422(client: httpx.AsyncClient) -> Non
     response = await client.get("/workflow?dead_lettered=maybe")
     assert response.status_code == 422
     assert response.json()["errors"][0]["pointer"] == "/query/dead_lettered"
+
+
+async def test_a_dead_letter_sweep_skipped_while_the_broker_is_away_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The sweep runs every few seconds: an outage of minutes is one WARNING when it starts
+    and one INFO when it is over, not a line per attempt."""
+    caplog.set_level(logging.INFO, logger="workflows.entrypoints.container")
+    outcomes: list[Exception | None] = [DependencyUnavailable("rabbitmq", "gone")] * 3 + [
+        None,
+        None,
+    ]
+    done = asyncio.Event()
+
+    async def sweep(now: datetime) -> int:
+        outcome = outcomes.pop(0)
+        if not outcomes:
+            done.set()
+        if outcome is not None:
+            raise outcome
+        return 0
+
+    task = asyncio.create_task(sweep_dead_letters(sweep, interval=0.001))
+    await asyncio.wait_for(done.wait(), 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    said = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "workflows.entrypoints.container"
+    ]
+    assert [level for level, _ in said] == ["WARNING", "INFO"]
+    assert "dead-letter sweep skipped: rabbitmq is unavailable: gone" in said[0][1]
+    assert "dead-letter sweep runs again" in said[1][1]

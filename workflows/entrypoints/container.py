@@ -191,7 +191,11 @@ async def running(container: Container) -> AsyncIterator[None]:
             await _start_tolerantly("rabbitmq", broker.start)
             relay_task = asyncio.create_task(container.relay().run(), name="outbox-relay")
             stack.push_async_callback(_cancel, relay_task)
-            sweeper = asyncio.create_task(_sweep_dead_letters(container), name="dead-letters")
+            queue = container.queue()
+            assert isinstance(queue, RabbitMqQueue)
+            sweeper = asyncio.create_task(
+                sweep_dead_letters(queue.sweep_dead_letters), name="dead-letters"
+            )
             stack.push_async_callback(_cancel, sweeper)
         stack.callback(container.exporter().close)  # after the flusher's last flush
         flusher = container.export_flusher()
@@ -205,14 +209,16 @@ async def running(container: Container) -> AsyncIterator[None]:
         yield
 
 
-async def _sweep_dead_letters(container: Container, interval: float = 5.0) -> None:
-    """Carry the broker's dead letters into the repository, every `interval` seconds."""
-    queue = container.queue()
-    assert isinstance(queue, RabbitMqQueue)
+async def sweep_dead_letters(
+    sweep: Callable[[datetime], Awaitable[object]], interval: float = 5.0
+) -> None:
+    """Carry the broker's dead letters into the repository (`sweep`, RabbitMqQueue's),
+    every `interval` seconds; a sweep skipped for an outage is logged when the outage starts
+    and when it is over, not at every attempt."""
     skipped = Outage(log, "dead-letter sweep skipped: %s", "dead-letter sweep runs again")
     while True:
         try:
-            await queue.sweep_dead_letters(utc_now())
+            await sweep(utc_now())
         except DependencyUnavailable as exc:
             skipped.failed(exc)
         else:
