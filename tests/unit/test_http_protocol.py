@@ -17,6 +17,7 @@ import orjson
 import pytest
 import uvicorn
 from prometheus_client import REGISTRY
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
 from tests.support.slow_client import send_slowly
 from workflows.application.outages import Sampled
@@ -158,6 +159,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return
+    if path == "/watch":  # what its second receive says: its client leaving
+        await receive()
+        WATCHED.append((await receive())["type"])
+        return
     if path == "/empty":
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -169,6 +174,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 BIG = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the sockets' buffers hold
+WATCHED: list[str] = []
 
 
 @contextlib.asynccontextmanager
@@ -462,8 +468,21 @@ async def test_a_refused_head_followed_by_unreadable_bytes_is_answered_once(
         (b"GET /h HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
         # Refused for its head, then its body cannot be read: still one answer, in its turn.
         (b"POST /h HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", 400),
+        # Targets the parser takes and uvicorn cannot: no answer, an ERROR logged, and the
+        # earlier answer lost (the refusal was taken for a body's, with the wrong cycle).
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET http://a:bad/h HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET http://example.com HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ],
-    ids=["no-host", "unreadable", "too-large", "no-host-then-unreadable"],
+    ids=[
+        "no-host",
+        "unreadable",
+        "too-large",
+        "no-host-then-unreadable",
+        "authority-form",
+        "bad-port",
+        "absolute-form-without-path",
+    ],
 )
 async def test_a_refused_head_pipelined_after_others_is_answered_after_their_answers(
     served: str, caplog: pytest.LogCaptureFixture, bad: bytes, status: int
@@ -883,3 +902,109 @@ async def test_a_consume_whose_client_leaves_before_the_commit_leaves_it_queued(
         assert files_in(container.settings().export_dir) == []  # no file written
         taken = await client.post("/workflow/consume")
         assert (taken.status_code, taken.headers["x-workflow-uuid"]) == (200, uuid)
+
+
+@pytest.fixture
+def most_queued(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The most requests a connection had waiting behind the one being answered, and the
+    largest body read for one of them, after each read the protocol parsed."""
+    seen = {"requests": 0, "body": 0}
+    received = CoalescingHttpToolsProtocol.data_received
+
+    def spied(self: CoalescingHttpToolsProtocol, data: bytes) -> None:
+        received(self, data)
+        seen["requests"] = max(seen["requests"], len(self.pipeline))
+        bodies = [len(cycle.body) for cycle, _ in self.pipeline]
+        seen["body"] = max([seen["body"], *bodies])
+
+    monkeypatch.setattr(CoalescingHttpToolsProtocol, "data_received", spied)
+    return seen
+
+
+async def test_pipelined_requests_wait_unparsed_past_the_limit_and_all_are_answered(
+    served: str, most_queued: dict[str, int]
+) -> None:
+    """20,000 small requests in one send, their answers read only once all is sent. Parsed
+    whole, a read of them queued ~8,000 requests (80 bytes of memory per byte read), and
+    every answer let another read in: ten such clients took a worker to 1.27 GB."""
+    one = b"GET /h HTTP/1.1\r\nHost: x\r\n\r\n"
+    host, port = served.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(one * 20_000 + b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    async with asyncio.timeout(30):
+        answers = await reader.read()
+    writer.close()
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 20_001
+    assert answers.count(b"hello /h") == 20_000
+    assert answers.endswith(b"hello /last")
+    slice_of_requests = http_protocol.FEED_SLICE // len(one) + 1
+    assert 0 < most_queued["requests"] <= http_protocol.PIPELINE_LIMIT + slice_of_requests
+
+
+async def test_the_body_of_a_pipelined_request_is_read_no_further_until_its_turn(
+    served: str, most_queued: dict[str, int]
+) -> None:
+    """Behind 300 requests, a POST of 8 MiB: uvicorn paused reading past 64 KiB of its body,
+    but each earlier answer resumed it, and the body piled up before its app had started
+    (and could refuse it for its size)."""
+    size = 8 * 1024 * 1024
+    post = b"POST /size HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+    earlier = b"GET /h HTTP/1.1\r\nHost: x\r\n\r\n" * 300
+    last = b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = await exchange_raw(served, earlier + post, b"x" * size + last)
+    assert answer.count(b"hello /h") == 300
+    sized, _, last_answer = answer.rpartition(b"HTTP/1.1 200 OK\r\n")
+    assert sized.endswith(b"\r\n\r\n%d" % size)  # the POST's app read all of its body
+    assert last_answer.endswith(b"hello /last")
+    bound = HIGH_WATER_LIMIT + http_protocol.FEED_SLICE
+    assert 0 < most_queued["body"] <= bound, most_queued
+
+
+@pytest.mark.parametrize(
+    ("trailers", "status"),
+    [
+        (b"X-One: 1\r\nX-Two: 2\r\n", 200),  # dropped: the app sees the body alone
+        (b"X: y\r\n" * 20_000, 431),  # 120 KB of short fields: each counted
+        (b"X: " + b"y" * 200_000 + b"\r\n", 431),  # one field httptools gathers whole
+    ],
+    ids=["few", "many", "one-long"],
+)
+async def test_trailer_fields_are_dropped_and_held_to_the_head_limit(
+    served: str, caplog: pytest.LogCaptureFixture, trailers: bytes, status: int
+) -> None:
+    """21 MB of trailer fields took a worker from 70 to 490 MB, and a 40 MB one held the
+    event loop 12 s: neither counted towards MAX_HEAD_BYTES nor the body."""
+    head = b"POST /size HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    chunked = head + b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n"
+    parts = [chunked] + [trailers[i : i + 60_000] for i in range(0, len(trailers), 60_000)]
+    answer = await exchange_raw(served, *parts, b"\r\n", pause=0.05)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    if status == 200:
+        assert answer.endswith(b"\r\n\r\n3")
+    else:
+        problem = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+        assert problem["type"] == "/problems/request-header-fields-too-large"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_request_answered_while_others_wait_learns_its_client_has_gone() -> None:
+    """uvicorn told only the last request read that its client had gone: the one being
+    answered wrote on to the closed transport (with uvloop, an ERROR for each write)."""
+    WATCHED.clear()
+    async with serving(timeout_graceful_shutdown=1) as url:
+        await _leave_while_answered(url)
+    assert WATCHED == ["http.disconnect"]
+
+
+async def _leave_while_answered(url: str) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /watch HTTP/1.1\r\nHost: x\r\n\r\nGET /h HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    async with asyncio.timeout(5):
+        while not WATCHED:  # noqa: ASYNC110 (the app's own record)
+            await asyncio.sleep(0.01)

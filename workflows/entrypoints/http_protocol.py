@@ -26,6 +26,7 @@ from typing import Any
 
 import httptools
 import orjson
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from workflows.entrypoints.security import with_defaults
@@ -109,6 +110,28 @@ BODY_MIN_RATE = 17_476
 on average since its headers is not late, however long it takes. So a larger
 MAX_BODY_BYTES gets the time it needs over the same link, where a fixed BODY_TIMEOUT would
 refuse every body over 1 MiB from a client on such a link."""
+
+
+PIPELINE_LIMIT = 32
+"""Requests a connection may have waiting, parsed, behind the one being answered (HTTP/1.1
+pipelining): past it, what was read waits unparsed and nothing more is read until an
+answer makes room."""
+FEED_SLICE = 16 * 1024
+"""Bytes parsed at a time from one read, so that a read of many small pipelined requests
+stops near PIPELINE_LIMIT: at most ~550 requests of 30 bytes past it, not the ~8,000 of a
+256 KiB read."""
+
+
+class HeldFlowControl(FlowControl):
+    """uvicorn's flow control, whose `resume_reading` does nothing while the connection is
+    `held`: uvicorn resumes reading at each answer's end and at each `receive` of an app,
+    whatever waits behind them."""
+
+    held = False
+
+    def resume_reading(self) -> None:
+        if not self.held:
+            super().resume_reading()
 
 
 HOST = re.compile(
@@ -213,7 +236,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: tuple[int, str] | None = None
         # The head of an `Upgrade` request without its `Upgrade`, to be parsed again.
         self._replay: bytes | None = None
+        # Read but not yet parsed, while the connection is held (`_backlogged`), else None.
+        self._unparsed: bytearray | None = None
+        self._trailer_bytes = 0  # of the current request's chunked body
+        self._unbodied = 0  # bytes read since its body last grew: framing, trailers
+        self._running: Any = None  # the request whose app was started last
         super().connection_made(coalescing)
+        self.flow = HeldFlowControl(coalescing)
         # A new connection is idle until its first bytes: closed after the keep-alive
         # timeout (IDLE_TIMEOUT), as one is after an answer; its first bytes cancel the
         # timer, as a next request's do.
@@ -226,9 +255,69 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        if self._unparsed is not None:  # held: parsed when answers have made room
+            self._unparsed += data
+            return
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """Parse what was read, FEED_SLICE bytes at a time when there is more: after each,
+        when the connection is `_backlogged`, the rest waits unparsed and reading stops
+        until an answer makes room (`on_response_complete`). Parsed whole, one read of
+        1.5 MB of pipelined requests queued 50,000 of them (80 bytes of memory for each
+        byte read), and each answer let another read in: ten such clients took a worker
+        from 74 MB to 1.27 GB."""
+        if len(data) <= FEED_SLICE:  # nearly every read
+            self._received(data)
+            if self._backlogged():
+                self._hold()
+            return
+        view = memoryview(data)
+        while len(view) > FEED_SLICE:
+            self._received(view[:FEED_SLICE])
+            view = view[FEED_SLICE:]
+            if self._backlogged():
+                self._unparsed = bytearray(view)
+                self._hold()
+                return
+        self._received(view)
+        if self._backlogged():
+            self._hold()
+
+    def _backlogged(self) -> bool:
+        """PIPELINE_LIMIT requests wait behind the one being answered, or the body of the
+        last of them (not yet read by its app, which has not started) is over uvicorn's
+        HIGH_WATER_LIMIT: uvicorn's own pause lasted only until the answer before it."""
+        pipeline = self.pipeline
+        return bool(pipeline) and (
+            len(pipeline) >= PIPELINE_LIMIT or len(self.cycle.body) > HIGH_WATER_LIMIT
+        )
+
+    def _hold(self) -> None:
+        flow: HeldFlowControl = self.flow  # type: ignore[assignment]
+        flow.held = True
+        flow.pause_reading()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's (start the next queued request, or arm the keep-alive timeout), then,
+        when the connection was held, parse what waited, and read again unless it is
+        still backlogged."""
+        super().on_response_complete()
+        flow: HeldFlowControl = self.flow  # type: ignore[assignment]
+        if not flow.held or self.transport.is_closing() or self._backlogged():
+            return
+        flow.held = False
+        unparsed, self._unparsed = self._unparsed, None
+        if unparsed is not None:
+            self._take(bytes(unparsed))
+        if not flow.held:
+            flow.resume_reading()
+
+    def _received(self, data: bytes | memoryview) -> None:
         if self._refused:
             return  # read and dropped until the client has the answer and closes
-        if not self._head_done:
+        in_body, body_before = self._head_done, self._body_received
+        if not in_body:
             self._head_bytes += len(data)
         self._ended = None
         self._feed(data)
@@ -236,6 +325,15 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_head(*self._refusal)
             return
         if self._head_done:  # the headers are in, the body is still coming
+            if in_body and self._body_received == body_before:
+                # Not a byte of body in this read: chunk framing or trailer fields, which
+                # httptools gathers whole (a 40 MB trailer line held the loop 12 s).
+                self._unbodied += len(data)
+                if self._unbodied > MAX_HEAD_BYTES:
+                    self._refuse_body(431, _TRAILERS)
+                    return
+            else:
+                self._unbodied = 0
             self._body_read()
             return
         if self._ended is not None:  # a request ended in this read
@@ -272,7 +370,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             and not self.transport.is_closing()
         )
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         """uvicorn's `data_received`, without its two WARNINGs, each a line any client could
         have logged for every request: "Invalid HTTP request received." (the `400` is
         counted and logged once per 10 s, as the server's other refusals), and
@@ -347,10 +445,31 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._replay = b"".join(head) + b"\r\n"
             return
         self._head_done, self._head_bytes, self._body_received = True, 0, 0
+        self._trailer_bytes = self._unbodied = 0
+        try:
+            super().on_headers_complete()
+        except (httptools.HttpParserInvalidURLError, AttributeError, UnicodeDecodeError) as exc:
+            # Its target cannot be read (`httptools.parse_url`: `CONNECT host:port`,
+            # `http://a:bad/`, an absolute form with no path): before any cycle is made.
+            # Raised out of the parser, it was taken for a body's framing, with no cycle
+            # or an earlier request's: no answer, an ERROR logged, the earlier answer lost.
+            self._head_done = False
+            self._refusal = (400, f"the request target cannot be read: {_target(exc)}")
+            return
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        super().on_headers_complete()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_done:
+            super().on_header(name, value)
+            return
+        # A trailer field of a chunked body (RFC 9112 7.1.2): dropped, as RFC 9110 6.5.1
+        # lets a recipient (uvicorn added each to the request's headers, which the app had
+        # read already), but counted: 21 MB of them took a worker from 70 to 490 MB.
+        self._trailer_bytes += len(name) + len(value) + 4
+        if self._trailer_bytes > MAX_HEAD_BYTES:
+            self._refuse_body(431, _TRAILERS)
 
     def on_body(self, body: bytes) -> None:
         if self._refusal is None:
@@ -370,8 +489,19 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timers()
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            # Answering while later requests wait (pipelined): uvicorn tells only the last
+            # of them that its client is gone, and this one's answer was written to the
+            # closed transport, an ERROR with uvloop's traceback ("the handler is closed").
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
 
     def _stop_timers(self) -> None:
@@ -441,6 +571,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._unparsed is not None:  # the rest of it was read, and waits to be parsed
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+            return
         if not self._head_done and not self.transport.is_closing():
             self._refuse_head(
                 408, f"the request's headers did not arrive within {HEAD_TIMEOUT:g} s"
@@ -605,6 +738,18 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True
         self.transport.write_eof()
         self.loop.call_later(REFUSED_LINGER, self.transport.close)
+
+
+_TRAILERS = f"the request's trailer fields (or chunk extensions) exceed {MAX_HEAD_BYTES} bytes"
+
+
+def _target(exc: Exception) -> str:
+    """What is wrong with a request target that uvicorn could not take apart."""
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return "it is not in origin, absolute or asterisk form with a valid host and port"
+    if isinstance(exc, UnicodeDecodeError):
+        return "its path is not ASCII"
+    return "its absolute form has no path"  # uvicorn: `None.decode`
 
 
 REFUSED_LINGER = 1.0
