@@ -266,3 +266,51 @@ async def test_a_replay_racing_a_prune_either_wins_whole_or_finds_the_workflow_g
         stored = await repository.get(uuid)
         assert stored is not None
         assert stored.status is WorkflowStatus.INSERTED
+
+
+async def test_a_patch_that_changes_nothing_takes_no_lock_and_a_change_waits_for_one(
+    pg: PostgresDatabase,
+) -> None:
+    """A PATCH to the status a workflow has locked its row all the same: a consume at that
+    moment passed over it (SKIP LOCKED), a 204 with it queued. Here another session holds a
+    share lock on the row, as a lock no PATCH may take while it is held: the PATCH that
+    changes nothing answers at once; the one that changes the status waits for it."""
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    workflow = make()
+    await repository.add(workflow)
+    async with pg.pool.connection() as other, other.transaction():
+        await other.execute("SELECT FROM workflows WHERE uuid = %s FOR SHARE", (workflow.uuid,))
+        unchanged = await asyncio.wait_for(
+            repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, T0 + HOUR), 2
+        )
+        assert unchanged is not None
+        assert not unchanged.changed
+        assert unchanged.workflow == workflow
+        change = asyncio.create_task(
+            repository.set_status(workflow.uuid, WorkflowStatus.CONSUMED, T0 + HOUR)
+        )
+        await asyncio.sleep(0.3)
+        assert not change.done()  # waits for the share lock
+    changed = await asyncio.wait_for(change, 5)
+    assert changed is not None
+    assert changed.changed
+    assert changed.workflow.status is WorkflowStatus.CONSUMED
+    assert await queue.consume(lambda w: asyncio.sleep(0), T0) is None
+
+
+async def test_a_patch_that_changes_nothing_does_not_hide_its_workflow_from_a_consume(
+    pg: PostgresDatabase,
+) -> None:
+    """The audit's race, many times over: a PATCH to `inserted` of the one queued workflow
+    beside a consume; the consume takes it every time."""
+    repository, queue = PostgresWorkflowRepository(pg.pool, outbox=False), PostgresQueue(pg.pool)
+    taken = 0
+    for _ in range(40):
+        workflow = make()
+        await repository.add(workflow)
+        _, consumed = await asyncio.gather(
+            repository.set_status(workflow.uuid, WorkflowStatus.INSERTED, T0 + HOUR),
+            queue.consume(lambda w: asyncio.sleep(0), T0 + HOUR),
+        )
+        taken += consumed is not None and consumed.uuid == workflow.uuid
+    assert taken == 40

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import LiteralString
 from uuid import UUID
 
 from psycopg import AsyncCursor, sql
@@ -80,7 +81,12 @@ PURGE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= %s"
 
 GET = f"SELECT {COLUMNS} FROM workflows WHERE uuid = %s"
 GET_MANY = f"SELECT {COLUMNS} FROM workflows WHERE uuid = ANY(%b::uuid[])"
-LOCK = f"{GET} FOR UPDATE"
+# A PATCH locks its row only to change it (a status it does not have, or a dead letter's
+# revival or retirement): a PATCH that changed nothing locked it all the same, and a consume
+# at that moment (SKIP LOCKED) passed over a queued workflow: a 204 with it queued, or a
+# newer one taken first. After waiting for another's lock, PostgreSQL checks the condition
+# again on the row as that transaction left it (READ COMMITTED).
+LOCK_TO_CHANGE = f"{GET} AND (status <> %s OR dead_lettered_at IS NOT NULL) FOR UPDATE"
 # At start-up (ExportFlusher), on workflows_consumed_idx.
 CONSUMED_SINCE = "SELECT uuid FROM workflows WHERE status = 'consumed' AND updated_at >= %s"
 # `workflows prune`: consumed before a time (on workflows_consumed_idx), the oldest first,
@@ -307,12 +313,15 @@ class PostgresWorkflowRepository(WorkflowRepository):
         self, uuid: UUID, status: WorkflowStatus, now: datetime
     ) -> StatusChange | None:
         async with transaction(self._pool) as conn:
-            row = await (await conn.execute(LOCK, (uuid,))).fetchone()
-            if row is None:
-                return None
+            while (row := await _one_or_none(conn, LOCK_TO_CHANGE, (uuid, status.value))) is None:
+                # Nothing to change, or no such workflow: read as it is, unlocked; unless
+                # another transaction changed it in between, then lock it to change it.
+                if (row := await _one_or_none(conn, GET, (uuid,))) is None:
+                    return None
+                current = as_workflow(row)
+                if current.status is status and current.dead_lettered_at is None:
+                    return StatusChange(current, changed=False)
             current = as_workflow(row)
-            if current.status is status and current.dead_lettered_at is None:
-                return StatusChange(current, changed=False)
             changed = await _set_state(conn, current.with_status(status, now))
             if self._outbox and status is WorkflowStatus.INSERTED:
                 await conn.execute(INSERT_OUTBOX, (uuid,))
@@ -340,6 +349,12 @@ async def _set_state(conn: Connection, workflow: Workflow) -> Workflow:
         workflow.uuid,
     )
     return await _one(await conn.execute(SET_STATE, params))
+
+
+async def _one_or_none(
+    conn: Connection, query: LiteralString, params: Sequence[object]
+) -> TupleRow | None:
+    return await (await conn.execute(query, params)).fetchone()
 
 
 async def _one(cursor: AsyncCursor[TupleRow]) -> Workflow:
