@@ -4,11 +4,16 @@ pointed at before `workflows migrate`): /readyz says so, and /metrics still answ
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
+from workflows.entrypoints import cli
 from workflows.entrypoints.container import Container
 
 
@@ -43,3 +48,43 @@ async def test_without_its_table_readyz_is_not_ready_and_metrics_leave_its_figur
     assert (await client.get("/readyz")).json()["status"] in {"ready", "degraded"}
     assert "workflows_dead_letters 0.0" in (await client.get("/metrics")).text
     assert any(r.getMessage().startswith("dead letters read again") for r in caplog.records)
+
+
+@pytest.fixture
+def unmigrated(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own that was never migrated."""
+    name = f"workflows_unmigrated_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield str(psycopg.conninfo.make_conninfo(postgres_server_url, dbname=name))
+    finally:
+        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["stats"], ["stats", "--json"], ["prune", "--workflows-older-than", "1d"]],
+    ids=["stats", "stats-json", "prune"],
+)
+def test_a_command_on_a_database_never_migrated_says_so_in_one_line(
+    unmigrated: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    """`stats` printed the figures it could read, then a traceback (UndefinedTable)."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("DATABASE_URL", unmigrated)
+    monkeypatch.setenv("QUEUE_BACKEND", "postgres")
+    monkeypatch.setenv("EXPORT_DIR", str(tmp_path / "exports"))
+    assert cli.main(command) == 1
+    said = capsys.readouterr()
+    assert said.out == ""
+    lines = said.err.splitlines()
+    assert lines[-1].startswith(
+        "workflows: database is unavailable: its schema is missing (run `workflows migrate`)"
+    )
+    assert "Traceback" not in said.err

@@ -134,12 +134,17 @@ def test_an_empty_commit_is_the_checkouts(
 def test_the_relay_with_an_unreachable_database_is_one_line_and_status_1(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """It ran for ever, logging the pool's retries."""
+    """It ran for ever, logging the pool's retries; then it logged six of the pool's
+    WARNINGs on stdout before its line (`stats`, `prune`, `migrate` said nothing more)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres:pw@127.0.0.1:1/x?connect_timeout=1")
     monkeypatch.setenv("RABBITMQ_URL", "amqp://unused:unused@127.0.0.1:1/%2F")
+    monkeypatch.setenv("LOG_FORMAT", "text")
     assert cli.main(["relay"]) == 1
-    one_line(capsys, "workflows: database is unavailable")
+    said = capsys.readouterr()
+    assert "psycopg.pool" not in said.out, said.out
+    assert said.err.startswith("workflows: database is unavailable"), said.err
+    assert said.err.count("\n") == 1
 
 
 def one_line(capsys: pytest.CaptureFixture[str], start: str) -> None:

@@ -217,3 +217,28 @@ def test_a_retention_is_an_age_or_nothing(name: str) -> None:
     assert getattr(Settings.from_env({name: "30d"}), name.lower()) == timedelta(days=30)
     with pytest.raises(ConfigError, match=f"{name}: '30' is not an age"):
         Settings.from_env({name: "30"})
+
+
+@pytest.mark.parametrize("backend", ["postgres", "rabbitmq"])
+def test_exports_alone_are_pruned_without_a_database_url(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    backend: str,
+) -> None:
+    """README: `--exports-older-than` needs no database. Without DATABASE_URL the command
+    built the PostgreSQL repository all the same, and ended in a traceback."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("QUEUE_BACKEND", backend)
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:1/%2F")
+    (tmp_path / "exports").mkdir()
+    monkeypatch.setenv("EXPORT_DIR", str(tmp_path / "exports"))
+    old = tmp_path / "exports" / f"{uuid7()}.csv"
+    old.write_text("a\n")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert cli.main(["prune", "--exports-older-than", "1h", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("exports    would delete 1 files")
+    assert cli.main(["prune", "--exports-older-than", "1h"]) == 0
+    assert not old.exists()
+    assert not (tmp_path / "var").exists(), "no embedded database either"

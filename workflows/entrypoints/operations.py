@@ -24,10 +24,12 @@ from typing import Any
 import attrs
 import orjson
 
+from workflows.adapters.memory import InMemoryWorkflowRepository
+from workflows.adapters.postgres.database import ping_database
 from workflows.adapters.postgres.stats import OutboxBacklog, PostgresStats
 from workflows.adapters.rabbitmq.peek import QueueMissing, queue_depth
 from workflows.application.outages import Outage
-from workflows.application.pruning import Pruned
+from workflows.application.pruning import Pruned, PruneWorkflows
 from workflows.domain.errors import DependencyUnavailable
 from workflows.entrypoints.config import ConfigError, Settings, age_text, parse_age
 from workflows.entrypoints.container import Container, running
@@ -150,6 +152,9 @@ async def _gather_stats(settings: Settings) -> dict[str, Any]:
         database = container.database()
         stack.push_async_callback(database.stop)
         await database.start()
+        # A database never migrated: one line, as an unreachable one (not the figures it
+        # can read, then a traceback for the first it cannot).
+        await ping_database(container.pool(), schema=True)
         snap = await snapshot(container, functools.partial(_peek_depth, settings))
         by_status = await _stats(container).counts_by_status()
         oldest = await _stats(container).oldest_consumed()
@@ -240,13 +245,19 @@ async def _prune(
 ) -> Pruned:
     container = Container(settings=settings)
     async with AsyncExitStack() as stack:  # the database only, and only for workflows
-        if workflows_older_than is not None:
+        exporter = container.exporter()
+        stack.callback(exporter.close)
+        if workflows_older_than is None:
+            # Exports alone: no repository is asked anything, and none is made (without
+            # DATABASE_URL, the container's would fail to build: a traceback).
+            pruning = PruneWorkflows(InMemoryWorkflowRepository(), exporter, container.clock())
+        else:
             database = container.database()
             stack.push_async_callback(database.stop)
             await database.start()
-        exporter = container.exporter()
-        stack.callback(exporter.close)
-        return await container.prune_workflows()(
+            await ping_database(container.pool(), schema=True)
+            pruning = container.prune_workflows()
+        return await pruning(
             workflows_older_than=workflows_older_than,
             exports_older_than=exports_older_than,
             dry_run=dry_run,
@@ -264,9 +275,13 @@ async def _relay(settings: Settings) -> None:
     # Unreachable at start: one line and status 1, as every command (not a relay that
     # retries for ever); once running, it rides out an outage like the service.
     probe = Container(settings=settings).database()
+    pool_log = logging.getLogger("psycopg.pool")
+    level = pool_log.level
+    pool_log.setLevel(logging.ERROR)  # not a WARNING at each of the pool's attempts first
     try:
         await probe.start()
     finally:
+        pool_log.setLevel(level)
         await probe.stop()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
