@@ -168,7 +168,9 @@ export_env_file() {  # every NAME=value of .env not already in the environment, 
 
 build_image() {  # sets API_IMAGE to a fresh local tag, so each deploy rolls the API
   local commit
-  commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo dev)
+  # A tag that names this build: a fixed one ("dev", when git could not say) left the
+  # service spec unchanged, and Swarm kept the old containers running.
+  commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "nogit-$(date +%s)")
   if [ -n "$(git -C "$ROOT" status --porcelain 2>/dev/null)" ]; then
     commit="$commit-dirty-$(date +%s)"
   fi

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -113,3 +119,42 @@ def test_failed_migration_rolls_back_whole_and_unrecorded(
     monkeypatch.setattr(migrations_module, "_migrations", lambda: iter([*real, fixed]))
     assert migrate(empty_database) == ["9001_fixed"]
     assert table_exists(empty_database, "half_done")
+
+
+def test_serve_stopped_while_it_waits_to_migrate_exits_at_once(
+    empty_database: str, tmp_path: Path
+) -> None:
+    """Another process holds the migration lock; `serve`, waiting for it, gets SIGTERM. With
+    no handler of its own until uvicorn's, as PID 1 in a container it ignored the signal and
+    `docker stop` waited for its SIGKILL; it now stops, status 143, and serves nothing."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": empty_database,
+        "QUEUE_BACKEND": "postgres",
+        "EXPORT_DIR": str(tmp_path / "exports"),
+        "PORT": "0",
+        "LOG_FORMAT": "text",
+    }
+    with psycopg.connect(empty_database, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrations_module.LOCK_KEY,))
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "workflows", "serve"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            deadline = time.monotonic() + 30
+            while holder.execute(waiting).fetchone() != (1,):  # it waits for the lock
+                assert time.monotonic() < deadline, "serve never asked for the lock"
+                time.sleep(0.05)
+            serve.send_signal(signal.SIGTERM)
+            said, _ = serve.communicate(timeout=10)
+        finally:
+            serve.kill()
+    assert serve.returncode == 143, said
+    assert "stopped by signal 15 before serving" in said
+    assert "Uvicorn running" not in said

@@ -160,7 +160,20 @@ def _migrate_and_serve(settings: Settings, args: argparse.Namespace, host: str) 
     if settings.queue_backend != "memory":
         url = _database_url(settings)
         os.environ["DATABASE_URL"] = url
-        applied = migrate(url)
+        # Stopped while it migrates (or waits for another process's migration lock): as
+        # PID 1 in a container, with no handler of its own, the kernel dropped SIGTERM and
+        # `docker stop` waited for its SIGKILL. A migration's transaction is rolled back.
+        previous = {
+            signum: signal.signal(signum, _stop_before_serving)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            applied = migrate(url)
+        except _Stopped as stopped:
+            log.info("stopped by signal %d before serving", stopped.signum)
+            return 128 + stopped.signum
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         log.info("database: %s (migrations applied now: %d)", _redact(url), len(applied))
     log.info("queue backend: %s", settings.queue_backend)
     log.info("API tokens: %d configured", len(settings.api_tokens))
@@ -186,6 +199,19 @@ def _migrate_and_serve(settings: Settings, args: argparse.Namespace, host: str) 
         log_config=logging_config(settings.log_level, settings.log_format, args.access_log),
     )
     return 0
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT before `serve` serves (a BaseException: no `except Exception` on the
+    way out takes it for a failure of its own)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
 
 
 def _port(text: str) -> int:
