@@ -201,3 +201,29 @@ async def test_repair_rewrites_a_torn_file_durably_and_leaves_others_alone(
     for item in (torn, empty, whole):
         assert (tmp_path / f"{item.uuid}.csv").read_bytes() == b"a\r\n1\r\n"
     assert not (tmp_path / f"{missing.uuid}.csv").exists(), "maybe another replica's: not made"
+
+
+async def test_with_every_file_fsynced_each_flush_moves_the_marker_on(
+    tmp_path: Path, events: Events
+) -> None:
+    """EXPORT_FLUSH_INTERVAL=0 after a run with flush-behind (the marker there): the marker
+    moved only once per start, so each start checked every workflow consumed since the
+    previous one (an audit: 6,000 consumes, 3 s before the process served)."""
+    clock = WallClock(NOW)
+    exporter = CsvExporter(tmp_path, flush_behind=False, wall_clock=clock)
+    (tmp_path / MARKER).write_text((NOW - timedelta(days=1)).isoformat() + "\n")
+    assert await exporter.unflushed_since() is not None  # the start's recovery reads it
+    await exporter.flush()  # ...and its first flush covers what the last process left
+    assert marker_time(tmp_path) == NOW
+    for step in (1, 2):
+        clock.now += 10
+        item = workflow()
+        await exporter.write(item, b"a\r\n", NOW)
+        assert events[-1] == f"fsync {item.uuid}.csv"
+        await exporter.flush()
+        assert events[-1] == f"fsync {MARKER}", "no syncfs: each file was fsynced"
+        assert marker_time(tmp_path) == NOW + timedelta(seconds=10 * step)
+    clock.now += 10
+    await exporter.flush()  # nothing written since: the marker stays
+    assert marker_time(tmp_path) == NOW + timedelta(seconds=20)
+    assert "syncfs" not in events[1:]
