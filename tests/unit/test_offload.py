@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from starlette.requests import ClientDisconnect
 
 from workflows.adapters import offload as offload_module
 from workflows.adapters.csv_export import CsvExporter
@@ -125,3 +126,47 @@ def test_a_forked_child_starts_a_thread_of_its_own(monkeypatch: pytest.MonkeyPat
     offload_module._forget_in_child()  # what os.register_at_fork runs in a child
     assert offload_module._executor is None
     assert asyncio.run(offload(lambda: 2)) == 2
+
+
+async def test_work_whose_caller_no_longer_wants_it_when_its_turn_comes_never_runs() -> None:
+    """uvicorn cancels no request whose client has gone: its body's parse was done all the
+    same (an audit's 40 bodies of 800 KB from clients that left held the thread 20 s)."""
+    first, unwanted = Held(), Held()
+    asked: list[str] = []
+
+    async def gone() -> bool:
+        asked.append("gone")
+        return False
+
+    async def there() -> bool:
+        asked.append("there")
+        return True
+
+    running = asyncio.create_task(offload(first))
+    assert await asyncio.to_thread(first.started.wait, WAIT)
+    skipped = asyncio.create_task(offload(unwanted, wanted=gone))
+    kept = asyncio.create_task(offload(lambda: "kept", wanted=there))
+    await asyncio.sleep(0.05)
+    assert asked == [], "asked when its turn comes, not when it is queued"
+    first.release.set()
+    await running
+    with pytest.raises(offload_module.Unwanted):
+        await skipped
+    assert await kept == "kept"
+    assert asked == ["gone", "there"]
+    assert not unwanted.started.is_set()
+
+
+async def test_a_large_body_whose_client_has_gone_is_not_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed: list[bytes] = []
+    monkeypatch.setattr(schemas, "parse_new_workflow", parsed.append)
+    body = orjson.dumps({"data": {"k": "v" * schemas.PARSE_ON_LOOP_MAX}})
+
+    async def gone() -> bool:
+        return False
+
+    with pytest.raises(ClientDisconnect):
+        await schemas.read_new_workflow(body, gone)
+    assert parsed == []

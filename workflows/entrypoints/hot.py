@@ -149,7 +149,14 @@ class HotRoutes:
         body = await receive_json_body(
             receive, types, _text(headers.get(b"content-length")) or "", self.limit, codings=codings
         )
-        data, steps = await schemas.read_new_workflow(body)
+        if len(body) <= schemas.PARSE_ON_LOOP_MAX:
+            data, steps = schemas.parse_new_workflow(body)
+        else:
+            client = _ClientWatch(receive)
+            try:
+                data, steps = await schemas.read_new_workflow(body, client.still_wanted)
+            finally:
+                client.close()
         created = await self.container.create_workflow()(data, steps, key)
         workflow = created.workflow
         rendered = rendering.render_workflow(workflow)

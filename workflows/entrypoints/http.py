@@ -77,7 +77,12 @@ class WorkflowCollection(HTTPEndpoint):
         no_query(request.scope.get("query_string", b""))
         sent = request.headers.getlist("idempotency-key")
         key = schemas.parse_idempotency_key(sent[0] if sent else None, len(sent))
-        data, steps = await schemas.read_new_workflow(await read_json_body(request))
+        body = await read_json_body(request)
+
+        async def still_wanted() -> bool:
+            return not await request.is_disconnected()
+
+        data, steps = await schemas.read_new_workflow(body, still_wanted)
         created = await container_of(request).create_workflow()(data, steps, key)
         workflow = created.workflow
         # The scope's path, not request.url: building a URL object costs more than the rest.

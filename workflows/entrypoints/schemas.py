@@ -9,6 +9,7 @@ receives values that are already known to be good.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -16,9 +17,10 @@ import attrs
 import cattrs
 import simplejson
 from simplejson import RawJSON
+from starlette.requests import ClientDisconnect
 
 from workflows.adapters.csv_export.render import CsvTooLarge, check_csv_cells
-from workflows.adapters.offload import offload
+from workflows.adapters.offload import Unwanted, offload
 from workflows.domain.model import JsonDocument, WorkflowStatus
 from workflows.entrypoints.fast_parse import parse_new_workflow_fast
 from workflows.entrypoints.json_values import MAX_PROBLEMS, check_data, check_string, parse_json
@@ -78,11 +80,17 @@ the process's one thread for such work (`adapters/offload.py`), shared with larg
 renders: large POSTs at once are parsed one after another."""
 
 
-async def read_new_workflow(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]:
-    """`parse_new_workflow`, in a thread for a body over PARSE_ON_LOOP_MAX."""
+async def read_new_workflow(
+    body: bytes, still_wanted: Callable[[], Awaitable[bool]] | None = None
+) -> tuple[JsonDocument, tuple[str, ...]]:
+    """`parse_new_workflow`, in a thread for a body over PARSE_ON_LOOP_MAX, unless its
+    client has gone when its turn comes (`still_wanted`): ClientDisconnect."""
     if len(body) <= PARSE_ON_LOOP_MAX:
         return parse_new_workflow(body)
-    return await offload(parse_new_workflow, body)
+    try:
+        return await offload(parse_new_workflow, body, wanted=still_wanted)
+    except Unwanted:
+        raise ClientDisconnect from None
 
 
 def parse_new_workflow(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]:
