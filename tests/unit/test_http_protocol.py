@@ -159,6 +159,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return
+    if path == "/hang":  # answers nothing until cancelled
+        await asyncio.Event().wait()
     if path == "/watch":  # what its second receive says: its client leaving
         await receive()
         WATCHED.append((await receive())["type"])
@@ -175,6 +177,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 BIG = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the sockets' buffers hold
 WATCHED: list[str] = []
+
+
+_SERVERS: list[uvicorn.Server] = []  # every server `serving` started, for a test to stop
 
 
 @contextlib.asynccontextmanager
@@ -194,6 +199,7 @@ async def serving(served_app: Any = app, **options: Any) -> AsyncIterator[str]:
         **options,
     )
     server = uvicorn.Server(config)
+    _SERVERS.append(server)
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):
         while not server.started:  # noqa: ASYNC110 (uvicorn has no started event)
@@ -1008,3 +1014,40 @@ async def _leave_while_answered(url: str) -> None:
     async with asyncio.timeout(5):
         while not WATCHED:  # noqa: ASYNC110 (the app's own record)
             await asyncio.sleep(0.01)
+
+
+async def test_a_request_cancelled_at_the_graceful_timeout_is_a_503_problem_not_a_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At a rolling update, a request still running when `--graceful-timeout` ran out got
+    uvicorn's bare 500 `text/plain`, and an ERROR with a traceback was logged."""
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # it does not propagate to caplog's
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        answer = await _cancelled_at_shutdown()
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+    assert b"retry-after: 1" in head
+    assert b"content-type: application/problem+json" in head
+    assert orjson.loads(body)["type"] == "/problems/service-unavailable"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [e for e in errors if not e.startswith("Cancel 1 running task(s)")] == []
+    assert any("cancelled a request at the graceful" in r.getMessage() for r in caplog.records)
+
+
+async def _cancelled_at_shutdown() -> bytes:
+    async with serving(timeout_graceful_shutdown=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        server = next(s for s in _SERVERS if s.config.port == int(port))
+        server.should_exit = True
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+    return answer

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import logging
 import random
 import re
 import sys
@@ -89,6 +91,8 @@ class CoalescingTransport:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
+
+log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
 """A request's line and headers together: more is a 431 (httptools sets no limit of its
@@ -489,6 +493,17 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
+    def shutdown(self) -> None:
+        """uvicorn's (close when idle, else after the answer under way), and the request
+        being answered, if the graceful timeout runs out before its answer and uvicorn
+        cancels it, answers a 503 problem and logs one INFO line: it answered a bare 500
+        `text/plain` and logged an ERROR with a traceback (an audit, at a rolling update)."""
+        running = self._running
+        if running is not None and not running.response_complete:
+            running.send_500_response = functools.partial(_answer_cancelled, running)
+            running.logger = _CancelledAtShutdown(running.logger)
+        super().shutdown()
+
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._running = cycle
         super()._start_asgi_task(cycle, app)
@@ -750,6 +765,45 @@ def _target(exc: Exception) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return "its path is not ASCII"
     return "its absolute form has no path"  # uvicorn: `None.decode`
+
+
+async def _answer_cancelled(cycle: Any) -> None:
+    body = orjson.dumps(
+        {
+            "type": "/problems/service-unavailable",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "the server stopped before this request was answered: it may or may"
+            " not have taken effect; retry it (a POST with its Idempotency-Key)",
+        }
+    )
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await cycle.send(
+        {"type": "http.response.start", "status": 503, "headers": with_defaults("/", headers)}
+    )
+    await cycle.send({"type": "http.response.body", "body": body})
+
+
+class _CancelledAtShutdown:
+    """A request's logger once its server shuts down: uvicorn's cancellation of it at the
+    graceful timeout is one INFO line, not an ERROR with its traceback."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def error(self, msg: str, *args: object, exc_info: object = None, **kwargs: Any) -> None:
+        if isinstance(exc_info, asyncio.CancelledError):
+            log.info("cancelled a request at the graceful shutdown timeout: answered 503")
+        else:
+            self._logger.error(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
 
 
 REFUSED_LINGER = 1.0
