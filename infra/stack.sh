@@ -166,6 +166,18 @@ export_env_file() {  # every NAME=value of .env not already in the environment, 
   done <"$ENV_FILE"
 }
 
+ensure_data_node() {  # PostgreSQL and RabbitMQ run on the one node labelled for their volumes
+  local labelled
+  labelled=$(docker node ls --quiet --filter node.label=workflows.data=true | wc -l)
+  if [ "$labelled" -eq 0 ]; then
+    say "labelling this node workflows.data=true: PostgreSQL and RabbitMQ (and their volumes) stay on it"
+    docker node update --label-add workflows.data=true "$(docker info --format '{{.Swarm.NodeID}}')" >/dev/null
+  elif [ "$labelled" -gt 1 ]; then
+    say "error: $labelled nodes have the label workflows.data=true; PostgreSQL's volume is on one of them only" >&2
+    exit 1
+  fi
+}
+
 build_image() {  # sets API_IMAGE to a fresh local tag, so each deploy rolls the API
   local commit
   # A tag that names this build: a fixed one ("dev", when git could not say) left the
@@ -190,6 +202,7 @@ deploy() {
   local tokens_from="in .env"
   [ -z "${API_TOKENS:-}" ] || tokens_from="from the environment"
   ensure_secrets
+  ensure_data_node
   export_env_file
   local args=(--compose-file "$STACK_FILE" --prune)
   if [ -n "${API_IMAGE:-}" ]; then
