@@ -1051,3 +1051,18 @@ async def _cancelled_at_shutdown() -> bytes:
             answer = await reader.read()
         writer.close()
     return answer
+
+
+async def test_a_body_refused_before_its_app_ran_is_counted_on_its_route(
+    container: Container,
+) -> None:
+    """README, Observability: a refusal is counted with the request's method and route once
+    its head was read. A chunked body the parser cannot read, in the read that brought the
+    head, was counted POST and `unmatched`: its app had not run to be asked the routes."""
+    labels = {"method": "POST", "route": "/workflow", "status": "400"}
+    before = REGISTRY.get_sample_value("workflows_http_requests_total", labels) or 0.0
+    bad = b"POST /workflow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with running(container), serving(create_app(container)) as url:
+        answer = await exchange_raw(url, bad + b"2\r\nabcdef\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert REGISTRY.get_sample_value("workflows_http_requests_total", labels) == before + 1

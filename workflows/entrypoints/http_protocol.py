@@ -742,6 +742,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         from workflows.entrypoints import observability
 
         scope: Any = self.scope if self._head_done else None  # uvicorn's HTTPScope: a dict
+        if scope is not None and "app" not in scope:  # refused before its app ran: routed
+            scope["app"] = _routing_app(self.app)  # by the app's routes all the same
         observability.refused(scope, status, detail, rid)
 
     def _end(self) -> None:
@@ -765,6 +767,15 @@ def _target(exc: Exception) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return "its path is not ASCII"
     return "its absolute form has no path"  # uvicorn: `None.decode`
+
+
+def _routing_app(app: Any) -> Any:
+    """The app with `routes` inside uvicorn's wrappers (ProxyHeadersMiddleware...), or None."""
+    for _ in range(8):
+        if app is None or hasattr(app, "routes"):
+            return app
+        app = getattr(app, "app", None)
+    return None
 
 
 async def _answer_cancelled(cycle: Any) -> None:
