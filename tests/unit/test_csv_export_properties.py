@@ -266,3 +266,31 @@ def test_a_csv_over_the_cell_limit_is_refused_by_intake_check_and_render_alike(
                 assert (refused.value.rows, refused.value.columns) == (len(body) + 1, len(header))
             else:
                 check()
+
+
+def test_a_stored_document_whose_header_is_over_the_limit_is_refused_before_its_names() -> None:
+    """A workflow stored before intake checked the header: its render raises at once
+    instead of building names of 20 MB (the audit's 136 KB took 2 GB)."""
+    inner = ",".join(f'"{i:x}":1' for i in range(5_000))
+    text = '{"' + "K" * 4_000 + '": {' + inner + "}}"
+    built: list[str] = []
+    real_child = csv_render._Path.child
+
+    def spy(self: csv_render._Path, key: str) -> csv_render._Path:
+        built.append(key)
+        return real_child(self, key)
+
+    with (
+        mock.patch.object(csv_render._Path, "child", spy),
+        pytest.raises(csv_render.CsvTooLarge, match="bytes of column names"),
+    ):
+        csv_render.render_csv(text)
+    assert built == []
+    with mock.patch.object(csv_render, "MAX_CSV_HEADER_BYTES", 14):  # "a.b" + "a.cc" + ...
+        csv_render.check_csv_cells(
+            b'{"a":{"b":1,"cc":2},"ddddddd":3}', [{"a": {"b": 1, "cc": 2}, "ddddddd": 3}]
+        )
+        with pytest.raises(csv_render.CsvTooLarge):
+            csv_render.check_csv_cells(
+                b'{"a":{"b":1,"cc":2},"dddddddd":3}', [{"a": {"b": 1, "cc": 2}, "dddddddd": 3}]
+            )

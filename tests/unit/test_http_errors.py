@@ -117,6 +117,37 @@ def keys_of_their_own(rows: int, nested: bool = False) -> str:
     return '{"data": [' + ",".join(row % i for i in range(rows)) + "]}"
 
 
+def long_key_over(keys: int, length: int) -> str:
+    """A body whose data is one key of `length` characters holding `keys` keys: a CSV of
+    two lines whose header repeats the long key in each of `keys` column names."""
+    inner = ",".join(f'"{i:x}":1' for i in range(keys))
+    return '{"data": {"' + "K" * length + '": {' + inner + "}}}"
+
+
+async def test_data_whose_csv_header_would_pass_16_mib_is_rejected(
+    client: httpx.AsyncClient,
+) -> None:
+    """An audit's 136 KB of JSON made a 500 MB header (2 GB of a worker's memory to render):
+    two rows, so the cell count saw nothing wrong."""
+    body = long_key_over(5_000, 4_000)  # 39 KB; names of 4,002 to 4,005 bytes: 20 MB
+    response = await client.post("/workflow", content=body, headers=JSON)
+    problem = assert_problem(response, 422, "validation-failed")
+    [only] = problem["errors"]
+    assert only["pointer"] == "/data"
+    assert only["message"].startswith("its CSV export's header would have 20,0")
+    assert only["message"].endswith(
+        "bytes of column names (the keys' paths): more than the 16,777,216 allowed"
+    )
+    await assert_nothing_changed(client)
+    fits = long_key_over(5_000, 3_000)  # 15 MB of names: stored, and its CSV made
+    created = await client.post("/workflow", content=fits, headers=JSON)
+    assert created.status_code == 201
+    csv = await client.get(f"/workflow/{created.json()['uuid']}/csv")
+    header = csv.content.split(b"\r\n", 1)[0]
+    assert 15_000_000 < len(header) <= 16 * 1024 * 1024
+    assert header.count(b",") == 4_999
+
+
 async def test_data_whose_csv_would_pass_ten_million_cells_is_rejected(
     client: httpx.AsyncClient,
 ) -> None:

@@ -24,8 +24,8 @@ docs/csv.md describes the format for users, with examples. Where the contract is
 - A CSV has a cell for every column in every row, so rows that each bring keys of their own
   make it quadratic: 81,500 objects of one distinct key each, 1 MiB of JSON, would be
   6.6 billion cells, gigabytes of commas. A document whose CSV would have more than
-  MAX_CSV_CELLS cells (rows, the header included, times columns) raises CsvTooLarge
-  before any line is written; intake refuses such data (`csv_cells`), so only a workflow
+  MAX_CSV_CELLS cells (rows, the header included, times columns), or a header of more
+  than MAX_CSV_HEADER_BYTES, raises CsvTooLarge before any line is written; intake refuses such data (`csv_cells`), so only a workflow
   stored before that check can meet it.
 """
 
@@ -46,14 +46,29 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _json_string = json.JSONEncoder(ensure_ascii=False).encode
 
 
-class CsvTooLarge(ValueError):
-    """The document's CSV would have more than MAX_CSV_CELLS cells."""
+MAX_CSV_HEADER_BYTES = 16 * 1024 * 1024
+"""Bytes of column names a CSV export's header may have. A name is the path of keys to its
+value, so one long key holding many others repeats in each of their names: 136 KB of JSON
+(a key of 50,000 characters over 10,000 keys) made a 500 MB header, 2 GB of a worker's
+memory to render, and 1 MiB would have made 30 GB; the cell count did not see it."""
 
-    def __init__(self, rows: int, columns: int) -> None:
-        super().__init__(
-            f"its CSV export would have {rows:,} rows (the header included) of {columns:,}"
-            f" columns, {rows * columns:,} cells: more than the {MAX_CSV_CELLS:,} allowed"
-        )
+
+class CsvTooLarge(ValueError):
+    """The document's CSV would have more than MAX_CSV_CELLS cells, or a header of more
+    than MAX_CSV_HEADER_BYTES."""
+
+    def __init__(self, rows: int, columns: int, header_bytes: int = 0) -> None:
+        if header_bytes > MAX_CSV_HEADER_BYTES:
+            message = (
+                f"its CSV export's header would have {header_bytes:,} bytes of column names"
+                f" (the keys' paths): more than the {MAX_CSV_HEADER_BYTES:,} allowed"
+            )
+        else:
+            message = (
+                f"its CSV export would have {rows:,} rows (the header included) of {columns:,}"
+                f" columns, {rows * columns:,} cells: more than the {MAX_CSV_CELLS:,} allowed"
+            )
+        super().__init__(message)
         self.rows = rows
         self.columns = columns
 
@@ -72,6 +87,7 @@ def render_csv(text: str) -> bytes:
     rows = document if isinstance(document, list) else [document]
     if not all(isinstance(row, dict) for row in rows):
         raise ValueError("a CSV export needs a JSON object or an array of objects")
+    check_csv_cells(text, rows)  # before the names are built: a stored document too
     columns = _Columns()
     root = _Path("", "")
     flat_rows = [_flatten(row, root, columns) for row in rows]
@@ -80,42 +96,50 @@ def render_csv(text: str) -> bytes:
     return _utf8(_csv_text(columns.names, flat_rows))
 
 
-def check_csv_cells(text: bytes, rows: list[dict[str, Any]]) -> None:
+def check_csv_cells(text: bytes | str, rows: list[dict[str, Any]]) -> None:
     """Raise CsvTooLarge if the CSV of `rows` (parsed from `text`, the JSON they were read
     from, or a text holding it) would have more than MAX_CSV_CELLS cells.
 
     Cheap for nearly all documents: a row is an object and a column a key, each written
     with a `{` or a `:` in the text (one there may be in a string too), so when those
-    bound the cells no key is walked."""
-    if (text.count(b"{") + 1) * text.count(b":") <= MAX_CSV_CELLS:
+    bound the cells no key is walked. Likewise the header (MAX_CSV_HEADER_BYTES): a column's
+    name is keys of the text joined by dots, at most 64 deep, so no longer than the text
+    and 64 bytes."""
+    if isinstance(text, bytes):
+        colons, braces, longest = text.count(b":"), text.count(b"{"), len(text) + 64
+    else:  # characters: up to 4 bytes each
+        colons, braces, longest = text.count(":"), text.count("{"), 4 * len(text) + 64
+    if (braces + 1) * colons <= MAX_CSV_CELLS and colons * longest <= MAX_CSV_HEADER_BYTES:
         return
-    columns = _count_columns(rows)
-    if (len(rows) + 1) * columns > MAX_CSV_CELLS:
-        raise CsvTooLarge(len(rows) + 1, columns)
+    columns, header_bytes = _count_columns(rows)
+    if (len(rows) + 1) * columns > MAX_CSV_CELLS or header_bytes > MAX_CSV_HEADER_BYTES:
+        raise CsvTooLarge(len(rows) + 1, columns, header_bytes)
 
 
-def _count_columns(rows: list[dict[str, Any]]) -> int:
+def _count_columns(rows: list[dict[str, Any]]) -> tuple[int, int]:
     """The CSV's columns: key paths that end at a value other than a non-empty object in
-    some row (what `_flatten` gives a column), counted on a trie of the paths."""
-    root: dict[str, list[Any]] = {}  # key: [children, has a column]
-    count = 0
+    some row (what `_flatten` gives a column), counted on a trie of the paths; and the
+    UTF-8 bytes of their names (each path's keys and the dots between them)."""
+    root: dict[str, list[Any]] = {}  # key: [children, has a column, name length]
+    count = header = 0
     for row in rows:
-        stack = [(root, iter(row.items()))]
+        stack = [(root, iter(row.items()), -1)]
         while stack:
-            node, items = stack[-1]
+            node, items, prefix = stack[-1]
             for key, value in items:
                 child = node.get(key)
                 if child is None:
-                    child = node[key] = [{}, False]
+                    child = node[key] = [{}, False, prefix + 1 + len(key.encode())]
                 if isinstance(value, dict) and value:
-                    stack.append((child[0], iter(value.items())))
+                    stack.append((child[0], iter(value.items()), child[2]))
                     break
                 if not child[1]:
                     child[1] = True
                     count += 1
+                    header += child[2]
             else:
                 stack.pop()
-    return count
+    return count, header
 
 
 def _csv_text(names: list[str], flat_rows: list[list[tuple[int, str]]]) -> str:
