@@ -25,8 +25,9 @@ docs/csv.md describes the format for users, with examples. Where the contract is
   make it quadratic: 81,500 objects of one distinct key each, 1 MiB of JSON, would be
   6.6 billion cells, gigabytes of commas. A document whose CSV would have more than
   MAX_CSV_CELLS cells (rows, the header included, times columns), or a header of more
-  than MAX_CSV_HEADER_BYTES, raises CsvTooLarge before any line is written; intake refuses such data (`csv_cells`), so only a workflow
-  stored before that check can meet it.
+  than MAX_CSV_HEADER_BYTES, raises CsvTooLarge before any line is written; intake
+  refuses such data (`csv_cells`), so only a workflow stored before that check can meet
+  it.
 """
 
 from __future__ import annotations
