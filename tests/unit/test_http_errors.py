@@ -132,7 +132,8 @@ async def test_data_whose_csv_header_would_pass_16_mib_is_rejected(
     body = long_key_over(5_000, 4_000)  # 39 KB; names of 4,002 to 4,005 bytes: 20 MB
     response = await client.post("/workflow", content=body, headers=JSON)
     problem = assert_problem(response, 422, "validation-failed")
-    [only] = problem["errors"]
+    errors: list[dict[str, str]] = problem["errors"]  # type: ignore[assignment]
+    [only] = errors
     assert only["pointer"] == "/data"
     assert only["message"].startswith("its CSV export's header would have 20,0")
     assert only["message"].endswith(
