@@ -10,24 +10,30 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from workflows.domain.model import steps_size
+
 BODY = Path(__file__).with_name("body.json")
 
 # A prefilled workflow's uuid holds n in its last 12 hex digits, so pgbench and the wrk Lua
 # scripts can name a random existing row without a list (bench/lua/common.lua, broker.py).
 # Its time field (0x010000000000) is older than any real UUIDv7, so prefilled rows are
 # the oldest in the queue. A schema before migration 0008 (an older tree in bench/ab.py)
-# has no data_size: there the prefill leaves it out.
+# has no data_size, and one before 0010 no steps_size: there the prefill leaves them out.
 PREFILL = """
-INSERT INTO workflows (uuid, status, data_text, data_size, steps, created_at, updated_at)
+INSERT INTO workflows
+    (uuid, status, data_text, data_size, steps, steps_size, created_at, updated_at)
 SELECT ('01000000-0000-7000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, 'inserted',
-       %(data)s::json, %(size)s, %(steps)s, now(), now()
+       %(data)s::json, %(size)s, %(steps)s, %(steps_size)s, now(), now()
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n
 """
-PREFILL_WITHOUT_SIZE = PREFILL.replace("data_size, ", "").replace("%(size)s, ", "")
-HAS_DATA_SIZE = """
+PREFILL_WITHOUT_STEPS_SIZE = PREFILL.replace("steps_size, ", "").replace("%(steps_size)s, ", "")
+PREFILL_WITHOUT_SIZE = PREFILL_WITHOUT_STEPS_SIZE.replace("data_size, ", "").replace(
+    "%(size)s, ", ""
+)
+HAS_COLUMN = """
 SELECT EXISTS (
     SELECT FROM information_schema.columns
-    WHERE table_name = 'workflows' AND column_name = 'data_size'
+    WHERE table_name = 'workflows' AND column_name = %(name)s
 )
 """
 
@@ -91,10 +97,15 @@ class Database:
     def prefill(self, first: int, last: int) -> None:
         """Insert prefilled workflows first..last (inclusive), all inserted."""
         data = data_text()
-        params = {"data": data, "size": len(data.encode()), "steps": body()["steps"]}
-        params |= {"first": first, "last": last}
-        sized = self.execute(HAS_DATA_SIZE)[0][0]
-        self.execute(PREFILL if sized else PREFILL_WITHOUT_SIZE, params)
+        steps = body()["steps"]
+        params = {"data": data, "size": len(data.encode()), "steps": steps}
+        params |= {"steps_size": steps_size(tuple(steps)), "first": first, "last": last}
+        if not self.execute(HAS_COLUMN, {"name": "data_size"})[0][0]:
+            self.execute(PREFILL_WITHOUT_SIZE, params)
+        elif not self.execute(HAS_COLUMN, {"name": "steps_size"})[0][0]:
+            self.execute(PREFILL_WITHOUT_STEPS_SIZE, params)
+        else:
+            self.execute(PREFILL, params)
 
     def count(self, status: str | None = None) -> int:
         if status is None:

@@ -11,6 +11,8 @@ import pika
 import tools
 from runs import CONSUME_CONNECTIONS, POST_CONNECTIONS, dequeue_run
 
+from workflows.domain.model import steps_size
+
 if TYPE_CHECKING:
     from bench import Context
 
@@ -29,7 +31,9 @@ def raw_postgres(ctx: Context) -> None:
     m, db, cpus = ctx.mode, ctx.db, ctx.load_cpus
     print("raw limits: PostgreSQL (pgbench)", flush=True)
     data = dbmod.data_text()
+    steps = dbmod.body()["steps"]
     row = {"data": data, "size": str(len(data.encode())), "steps": dbmod.steps_literal()}
+    row["steps_size"] = str(steps_size(tuple(steps)))
 
     def run(name: str, script: str, variables: dict[str, str]) -> None:
         seconds = m.raw_seconds

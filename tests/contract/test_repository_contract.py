@@ -10,7 +10,13 @@ import pytest
 from workflows.application.ports import WorkflowRepository
 from workflows.domain.errors import IdempotencyKeyReused
 from workflows.domain.ids import uuid7
-from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.model import (
+    IdempotencyKey,
+    JsonDocument,
+    Workflow,
+    WorkflowStatus,
+    steps_size,
+)
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -64,7 +70,7 @@ def sized(size: int, text: str = "") -> Workflow:
     """A workflow whose data is `size` UTF-8 bytes long (`text` in front, padding after)."""
     head = f'{{"t":"{text}","p":"'
     padding = size - len((head + '"}').encode())
-    return make(head + "x" * padding + '"}')
+    return make(head + "x" * padding + '"}', steps=())  # steps count too: none here
 
 
 async def test_list_with_max_bytes_ends_at_the_first_workflow_past_them(
@@ -388,3 +394,24 @@ async def test_prune_keeps_a_workflow_its_idempotency_key_still_names(
     assert await repository.get(workflow.uuid) is None
     later = Workflow.new(uuid7(), workflow.data, workflow.steps, expired)
     assert await repository.add(later, keyed("kept", later)) == later  # a new request now
+
+
+async def test_list_with_max_bytes_counts_the_steps_too(repository: WorkflowRepository) -> None:
+    """A page counted the documents only: 134 workflows of {"a":1} with 1 MiB of steps each
+    made a page of 106 MB, 3 GB of a worker's memory. Each step counts its UTF-8 bytes and
+    3 more (its quotes and separator in JSON)."""
+    small = '{"a":1}'  # 7 bytes
+    steps = ("ab",) * 30 + ("é",) * 10  # 30 x (2 + 3) + 10 x (2 + 3) = 200 bytes
+    workflows = [Workflow.new(uuid7(), JsonDocument(small), steps, T0) for _ in range(4)]
+    for workflow in workflows:
+        await repository.add(workflow)
+    assert steps_size(steps) == 200
+
+    async def listed(max_bytes: int) -> int:
+        found = await repository.list(status=None, after=None, limit=10, max_bytes=max_bytes)
+        return len(found)
+
+    # Running totals before each: 0, 207, 414, 621 (the data alone: 0, 7, 14, 21).
+    assert await listed(207) == 2
+    assert await listed(208) == 3
+    assert await listed(415) == 4

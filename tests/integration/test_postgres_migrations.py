@@ -45,6 +45,7 @@ VERSIONS = [
     "0007_consumed_index",
     "0008_data_size",
     "0009_idempotency_key_owner_index",
+    "0010_steps_size",
 ]
 
 

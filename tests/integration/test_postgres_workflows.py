@@ -99,7 +99,7 @@ async def test_list_within_max_bytes_counts_documents_by_their_text_not_their_st
     assert found == workflows[:4]
     # Rows stored before migration 0008 have no data_size: their text is measured.
     async with pg.pool.connection() as conn:
-        await conn.execute("UPDATE workflows SET data_size = NULL")
+        await conn.execute("UPDATE workflows SET data_size = NULL, steps_size = NULL")
     assert await repository.list(status=None, after=None, limit=100, max_bytes=500_000) == found
 
 

@@ -15,7 +15,7 @@ from workflows.application.ports import (
     WorkflowRepository,
 )
 from workflows.domain.errors import IdempotencyKeyReused
-from workflows.domain.model import IdempotencyKey, Workflow, WorkflowStatus
+from workflows.domain.model import IdempotencyKey, Workflow, WorkflowStatus, steps_size
 
 
 class InMemoryWorkflowRepository(WorkflowRepository):
@@ -101,7 +101,7 @@ class InMemoryWorkflowRepository(WorkflowRepository):
                 found.append(workflow)
                 if len(found) == limit or (max_bytes is not None and before >= max_bytes):
                     break
-                before += workflow.data.size
+                before += workflow.data.size + steps_size(workflow.steps)
         return found
 
     async def set_status(

@@ -20,7 +20,13 @@ from workflows.application.ports import (
     WorkflowRepository,
 )
 from workflows.domain.errors import DependencyUnavailable, WorkflowNotFound
-from workflows.domain.model import IdempotencyKey, JsonDocument, Workflow, WorkflowStatus
+from workflows.domain.model import (
+    IdempotencyKey,
+    JsonDocument,
+    Workflow,
+    WorkflowStatus,
+    steps_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +116,7 @@ class ListWorkflows:
         for taken, workflow in enumerate(found):
             if taken == limit or size >= self.max_bytes:
                 return Page(found[:taken], more=True)
-            size += workflow.data.size
+            size += workflow.data.size + steps_size(workflow.steps)
         return Page(found, more=False)
 
 

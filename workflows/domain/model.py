@@ -43,6 +43,13 @@ class JsonDocument:
         return json.loads(self.text, parse_float=Decimal, parse_int=Decimal)
 
 
+def steps_size(steps: tuple[str, ...]) -> int:
+    """The steps' share of a list page's budget: each name's UTF-8 bytes and 3 more (its
+    quotes and separator in JSON), as the `steps_size` column holds it (and as PostgreSQL
+    computes it for a row stored before that column: migration 0010)."""
+    return sum(len(step.encode("utf-8", "surrogatepass")) + 3 for step in steps)
+
+
 @attrs.frozen
 class Workflow:
     uuid: UUID

@@ -28,7 +28,7 @@ from workflows.adapters.postgres.group_commit import GroupCommit
 from workflows.adapters.postgres.rows import COLUMNS, QUEUED, as_workflow
 from workflows.application.ports import ClaimHandler, StatusChange, WorkflowRepository
 from workflows.domain.errors import DependencyUnavailable, IdempotencyKeyReused
-from workflows.domain.model import IdempotencyKey, Workflow, WorkflowStatus
+from workflows.domain.model import IdempotencyKey, Workflow, WorkflowStatus, steps_size
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,11 @@ SELECT (SELECT count(*) FROM workflows WHERE uuid = ANY(%s::uuid[])),
 """
 
 INSERT = """
-INSERT INTO workflows (uuid, status, data_text, data_size, steps, created_at, updated_at)
+INSERT INTO workflows
+    (uuid, status, data_text, data_size, steps, steps_size, created_at, updated_at)
 VALUES (
-    %(uuid)s, %(status)s, %(data)s, %(data_size)s, %(steps)s, %(created_at)s, %(updated_at)s
+    %(uuid)s, %(status)s, %(data)s, %(data_size)s, %(steps)s, %(steps_size)s, %(created_at)s,
+    %(updated_at)s
 )
 """
 # One statement, so the workflow and its outbox entry commit together or not at all.
@@ -53,11 +55,14 @@ INSERT INTO outbox (workflow_uuid) SELECT uuid FROM added
 INSERT_OUTBOX = "INSERT INTO outbox (workflow_uuid) VALUES (%s)"
 # Many rows in one statement (GroupCommit): one array per column, steps as text[] literals.
 INSERT_MANY = """
-INSERT INTO workflows (uuid, status, data_text, data_size, steps, created_at, updated_at)
+INSERT INTO workflows
+    (uuid, status, data_text, data_size, steps, steps_size, created_at, updated_at)
 SELECT uuid, status::workflow_status, data::json, octet_length(data), steps::text[],
-       created_at, updated_at
-FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[])
-    AS new (uuid, status, data, steps, created_at, updated_at)
+       steps_size, created_at, updated_at
+FROM unnest(
+    %b::uuid[], %b::text[], %b::text[], %b::text[], %b::int4[], %b::timestamptz[],
+    %b::timestamptz[]
+) AS new (uuid, status, data, steps, steps_size, created_at, updated_at)
 """
 INSERT_MANY_WITH_OUTBOX = f"""
 WITH added AS ({INSERT_MANY} RETURNING uuid)
@@ -129,8 +134,11 @@ LIST = sql.SQL("SELECT {} FROM workflows WHERE {} ORDER BY uuid LIMIT %(limit)s"
 # data_size (migration 0008), written by each insert as JsonDocument.size (in a UTF8 or
 # SQL_ASCII database octet_length counts the same bytes); a row stored before it has
 # none, and counts as large.
+# Steps count too (steps_size, migration 0010; NULL, so large, for an older row): a page of
+# 134 rows of {"a":1} with 1 MiB of steps each was 3 GB of a worker's memory.
 SMALL_COLUMNS = COLUMNS.replace(
-    "data_text::text", "CASE WHEN data_size <= %(small)s THEN data_text::text END"
+    "data_text::text",
+    "CASE WHEN data_size + steps_size <= %(small)s THEN data_text::text END",
 )
 # Else the same rows, ending at the first one whose predecessors hold `max_bytes` of data
 # (itself included): `before_last` is the data of the rows before the previous one (NULL
@@ -141,7 +149,12 @@ LIST_WITHIN = sql.SQL(
 SELECT {} FROM (
     SELECT uuid, status, data_text, steps, created_at, updated_at, delivery_attempts,
            dead_lettered_at,
-           sum(coalesce(data_size, octet_length(data_text::text))) OVER (
+           sum(
+               coalesce(data_size, octet_length(data_text::text))
+               + coalesce(steps_size, (
+                   SELECT coalesce(sum(octet_length(step) + 3), 0) FROM unnest(steps) step
+               ))
+           ) OVER (
                ORDER BY uuid ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING
            ) AS before_last
     FROM workflows WHERE {}
@@ -186,6 +199,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
             "data": workflow.data.text,
             "data_size": workflow.data.size,
             "steps": list(workflow.steps),
+            "steps_size": steps_size(workflow.steps),
             "created_at": workflow.created_at,
             "updated_at": workflow.updated_at,
         }
@@ -218,6 +232,7 @@ class PostgresWorkflowRepository(WorkflowRepository):
                     [w.status.value for w in workflows],
                     [w.data.text for w in workflows],
                     [_text_array(w.steps) for w in workflows],
+                    [steps_size(w.steps) for w in workflows],
                     [w.created_at for w in workflows],
                     [w.updated_at for w in workflows],
                 )
