@@ -1066,3 +1066,61 @@ async def test_a_body_refused_before_its_app_ran_is_counted_on_its_route(
         answer = await exchange_raw(url, bad + b"2\r\nabcdef\r\n0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert REGISTRY.get_sample_value("workflows_http_requests_total", labels) == before + 1
+
+
+async def test_a_head_whole_but_unread_behind_held_requests_is_not_late(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 requests queue behind a slow answer, and the last one's head comes in two sends:
+    reading is held (PIPELINE_LIMIT), so its rest stayed in the kernel, and its head timer
+    answered 408 though the client had sent it all at once."""
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT", 0.3)
+    queued = b"GET /h HTTP/1.1\r\nHost: x\r\n\r\n" * 40
+    last = b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = await exchange_raw(
+        served,
+        b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n" + queued + last[:20],
+        last[20:],
+        pause=0.1,
+    )
+    assert b" 408 " not in answer, answer[-300:]
+    assert answer.count(b"hello /h") == 40
+    assert answer.endswith(b"hello /last")
+
+
+async def test_a_request_held_behind_many_learns_its_client_has_gone() -> None:
+    """With 40 requests queued behind it, reading was held: the client's leaving went
+    unseen, and a long-poll consume took a workflow for no one."""
+    WATCHED.clear()
+    async with serving(timeout_graceful_shutdown=1) as url:
+        host, port = url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        queued = b"GET /h HTTP/1.1\r\nHost: x\r\n\r\n" * 40
+        writer.write(b"GET /watch HTTP/1.1\r\nHost: x\r\n\r\n" + queued)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        async with asyncio.timeout(5):
+            while not WATCHED:  # noqa: ASYNC110 (the app's own record)
+                await asyncio.sleep(0.01)
+    assert WATCHED == ["http.disconnect"]
+
+
+async def test_a_request_started_after_the_shutdown_began_and_cancelled_is_a_503() -> None:
+    """Pipelined behind a request that was running when the shutdown began, it started
+    later, and the graceful timeout cut it: uvicorn's 500 and an ERROR, as before."""
+    async with serving(timeout_graceful_shutdown=1.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /hang HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        next(s for s in _SERVERS if s.config.port == int(port)).should_exit = True
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+    streamed, _, cut = answer.partition(b"0\r\n\r\n")
+    assert streamed.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert cut.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer

@@ -126,15 +126,23 @@ stops near PIPELINE_LIMIT: at most ~550 requests of 30 bytes past it, not the ~8
 256 KiB read."""
 
 
+HELD_READ_MAX = 1024 * 1024
+"""Bytes a held connection may have read and not parsed: while fewer, uvicorn may still
+resume reading (at an answer's end, at an app's `receive`), one read at a time, so that a
+client that leaves is seen leaving (a long-poll consume held behind 40 pipelined requests
+took a workflow for a client gone 5 s before); past it, reading waits for answers."""
+
+
 class HeldFlowControl(FlowControl):
-    """uvicorn's flow control, whose `resume_reading` does nothing while the connection is
-    `held`: uvicorn resumes reading at each answer's end and at each `receive` of an app,
-    whatever waits behind them."""
+    """uvicorn's flow control, whose `resume_reading` does nothing once the connection is
+    `full`: uvicorn resumes reading at each answer's end and at each `receive` of an app,
+    whatever waits behind them. While it is `held`, what is read waits unparsed."""
 
     held = False
+    full = False
 
     def resume_reading(self) -> None:
-        if not self.held:
+        if not self.full:
             super().resume_reading()
 
 
@@ -245,6 +253,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0  # of the current request's chunked body
         self._unbodied = 0  # bytes read since its body last grew: framing, trailers
         self._running: Any = None  # the request whose app was started last
+        self._stopping = False  # the server is shutting down (`shutdown`)
         super().connection_made(coalescing)
         self.flow = HeldFlowControl(coalescing)
         # A new connection is idle until its first bytes: closed after the keep-alive
@@ -259,8 +268,14 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self._unparsed is not None:  # held: parsed when answers have made room
-            self._unparsed += data
+        flow: HeldFlowControl = self.flow  # type: ignore[assignment]
+        if flow.held:  # parsed when answers have made room; one read at a time meanwhile
+            unparsed = self._unparsed
+            if unparsed is None:
+                unparsed = self._unparsed = bytearray()
+            unparsed += data
+            flow.pause_reading()
+            flow.full = len(unparsed) >= HELD_READ_MAX
             return
         self._take(data)
 
@@ -310,7 +325,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         flow: HeldFlowControl = self.flow  # type: ignore[assignment]
         if not flow.held or self.transport.is_closing() or self._backlogged():
             return
-        flow.held = False
+        flow.held = flow.full = False
         unparsed, self._unparsed = self._unparsed, None
         if unparsed is not None:
             self._take(bytes(unparsed))
@@ -498,14 +513,16 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         being answered, if the graceful timeout runs out before its answer and uvicorn
         cancels it, answers a 503 problem and logs one INFO line: it answered a bare 500
         `text/plain` and logged an ERROR with a traceback (an audit, at a rolling update)."""
+        self._stopping = True
         running = self._running
         if running is not None and not running.response_complete:
-            running.send_500_response = functools.partial(_answer_cancelled, running)
-            running.logger = _CancelledAtShutdown(running.logger)
+            _answer_503_if_cancelled(running)
         super().shutdown()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._running = cycle
+        if self._stopping:  # pipelined, started after the shutdown began: likewise
+            _answer_503_if_cancelled(cycle)
         super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -586,7 +603,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._unparsed is not None:  # the rest of it was read, and waits to be parsed
+        if self._unparsed is not None or self.flow.read_paused:
+            # The rest of it was read and waits to be parsed, or is not read: earlier
+            # requests wait for their answers (pipelined). That time is the server's.
             self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
             return
         if not self._head_done and not self.transport.is_closing():
@@ -776,6 +795,11 @@ def _routing_app(app: Any) -> Any:
             return app
         app = getattr(app, "app", None)
     return None
+
+
+def _answer_503_if_cancelled(cycle: Any) -> None:
+    cycle.send_500_response = functools.partial(_answer_cancelled, cycle)
+    cycle.logger = _CancelledAtShutdown(cycle.logger)
 
 
 async def _answer_cancelled(cycle: Any) -> None:
