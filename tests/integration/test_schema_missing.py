@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from workflows.entrypoints import cli
+from workflows.entrypoints import cli, observability
 from workflows.entrypoints.container import Container
 
 
@@ -26,8 +26,10 @@ async def test_without_its_table_readyz_is_not_ready_and_metrics_leave_its_figur
     live: tuple[httpx.AsyncClient, Container],
     database_url: str,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """/readyz said ready while every request failed, and /metrics answered 500."""
+    monkeypatch.setattr(observability, "SNAPSHOT_TTL", 0.0)  # each scrape reads anew
     client, _ = live
     caplog.set_level(logging.INFO)
     rename(database_url, "workflows", "workflows_away")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import io
 import logging
@@ -25,7 +26,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from workflows.domain.errors import DependencyUnavailable
-from workflows.entrypoints import cli, operations
+from workflows.entrypoints import cli, observability, operations
 from workflows.entrypoints.config import Settings
 from workflows.entrypoints.container import Container
 from workflows.entrypoints.logs import (
@@ -112,7 +113,10 @@ async def test_consume_outcomes_are_counted(
                      "error": before["error"] + 1}  # fmt: skip
 
 
-async def test_metrics_report_the_queue_depth(client: httpx.AsyncClient) -> None:
+async def test_metrics_report_the_queue_depth(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observability, "SNAPSHOT_TTL", 0.0)  # each scrape reads anew
     for _ in range(3):
         await client.post("/workflow", content=BODY, headers=JSON)
     samples = await scrape(client)
@@ -120,6 +124,28 @@ async def test_metrics_report_the_queue_depth(client: httpx.AsyncClient) -> None
     await client.get("/workflow/consume")
     samples = await scrape(client)
     assert samples[("workflows_queue_depth", (("backend", "memory"),))] == 2
+
+
+async def test_scrapes_within_a_second_share_one_read_of_the_figures(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read counts the queued rows: 16 clients scraping the public /metrics kept a
+    PostgreSQL core busy at 300,000 queued (a cost audit)."""
+    reads: list[object] = []
+    real = operations.snapshot
+
+    async def counted(container: object) -> Snapshot:
+        reads.append(container)
+        return await real(container)
+
+    monkeypatch.setattr(observability, "snapshot", counted)
+    monkeypatch.setattr(observability, "SNAPSHOT_TTL", 60.0)
+    await asyncio.gather(*(scrape(client) for _ in range(8)))
+    await scrape(client)
+    assert len(reads) == 1
+    monkeypatch.setattr(observability, "SNAPSHOT_TTL", 0.0)  # as once it is old enough
+    await scrape(client)
+    assert len(reads) == 2
 
 
 def test_the_outbox_backlog_its_age_and_the_dead_letters_are_reported() -> None:

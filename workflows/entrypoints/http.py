@@ -72,17 +72,22 @@ async def read_json_body(request: Request) -> bytes:
     )
 
 
+def _still_wanted(request: Request) -> Callable[[], Awaitable[bool]]:
+    """Whether the request's client is still there (for work that waits its turn)."""
+
+    async def still_wanted() -> bool:
+        return not await request.is_disconnected()
+
+    return still_wanted
+
+
 class WorkflowCollection(HTTPEndpoint):
     async def post(self, request: Request) -> Response:
         no_query(request.scope.get("query_string", b""))
         sent = request.headers.getlist("idempotency-key")
         key = schemas.parse_idempotency_key(sent[0] if sent else None, len(sent))
         body = await read_json_body(request)
-
-        async def still_wanted() -> bool:
-            return not await request.is_disconnected()
-
-        data, steps = await schemas.read_new_workflow(body, still_wanted)
+        data, steps = await schemas.read_new_workflow(body, _still_wanted(request))
         created = await container_of(request).create_workflow()(data, steps, key)
         workflow = created.workflow
         # The scope's path, not request.url: building a URL object costs more than the rest.
@@ -113,7 +118,8 @@ class WorkflowItem(HTTPEndpoint):
     async def patch(self, request: Request) -> Response:
         no_query(request.scope.get("query_string", b""))
         uuid = schemas.parse_uuid(request.path_params["uuid"], "/path/uuid")
-        status = schemas.parse_status_patch(await read_json_body(request))
+        body = await read_json_body(request)
+        status = await schemas.read_status_patch(body, _still_wanted(request))
         workflow = await container_of(request).update_status()(uuid, status)
         return json_response(rendering.render_workflow(workflow))
 

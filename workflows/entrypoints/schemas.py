@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import attrs
@@ -25,6 +25,8 @@ from workflows.domain.model import JsonDocument, WorkflowStatus
 from workflows.entrypoints.fast_parse import parse_new_workflow_fast
 from workflows.entrypoints.json_values import MAX_PROBLEMS, check_data, check_string, parse_json
 from workflows.entrypoints.problems import Problem, error, invalid
+
+T = TypeVar("T")
 
 STATUSES = ", ".join(s.value for s in WorkflowStatus)
 
@@ -85,10 +87,16 @@ async def read_new_workflow(
 ) -> tuple[JsonDocument, tuple[str, ...]]:
     """`parse_new_workflow`, in a thread for a body over PARSE_ON_LOOP_MAX, unless its
     client has gone when its turn comes (`still_wanted`): ClientDisconnect."""
+    return await _parsed(parse_new_workflow, body, still_wanted)
+
+
+async def _parsed(
+    parse: Callable[[bytes], T], body: bytes, still_wanted: Callable[[], Awaitable[bool]] | None
+) -> T:
     if len(body) <= PARSE_ON_LOOP_MAX:
-        return parse_new_workflow(body)
+        return parse(body)
     try:
-        return await offload(parse_new_workflow, body, wanted=still_wanted)
+        return await offload(parse, body, wanted=still_wanted)
     except Unwanted:
         raise ClientDisconnect from None
 
@@ -124,6 +132,15 @@ def _parse_new_workflow(body: bytes) -> tuple[JsonDocument, tuple[str, ...]]:
 def parse_status_patch(body: bytes) -> WorkflowStatus:
     patch: StatusPatch = _structure(parse_json(body), StatusPatch)
     return patch.status
+
+
+async def read_status_patch(
+    body: bytes, still_wanted: Callable[[], Awaitable[bool]] | None = None
+) -> WorkflowStatus:
+    """`parse_status_patch`, in a thread for a body over PARSE_ON_LOOP_MAX, as a POST's
+    (README, `MAX_BODY_BYTES`): a PATCH of 1 MiB (a 422 once parsed) held the event loop
+    0.24-0.38 s on this host."""
+    return await _parsed(parse_status_patch, body, still_wanted)
 
 
 def parse_idempotency_key(raw: str | None, sent: int = 1) -> str | None:
