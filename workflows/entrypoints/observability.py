@@ -350,10 +350,12 @@ def forget_dead_processes(directory: Path) -> None:
 
 
 SNAPSHOT_TTL = 1.0
-"""Seconds a process's snapshot (queue depth, dead letters, outbox) serves every scrape:
-each read counts queued rows (a cost audit: 25 ms of PostgreSQL's CPU per scrape at
-300,000 queued; 16 clients scraping the public /metrics kept a core busy and took POSTs
-from 2.5 to 130 ms). Concurrent scrapes share one read."""
+"""Seconds a process's snapshot (queue depth, dead letters) serves every scrape, but with
+the rabbitmq backend: each read counts queued rows (a cost audit: 25 ms of PostgreSQL's CPU
+per scrape at 300,000 queued; 16 clients scraping the public /metrics kept a core busy and
+took POSTs from 2.5 to 130 ms). Concurrent scrapes share one read. With rabbitmq the depth
+is the broker's, read at each scrape, so that it adds up with workflows_queue_held, which
+is always current."""
 
 
 async def metrics(request: Request) -> Response:
@@ -365,7 +367,10 @@ async def metrics(request: Request) -> Response:
 
 
 async def _recent_snapshot(state: Any, container: Any) -> Snapshot:
-    """The snapshot read within SNAPSHOT_TTL, or being read now, else a new one."""
+    """The snapshot read within SNAPSHOT_TTL, or being read now, else a new one (rabbitmq:
+    always a new one)."""
+    if container.settings().queue_backend == "rabbitmq":
+        return await snapshot(container)
     recent: tuple[float, asyncio.Future[Snapshot]] | None = getattr(state, "snapshot", None)
     now = time.monotonic()
     if recent is None or now - recent[0] >= SNAPSHOT_TTL:
