@@ -1124,3 +1124,23 @@ async def test_a_request_started_after_the_shutdown_began_and_cancelled_is_a_503
     streamed, _, cut = answer.partition(b"0\r\n\r\n")
     assert streamed.startswith(b"HTTP/1.1 200 OK\r\n")
     assert cut.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"POST /size HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n"
+        b"Connection: Upgrade, HTTP2-Settings, close\r\nHTTP2-Settings: AAMA\r\n"
+        b"Content-Length: 3\r\n\r\nabc",
+        b"GET /one HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ],
+    ids=["upgrade-and-close", "http-1.0"],
+)
+async def test_an_upgrade_request_that_ends_its_connection_is_served_too(
+    served: str, request_: bytes
+) -> None:
+    """The parser that took such a request dropped what followed it, its own head parsed
+    again without `Upgrade` included: no answer, then a 408 (a re-audit)."""
+    answer = await exchange_raw(served, request_)
+    assert answer.startswith((b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 200 OK\r\n")), answer[:200]
+    assert answer.endswith((b"\r\n\r\n3", b"hello /one")), answer[-200:]

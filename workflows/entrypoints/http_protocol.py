@@ -409,6 +409,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
                 # answers it a 405) had no body: what followed it is the next request.
                 replay, self._replay = self._replay or b"", None
                 data = replay + data[upgrade.args[0] :]
+                if replay:
+                    # A parser that took a request that ends its connection (`Connection:
+                    # upgrade, close`, HTTP/1.0) drops all that follows it: the head again
+                    # went unread (a 408, or a 431 once its body passed 64 KiB). A new one
+                    # reads it; nothing of the old one is needed past a head's end.
+                    self.parser = httptools.HttpRequestParser(self)
+                    self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
                 if data and self._refusal is None:
                     continue
             return
